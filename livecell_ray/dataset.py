@@ -1,0 +1,150 @@
+"""Convert labelled microscopy into ultralytics' YOLO-seg layout.
+
+Two sources: COCO json with polygon or RLE segmentations (LIVECell's own files) and folders of
+image + instance-label image (Usiigaci's ``setN/raw.tif`` + ``setN/instances_ids.png``). Pixels go
+through :func:`livecell_ray.imaging.normalize`, the same function inference uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+from PIL import Image
+
+from livecell_ray.imaging import normalize, read_image
+
+
+@dataclass(frozen=True)
+class LabelledField:
+    """One training field: normalised uint8 image and its instance label image (0 = background)."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def label_polygons(labels: np.ndarray, min_area: int = 4) -> list[np.ndarray]:
+    """Outer contour of each instance as an (N, 2) float array of x, y pixel coordinates."""
+    polys = []
+    for lab in np.unique(labels):
+        if lab == 0:
+            continue
+        m = (labels == lab).astype(np.uint8)
+        if int(m.sum()) < min_area:
+            continue
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            continue
+        c = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float32)
+        if len(c) >= 3:
+            polys.append(c)
+    return polys
+
+
+def resize_field(f: LabelledField, scale: float) -> LabelledField:
+    """Rescale image (area interpolation) and labels (nearest) by one factor."""
+    if scale == 1.0:
+        return f
+    h, w = f.image.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = cv2.resize(f.image, size, interpolation=cv2.INTER_AREA)
+    lab = cv2.resize(f.labels.astype(np.int32), size, interpolation=cv2.INTER_NEAREST)
+    return LabelledField(f.name, img, lab.astype(np.int32))
+
+
+def tile_field(f: LabelledField, tile: int, overlap: int = 0) -> Iterator[LabelledField]:
+    """Cut a large field into tiles (cells cut by the border stay as partial cells)."""
+    h, w = f.image.shape
+    step = max(1, tile - overlap)
+    for y in range(0, max(1, h - overlap), step):
+        for x in range(0, max(1, w - overlap), step):
+            y0, x0 = min(y, max(0, h - tile)), min(x, max(0, w - tile))
+            yield LabelledField(f"{f.name}_y{y0}x{x0}", f.image[y0:y0 + tile, x0:x0 + tile],
+                                f.labels[y0:y0 + tile, x0:x0 + tile])
+
+
+def read_mask_folder(root: str | Path, image_name: str = "raw.tif",
+                     label_name: str = "instances_ids.png") -> list[LabelledField]:
+    """Usiigaci layout: one sub-folder per field holding the image and its instance label image."""
+    root = Path(root)
+    fields = []
+    for sub in sorted(p for p in root.iterdir() if (p / image_name).exists()):
+        img = normalize(read_image(str(sub / image_name)))
+        lab = np.asarray(Image.open(sub / label_name)).astype(np.int32)
+        if lab.ndim == 3:
+            lab = lab[..., 0]
+        if lab.shape != img.shape:
+            raise ValueError(f"{sub}: labels {lab.shape} do not match image {img.shape}")
+        fields.append(LabelledField(sub.name, img, lab))
+    if not fields:
+        raise FileNotFoundError(f"{root}: no sub-folders with {image_name} and {label_name}")
+    return fields
+
+
+def read_coco(annotations: str | Path, images_dir: str | Path) -> list[LabelledField]:
+    """COCO json (polygon or RLE instances, LIVECell's format) into label images."""
+    from pycocotools import mask as mask_utils
+
+    coco = json.loads(Path(annotations).read_text())
+    by_image: dict[int, list[dict]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    fields = []
+    for im in coco["images"]:
+        h, w = im["height"], im["width"]
+        lab = np.zeros((h, w), np.int32)
+        for i, ann in enumerate(by_image.get(im["id"], []), start=1):
+            seg = ann["segmentation"]
+            if isinstance(seg, list):
+                rles = mask_utils.frPyObjects(seg, h, w)
+                rle = mask_utils.merge(rles)
+            elif isinstance(seg.get("counts"), list):
+                rle = mask_utils.frPyObjects(seg, h, w)
+            else:
+                rle = seg
+            m = mask_utils.decode(rle).astype(bool)
+            lab[m & (lab == 0)] = i
+        img = normalize(read_image(str(Path(images_dir) / im["file_name"])))
+        fields.append(LabelledField(Path(im["file_name"]).stem, img, lab))
+    return fields
+
+
+def write_yolo(fields: Iterable[LabelledField], out: str | Path, split: str) -> int:
+    """Write images/<split>/*.png and labels/<split>/*.txt (class 0, normalised polygon)."""
+    out = Path(out)
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+    n = 0
+    for f in fields:
+        h, w = f.image.shape
+        Image.fromarray(f.image).save(out / "images" / split / f"{f.name}.png")
+        lines = []
+        for poly in label_polygons(f.labels):
+            xy = (poly / np.array([w, h], np.float32)).clip(0, 1).reshape(-1)
+            lines.append("0 " + " ".join(f"{v:.5f}" for v in xy))
+        (out / "labels" / split / f"{f.name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        n += 1
+    return n
+
+
+def write_data_yaml(out: str | Path, splits: Sequence[str] = ("train", "val")) -> Path:
+    """ultralytics data file for a single-class cell data set."""
+    out = Path(out).resolve()
+    cfg = {"path": str(out), "names": {0: "cell"}}
+    for s in splits:
+        cfg[s] = f"images/{s}"
+    p = out / "data.yaml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+def split_names(names: Sequence[str], val: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Partition field names into train and validation by explicit validation names."""
+    vs = set(val)
+    return [n for n in names if n not in vs], [n for n in names if n in vs]

@@ -1,0 +1,108 @@
+"""Decode images from any fsspec URL and normalise them the one way training and inference share."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from livecell_ray.config import NormalizeConfig
+
+
+class ImageError(ValueError):
+    """A file that cannot become a 2-D phase-contrast field; the message names file and reason."""
+
+
+def decode(data: bytes, path: str, max_pixels: int = 64_000_000) -> np.ndarray:
+    """Decode TIFF/PNG/JPEG bytes into a 2-D (or H x W x 3/4 colour) array, with clear errors."""
+    if len(data) == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    head = data[:8]
+    try:
+        if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            import tifffile
+
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                page = tif.series[0]
+                n = int(np.prod(page.shape))
+                if n > max_pixels * 4:
+                    raise ImageError(f"{path}: image of {n} values exceeds the limit of {max_pixels} pixels")
+                arr = page.asarray()
+        else:
+            from PIL import Image
+
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > max_pixels:
+                    raise ImageError(f"{path}: image of {im.width}x{im.height} exceeds the limit of "
+                                     f"{max_pixels} pixels")
+                arr = np.asarray(im)
+    except ImageError:
+        raise
+    except Exception as exc:  # every decoder has its own exception zoo
+        raise ImageError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return to_gray(arr, path, max_pixels)
+
+
+def to_gray(arr: np.ndarray, path: str = "<array>", max_pixels: int = 64_000_000) -> np.ndarray:
+    """Reduce to one 2-D plane: RGB(A) by luminance, singleton axes squeezed; reject stacks."""
+    arr = np.asarray(arr)
+    arr = np.squeeze(arr)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+        rgb = arr[..., :3].astype(np.float32)
+        arr = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    elif arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] > 4:
+        rgb = np.moveaxis(arr[:3], 0, -1).astype(np.float32)
+        arr = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if arr.ndim != 2:
+        raise ImageError(f"{path}: expected a 2-D image (or RGB), got an array of shape {arr.shape}")
+    if arr.shape[0] < 16 or arr.shape[1] < 16:
+        raise ImageError(f"{path}: image of {arr.shape[1]}x{arr.shape[0]} px is too small to segment")
+    if arr.size > max_pixels:
+        raise ImageError(f"{path}: image of {arr.shape[1]}x{arr.shape[0]} px exceeds the limit of "
+                         f"{max_pixels} pixels")
+    if arr.dtype.kind not in "uif" and arr.dtype != bool:
+        raise ImageError(f"{path}: unsupported pixel type {arr.dtype}")
+    return arr
+
+
+def read_image(url: str, storage_options: dict[str, Any] | None = None,
+               max_pixels: int = 64_000_000) -> np.ndarray:
+    """Read one image through fsspec; raise :class:`ImageError` naming the file on any failure."""
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            data = f.read()
+    except FileNotFoundError as exc:
+        raise ImageError(f"{url}: file not found") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{url}: permission denied") from exc
+    except IsADirectoryError as exc:
+        raise ImageError(f"{url}: is a directory") from exc
+    except OSError as exc:
+        raise ImageError(f"{url}: cannot read ({type(exc).__name__}: {exc})") from exc
+    return decode(data, url, max_pixels)
+
+
+def normalize(img: np.ndarray, cfg: NormalizeConfig | None = None) -> np.ndarray:
+    """Scale a 2-D image of any depth to uint8 between robust percentiles.
+
+    Phase-contrast cameras give 8, 12 or 16 bit data with very different ranges; the model sees
+    the same 0-255 contrast whatever came in. A constant image maps to all zeros.
+    """
+    cfg = cfg or NormalizeConfig()
+    x = np.asarray(img, dtype=np.float32)
+    # Percentiles on a strided subsample: identical in expectation, 16x cheaper on big fields.
+    sample = x[::4, ::4] if x.size > 1_000_000 else x
+    lo, hi = np.percentile(sample, [cfg.low_percentile, cfg.high_percentile])
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo < 1e-6:
+        return np.zeros(x.shape, dtype=np.uint8)
+    y = (x - lo) * (255.0 / (hi - lo))
+    np.clip(y, 0, 255, out=y)
+    return (y + 0.5).astype(np.uint8)
+
+
+def to_rgb(gray_u8: np.ndarray) -> np.ndarray:
+    """The 3-channel uint8 array YOLO expects (phase contrast is grey)."""
+    return np.repeat(gray_u8[..., None], 3, axis=2)

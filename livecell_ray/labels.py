@@ -1,0 +1,147 @@
+"""Instances -> one uint32 label image per field, without dense full-resolution masks.
+
+ultralytics' retina-mask path (``ops.process_mask_native``) upsamples every instance's prototype
+mask to the whole image: O(N x H x W) for N cells, which dominates inference on dense fields. The
+upsampling is separable and linear, so we precompute its row and column weight matrices once per
+(input size, image size) by running ultralytics' own functions on basis vectors, then evaluate
+each instance only inside its box: O(sum of box areas). The result equals the dense path.
+
+Painting goes in descending confidence and only claims free pixels, so where instances overlap the
+more confident one wins; labels are 1..K in that order and every label has pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class AxisWeights:
+    """Row (h x mh) and column (w x mw) interpolation matrices and each row's non-zero span."""
+
+    wy: np.ndarray
+    wx: np.ndarray
+    y_lo: np.ndarray
+    y_hi: np.ndarray
+    x_lo: np.ndarray
+    x_hi: np.ndarray
+
+
+def _dense_upsample(coeffs: torch.Tensor, mh: int, mw: int, shape: tuple[int, int]) -> torch.Tensor:
+    """ultralytics' process_mask_native upsampling of (N, mh*mw) logits to (N, H, W), without threshold."""
+    import torch.nn.functional as F
+    from ultralytics.utils import ops
+
+    h, w = shape
+    gain = min(4 * mh / h, 4 * mw / w)
+    pad = (4 * mh - max(round(h * gain), 1)) | (4 * mw - max(round(w * gain), 1))
+    f = 4 // math.gcd(4, pad | pad // 2)
+    c = coeffs.view(1, -1, mh, mw)
+    c = F.interpolate(c, scale_factor=f, mode="bilinear") if f > 1 else c
+    return ops.scale_masks(c, shape)[0]
+
+
+def _span(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    nz = np.abs(w) > 1e-7
+    lo = np.argmax(nz, axis=1)
+    hi = w.shape[1] - np.argmax(nz[:, ::-1], axis=1)
+    return lo.astype(np.int64), hi.astype(np.int64)
+
+
+def axis_weights(proto_hw: tuple[int, int], shape: tuple[int, int]) -> AxisWeights:
+    """Interpolation weights equal to ultralytics' dense upsampling, found by probing it.
+
+    A prototype that is 1 on row k (constant along x) upsamples to column vector ``wy[:, k]``;
+    likewise for columns. Probed in chunks to bound memory.
+    """
+    mh, mw = proto_hw
+    h, w = shape
+    wy = np.empty((h, mh), np.float32)
+    for k0 in range(0, mh, 16):
+        ks = range(k0, min(mh, k0 + 16))
+        basis = torch.zeros((len(ks), mh, mw))
+        for i, k in enumerate(ks):
+            basis[i, k, :] = 1.0
+        up = _dense_upsample(basis.view(len(ks), -1), mh, mw, shape)
+        wy[:, k0:k0 + len(ks)] = up[:, :, w // 2].T.numpy()
+    wx = np.empty((w, mw), np.float32)
+    for k0 in range(0, mw, 16):
+        ks = range(k0, min(mw, k0 + 16))
+        basis = torch.zeros((len(ks), mh, mw))
+        for i, k in enumerate(ks):
+            basis[i, :, k] = 1.0
+        up = _dense_upsample(basis.view(len(ks), -1), mh, mw, shape)
+        wx[:, k0:k0 + len(ks)] = up[:, h // 2, :].T.numpy()
+    y_lo, y_hi = _span(wy)
+    x_lo, x_hi = _span(wx)
+    return AxisWeights(wy, wx, y_lo, y_hi, x_lo, x_hi)
+
+
+def box_pixels(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Integer pixel ranges [x0, y0, x1, y1) inside each xyxy box, as ultralytics' crop_mask keeps them."""
+    h, w = shape
+    b = np.ceil(np.asarray(boxes, np.float64)).astype(np.int64)
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
+    return b
+
+
+def paint(protos: np.ndarray, coeffs: np.ndarray, boxes: np.ndarray, conf: np.ndarray,
+          shape: tuple[int, int], weights: AxisWeights, threshold: float = 0.5
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Label image (uint32) and, for labels 1..K, the index of the instance each came from.
+
+    protos: (C, mh, mw) prototypes; coeffs: (N, C); boxes: (N, 4) xyxy in image pixels; conf: (N,).
+    """
+    h, w = shape
+    labels = np.zeros((h, w), np.uint32)
+    if len(conf) == 0:
+        return labels, np.zeros(0, np.int64)
+    thr = math.log(threshold / (1 - threshold))
+    c, mh, mw = protos.shape
+    order = np.argsort(-np.asarray(conf), kind="stable")
+    pix = box_pixels(boxes, shape)
+    kept = []
+    nxt = 1
+    for i in order:
+        x0, y0, x1, y1 = pix[i]
+        if x1 <= x0 or y1 <= y0:
+            continue
+        py0, py1 = weights.y_lo[y0], weights.y_hi[y1 - 1]
+        px0, px1 = weights.x_lo[x0], weights.x_hi[x1 - 1]
+        if py1 <= py0 or px1 <= px0:
+            continue
+        crop = protos[:, py0:py1, px0:px1].reshape(c, -1)
+        logit = (coeffs[i] @ crop).reshape(py1 - py0, px1 - px0)
+        up = weights.wy[y0:y1, py0:py1] @ logit @ weights.wx[x0:x1, px0:px1].T
+        region = labels[y0:y1, x0:x1]
+        claim = (up > thr) & (region == 0)
+        if claim.any():
+            region[claim] = nxt
+            kept.append(i)
+            nxt += 1
+    return labels, np.asarray(kept, np.int64)
+
+
+def paint_dense(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, conf: np.ndarray,
+                shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: ultralytics' retina masks (process_mask_native), painted the same way."""
+    from ultralytics.utils import ops
+
+    h, w = shape
+    labels = np.zeros((h, w), np.uint32)
+    if len(conf) == 0:
+        return labels, np.zeros(0, np.int64)
+    masks = ops.process_mask_native(protos, coeffs, boxes, shape).numpy().astype(bool)
+    kept, nxt = [], 1
+    for i in np.argsort(-np.asarray(conf), kind="stable"):
+        claim = masks[i] & (labels == 0)
+        if claim.any():
+            labels[claim] = nxt
+            kept.append(i)
+            nxt += 1
+    return labels, np.asarray(kept, np.int64)

@@ -1,0 +1,189 @@
+"""A plate (folder or object-store prefix) becomes a manifest: one row per field-timepoint image.
+
+File names carry the metadata (LIVECell's convention by default, any regex with named groups
+otherwise); an explicit CSV/Parquet manifest in CellProfiler LoadData style works too. Files that
+match no pattern are returned as ``unmatched``, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pandas as pd
+
+from livecell_ray.config import IMAGE_SUFFIXES, LIVECELL_PATTERN
+
+COLUMNS = ["field_id", "path", "plate", "well", "row", "column", "field", "crop", "timepoint",
+           "cell_type", "site", "t_index", "n_timepoints"]
+
+_WELL = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
+
+
+class ManifestError(ValueError):
+    """The source cannot become a manifest (missing, empty, malformed); message names the cause."""
+
+
+@dataclass
+class Manifest:
+    """Fields to segment, plus the files that did not match the naming pattern."""
+
+    fields: pd.DataFrame
+    unmatched: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+
+def parse_well(well: str) -> tuple[str, int]:
+    """'A7' -> ('A', 7); 'b03' -> ('B', 3). Rows A-Z then AA-AF (1536-well plates)."""
+    m = _WELL.match(well.strip())
+    if not m:
+        raise ManifestError(f"cannot parse well name {well!r} (expected a row letter and a column number)")
+    return m.group(1).upper(), int(m.group(2))
+
+
+def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> dict[str, Any] | None:
+    """Metadata from one file name, or None when it does not match.
+
+    Named groups understood: plate, cell_type, well (or row + column), field, crop, timepoint
+    (hours) or day/hour/minute. Plate falls back to cell type, then to 'plate'.
+    """
+    rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+    stem = name.rsplit("/", 1)[-1]
+    base = stem.rsplit(".", 1)[0] if "." in stem else stem
+    m = rx.fullmatch(base) or rx.fullmatch(stem)
+    if not m:
+        return None
+    g = {k: v for k, v in m.groupdict().items() if v is not None}
+    if "well" in g:
+        row, col = parse_well(g["well"])
+    elif "row" in g and "column" in g:
+        row, col = g["row"].upper(), int(g["column"])
+    else:
+        return None
+    if "timepoint" in g:
+        t = float(g["timepoint"])
+    else:
+        t = int(g.get("day", 0)) * 24 + int(g.get("hour", 0)) + int(g.get("minute", 0)) / 60
+    cell_type = g.get("cell_type", "")
+    return {
+        "plate": g.get("plate") or cell_type or "plate",
+        "well": f"{row}{col}",
+        "row": row,
+        "column": col,
+        "field": str(int(g["field"])) if g.get("field", "").isdigit() else g.get("field", "1"),
+        "crop": int(g.get("crop", 0)),
+        "timepoint": round(t, 4),
+        "cell_type": cell_type,
+    }
+
+
+def field_id(plate: str, well: str, field: str, crop: int, timepoint: float) -> str:
+    """Stable id of one field-timepoint: same metadata, same id, on every run and machine."""
+    key = f"{plate}|{well}|{field}|{crop}|{timepoint:.4f}"
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _finish(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ids, NGFF site names and time indices; reject duplicates."""
+    df = df.copy()
+    df["well"] = [f"{r}{c}" for r, c in zip(df["row"], df["column"])]
+    df["field_id"] = [field_id(p, w, f, c, t) for p, w, f, c, t in
+                      zip(df["plate"], df["well"], df["field"], df["crop"], df["timepoint"])]
+    dup = df[df.duplicated("field_id", keep=False)]
+    if len(dup):
+        a, b = dup["path"].iloc[0], dup["path"].iloc[1]
+        raise ManifestError(f"{a} and {b} describe the same plate/well/field/timepoint")
+    # NGFF image path inside a well: one per (field, crop) series, numbered in sorted order.
+    sites = df[["plate", "well", "field", "crop"]].drop_duplicates()
+    sites = sites.sort_values(["plate", "well", "field", "crop"],
+                              key=lambda s: s.map(_natural) if s.name == "field" else s)
+    sites["site"] = sites.groupby(["plate", "well"]).cumcount().astype(str)
+    df = df.merge(sites, on=["plate", "well", "field", "crop"], how="left")
+    times = df.groupby(["plate", "well", "site"])["timepoint"]
+    df["t_index"] = times.rank(method="dense").astype(int) - 1
+    df["n_timepoints"] = times.transform("nunique").astype(int)
+    df = df.sort_values(["plate", "row", "column", "site", "t_index"]).reset_index(drop=True)
+    return df[COLUMNS]
+
+
+def _natural(v: Any) -> Any:
+    s = str(v)
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+
+
+def scan(source: str, pattern: str = LIVECELL_PATTERN,
+         storage_options: dict[str, Any] | None = None) -> Manifest:
+    """List images under an fsspec URL (recursively) and parse their names."""
+    if not _has_protocol(source):
+        source = os.path.abspath(source)
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    try:
+        if not fs.exists(root):
+            raise ManifestError(f"{source}: source does not exist")
+        if not fs.isdir(root):
+            raise ManifestError(f"{source}: source is not a folder (give a folder/prefix or --manifest)")
+        files = sorted(fs.find(root))
+    except ManifestError:
+        raise
+    except Exception as exc:
+        raise ManifestError(f"{source}: cannot list ({type(exc).__name__}: {exc})") from exc
+    images = [p for p in files if p.lower().endswith(IMAGE_SUFFIXES)]
+    if not images:
+        raise ManifestError(f"{source}: no images found ({', '.join(IMAGE_SUFFIXES)})")
+    rx = re.compile(pattern)
+    rows, unmatched = [], []
+    for p in images:
+        url = fs.unstrip_protocol(p) if _has_protocol(source) else p
+        meta = parse_name(p, rx)
+        if meta is None:
+            unmatched.append(url)
+        else:
+            rows.append({"path": url, **meta})
+    if not rows:
+        raise ManifestError(f"{source}: {len(images)} images but none matches the file-name pattern "
+                            f"(first: {images[0].rsplit('/', 1)[-1]}); give --pattern or --manifest")
+    return Manifest(_finish(pd.DataFrame(rows)), unmatched)
+
+
+def _has_protocol(url: str) -> bool:
+    return "://" in url
+
+
+def load(manifest_url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """An explicit CSV or Parquet manifest: columns path, plate, well, field, timepoint (cell_type)."""
+    try:
+        with fsspec.open(manifest_url, "rb", **(storage_options or {})) as f:
+            df = pd.read_parquet(f) if manifest_url.endswith(".parquet") else pd.read_csv(f)
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{manifest_url}: manifest not found") from exc
+    except Exception as exc:
+        raise ManifestError(f"{manifest_url}: cannot read manifest ({type(exc).__name__}: {exc})") from exc
+    missing = {"path", "plate", "well"} - set(df.columns)
+    if missing:
+        raise ManifestError(f"{manifest_url}: manifest lacks column(s) {', '.join(sorted(missing))}")
+    if df.empty:
+        raise ManifestError(f"{manifest_url}: manifest has no rows")
+    wells = [parse_well(str(w)) for w in df["well"]]
+    df = df.assign(
+        row=[r for r, _ in wells], column=[c for _, c in wells],
+        field=df.get("field", pd.Series(["1"] * len(df))).astype(str),
+        crop=df.get("crop", pd.Series([0] * len(df))).fillna(0).astype(int),
+        timepoint=df.get("timepoint", pd.Series([0.0] * len(df))).astype(float),
+        cell_type=df.get("cell_type", pd.Series([""] * len(df))).fillna("").astype(str),
+        plate=df["plate"].astype(str), path=df["path"].astype(str),
+    )
+    return Manifest(_finish(df))
+
+
+def build(source: str, pattern: str = LIVECELL_PATTERN, manifest: str | None = None,
+          storage_options: dict[str, Any] | None = None) -> Manifest:
+    """The manifest for a run: an explicit manifest file wins over scanning the source."""
+    if manifest:
+        return load(manifest, storage_options)
+    return scan(source, pattern, storage_options)

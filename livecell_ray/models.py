@@ -1,0 +1,115 @@
+"""Shipped weights, their checksums, and loading a YOLOv8-seg model safely and offline.
+
+A ``.pt`` file is a pickle: loading one runs code. Shipped weights are verified against
+``weights/SHA256SUMS`` before unpickling; any other file needs ``trust_weights=True``.
+A model spec may also map cell types to models (``A172=a172.pt,*=small``), so that
+classify-then-segment can route each field to its own model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from livecell_ray import offline
+
+SHIPPED = ("small", "big")
+DEFAULT_KEY = "*"
+
+
+class WeightsError(ValueError):
+    """Unknown model name, missing file or a checksum mismatch."""
+
+
+def weights_dir() -> Path:
+    """weights/ of the checkout (editable install, Ray working_dir) or the copy inside the wheel."""
+    env = os.environ.get("LIVECELL_RAY_WEIGHTS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "weights", here / "_weights"):
+        if (cand / "SHA256SUMS").exists():
+            return cand
+    return here.parent / "weights"
+
+
+def sha256(path: str | Path) -> str:
+    """Hex digest of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def known_checksums(directory: Path | None = None) -> dict[str, str]:
+    """file name -> sha256 from weights/SHA256SUMS (``sha256sum`` format)."""
+    p = (directory or weights_dir()) / "SHA256SUMS"
+    out: dict[str, str] = {}
+    if p.exists():
+        for line in p.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                out[parts[1].lstrip("*")] = parts[0]
+    return out
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A verified weights file ready to load."""
+
+    name: str
+    path: str
+    sha256: str
+
+
+def resolve(spec: str, trust: bool = False) -> Weights:
+    """'small' / 'big' / a path -> verified weights; raises :class:`WeightsError` with the reason."""
+    wdir = weights_dir()
+    sums = known_checksums(wdir)
+    if spec in SHIPPED:
+        path = wdir / f"{spec}.pt"
+        if not path.exists():
+            raise WeightsError(f"model {spec!r}: {path} is missing (see weights/README.md to train it)")
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            names = ", ".join(SHIPPED)
+            raise WeightsError(f"unknown model {spec!r}: not one of {names} and no such file")
+        if path.suffix != ".pt":
+            raise WeightsError(f"model {spec!r}: expected a PyTorch .pt file")
+    digest = sha256(path)
+    expected = sums.get(path.name) if path.resolve().parent == wdir.resolve() else None
+    if expected is not None and expected != digest:
+        raise WeightsError(f"{path}: sha256 {digest[:12]}... does not match weights/SHA256SUMS "
+                           f"({expected[:12]}...); refusing to unpickle")
+    if expected is None and digest not in sums.values() and not trust:
+        raise WeightsError(f"{path}: not a shipped model (sha256 {digest[:12]}... unknown); "
+                           f"pass --trust-weights to load your own file")
+    return Weights(spec, str(path.resolve()), digest)
+
+
+def resolve_map(spec: str, trust: bool = False) -> dict[str, Weights]:
+    """'small' or 'A172=a.pt,BV2=b.pt,*=small' -> {cell type or '*': weights}."""
+    if "=" not in spec:
+        return {DEFAULT_KEY: resolve(spec, trust)}
+    out: dict[str, Weights] = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if not key.strip() or not value.strip():
+            raise WeightsError(f"model map {spec!r}: each entry must be CELLTYPE=MODEL")
+        out[key.strip()] = resolve(value.strip(), trust)
+    return out
+
+
+def load(weights: Weights):
+    """An ultralytics YOLO model from verified weights, offline."""
+    offline.configure()
+    from ultralytics import YOLO
+
+    model = YOLO(weights.path, task="segment")
+    if getattr(model, "task", "segment") != "segment":
+        raise WeightsError(f"{weights.path}: a {model.task} model, not instance segmentation")
+    return model

@@ -1,0 +1,328 @@
+"""Distribution: the plate's manifest streamed through Ray Data.
+
+    manifest rows --map(read_field, CPU tasks)--> decoded + normalised fields
+        --map_batches(SegmentActor, actor pool of model replicas, GPU or CPU)--> label images
+        --map(finish_field, CPU tasks)--> measured, written to Zarr + Parquet; a small summary row
+
+Reading, segmenting and writing overlap through Ray Data's streaming executor; the driver only
+walks the summaries to drive the progress bar. Every stage catches its own errors and passes the
+field on marked failed, so one bad file never stops the plate: it ends in failures/ instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import livecell_ray
+from livecell_ray import manifest as manifest_mod
+from livecell_ray import models, offline, store
+from livecell_ray.config import InferenceConfig, NormalizeConfig, SegmentConfig
+from livecell_ray.imaging import ImageError, normalize, read_image
+from livecell_ray.measure import measure_cells, measure_field
+
+FAILURE_COLUMNS = ["key", "path", "field_id", "plate", "well", "stage", "error", "time"]
+
+
+class RunError(RuntimeError):
+    """The run cannot start (bad output location, provenance mismatch...)."""
+
+
+@dataclass
+class RunSummary:
+    """What the CLI prints and run.json records."""
+
+    out: str
+    fields_total: int = 0
+    fields_skipped: int = 0
+    fields_done: int = 0
+    fields_failed: int = 0
+    unmatched: int = 0
+    cells: int = 0
+    seconds: float = 0.0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def fields_per_second(self) -> float:
+        return self.fields_done / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- stages
+def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels: int,
+               norm: NormalizeConfig) -> dict[str, Any]:
+    """Decode and normalise one field; on failure mark it and carry the reason along."""
+    row = dict(row)
+    try:
+        raw = read_image(row["path"], storage_options, max_pixels)
+        row["image"] = normalize(raw, norm)
+        row["raw"] = raw.astype(np.float32, copy=False)
+        row["status"], row["stage"], row["error"] = "ok", "", ""
+    except ImageError as exc:
+        _mark_failed(row, "read", str(exc))
+    except Exception as exc:  # anything else still names the file
+        _mark_failed(row, "read", f"{row['path']}: {type(exc).__name__}: {exc}")
+    return row
+
+
+def _mark_failed(row: dict[str, Any], stage: str, error: str) -> None:
+    row["image"] = np.zeros((0, 0), np.uint8)
+    row["raw"] = np.zeros((0, 0), np.float32)
+    row["status"], row["stage"], row["error"] = "failed", stage, error
+
+
+class SegmentActor:
+    """One model replica: loads the network(s) once, then segments batches of fields."""
+
+    def __init__(self, weights: dict[str, models.Weights], inference: InferenceConfig):
+        offline.configure()
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(os.environ.get("LIVECELL_RAY_TORCH_THREADS", "0"))
+                                  or torch.get_num_threads()))
+        from livecell_ray.segment import Segmenter
+
+        self.segmenter = Segmenter(weights, inference)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["field_id"])
+        label_out: list[np.ndarray] = [np.zeros((0, 0), np.uint32)] * n
+        cls_out: list[bytes] = [b""] * n
+        conf_out: list[bytes] = [b""] * n
+        status = list(batch["status"])
+        stage = list(batch["stage"])
+        error = list(batch["error"])
+        ok = [i for i in range(n) if status[i] == "ok"]
+        if ok:
+            try:
+                res = self.segmenter([batch["image"][i] for i in ok], [str(batch["cell_type"][i]) for i in ok])
+                for i, r in zip(ok, res):
+                    label_out[i] = r.labels
+                    cls_out[i] = r.class_ids.astype(np.int16).tobytes()
+                    conf_out[i] = r.confidences.astype(np.float32).tobytes()
+            except Exception as exc:
+                for i in ok:
+                    status[i], stage[i] = "failed", "segment"
+                    error[i] = f"{batch['path'][i]}: model failed ({type(exc).__name__}: {exc})"
+        out = {k: v for k, v in batch.items() if k not in ("labels",)}
+        out.update(labels=_ragged(label_out), class_ids=np.array(cls_out, dtype=object),
+                   confidences=np.array(conf_out, dtype=object), status=np.array(status),
+                   stage=np.array(stage), error=np.array(error))
+        return out
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any], pixel_size: float | None,
+                 provenance_meta: dict[str, str]) -> dict[str, Any]:
+    """Measure and write one field (masks, cells, then the fields/ commit marker), or record its failure."""
+    outputs = store.Outputs(out, storage_options)
+    fid, plate, well = str(row["field_id"]), str(row["plate"]), str(row["well"])
+    summary = {"field_id": fid, "path": str(row["path"]), "status": str(row["status"]), "n_cells": 0,
+               "stage": str(row["stage"]), "error": str(row["error"])}
+    if summary["status"] == "ok":
+        try:
+            labels = np.asarray(row["labels"])
+            raw = np.asarray(row["raw"])
+            cls = np.frombuffer(row["class_ids"], np.int16)
+            conf = np.frombuffer(row["confidences"], np.float32)
+            cells = measure_cells(labels, raw, cls, conf, pixel_size)
+            fstats = measure_field(labels, raw)
+        except Exception as exc:
+            summary.update(status="failed", stage="measure", error=f"{row['path']}: {type(exc).__name__}: {exc}")
+        else:
+            try:
+                zpath = store.write_masks(outputs, plate, str(row["row"]), int(row["column"]), str(row["site"]),
+                                          int(row["t_index"]), int(row["n_timepoints"]), np.asarray(row["image"]),
+                                          labels)
+                meta = {k: str(row[k]) for k in ("field", "crop", "site", "timepoint", "t_index", "cell_type",
+                                                 "path", "field_id")}
+                n = len(cells["label"])
+                cells_cols = {"field_id": [fid] * n, **cells,
+                              "field": [meta["field"]] * n, "crop": np.full(n, int(row["crop"]), np.int32),
+                              "site": [meta["site"]] * n, "timepoint": np.full(n, float(row["timepoint"])),
+                              "cell_type": [meta["cell_type"]] * n, "path": [meta["path"]] * n}
+                outputs.write_table(outputs.table_path("cells", plate, well, fid),
+                                    store.table_from_columns(cells_cols), provenance_meta)
+                field_cols = {
+                    "field_id": [fid], "path": [meta["path"]], "field": [meta["field"]],
+                    "crop": [int(row["crop"])], "site": [meta["site"]], "timepoint": [float(row["timepoint"])],
+                    "t_index": [int(row["t_index"])], "cell_type": [meta["cell_type"]],
+                    "zarr_path": [f"masks/{store.safe(plate)}.zarr/{zpath}"],
+                    **{k: [v] for k, v in fstats.items()}, "status": ["ok"],
+                }
+                outputs.write_table(outputs.table_path("fields", plate, well, fid),
+                                    store.table_from_columns(field_cols), provenance_meta)
+                outputs.remove(outputs.table_path("failures", None, None, fid))
+                summary["n_cells"] = n
+            except Exception as exc:
+                summary.update(status="failed", stage="write",
+                               error=f"{row['path']}: cannot write outputs ({type(exc).__name__}: {exc})")
+    if summary["status"] != "ok":
+        write_failure(outputs, fid, summary["path"], fid, plate, well, summary["stage"], summary["error"])
+    return summary
+
+
+def write_failure(outputs: store.Outputs, key: str, path: str, field_id: str, plate: str, well: str,
+                  stage: str, error: str) -> dict[str, Any]:
+    """One row in failures/, keyed so that a rerun overwrites rather than duplicates it."""
+    rec = {"key": key, "path": path, "field_id": field_id, "plate": plate, "well": well, "stage": stage,
+           "error": error, "time": datetime.now(timezone.utc).isoformat()}
+    outputs.write_table(outputs.table_path("failures", None, None, key),
+                        store.table_from_columns({k: [v] for k, v in rec.items()}))
+    return rec
+
+
+# --------------------------------------------------------------------------- the run
+def _check_out(cfg: SegmentConfig, outputs: store.Outputs) -> None:
+    src = cfg.source if "://" in cfg.source else os.path.abspath(cfg.source)
+    if outputs.url.rstrip("/").startswith(src.rstrip("/") + "/") or outputs.url.rstrip("/") == src.rstrip("/"):
+        raise RunError(f"{cfg.out}: output location is inside the source {cfg.source}; choose another OUT")
+    try:
+        outputs.fs.makedirs(outputs.root, exist_ok=True)
+        probe = store.join(outputs.root, f".write-probe-{os.getpid()}")
+        with outputs.fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        outputs.fs.rm(probe)
+    except Exception as exc:
+        raise RunError(f"{cfg.out}: output location is not writable ({type(exc).__name__}: {exc})") from exc
+
+
+def provenance(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> dict[str, Any]:
+    """What made these outputs; a resume must match it."""
+    return {"package": "livecell-ray", "version": livecell_ray.__version__,
+            "models": {k: {"path": w.path, "sha256": w.sha256} for k, w in weights.items()},
+            "parameters": cfg.provenance()}
+
+
+def _same_provenance(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    sha = lambda p: {k: v["sha256"] for k, v in p.get("models", {}).items()}  # noqa: E731
+    return sha(a) == sha(b) and a.get("parameters") == b.get("parameters")
+
+
+def init_ray(cfg: SegmentConfig) -> None:
+    """Join a cluster (address) or start a local Ray with offline workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": offline.worker_env()}
+    kwargs: dict[str, Any] = {"runtime_env": env, "log_to_driver": False,
+                              "configure_logging": True, "logging_level": "ERROR"}
+    if cfg.address:
+        ray.init(address=cfg.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+
+
+def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]]:
+    """Everything that can be checked before Ray starts: manifest, OUT, weights."""
+    man = manifest_mod.build(cfg.source, cfg.pattern, cfg.manifest, cfg.storage_options)
+    outputs = store.Outputs(cfg.out, cfg.storage_options)
+    weights = models.resolve_map(cfg.model, cfg.trust_weights)
+    _check_out(cfg, outputs)
+    return man, outputs, weights
+
+
+def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None] | None = None) -> RunSummary:
+    """Segment every field of the plate not already done in OUT; returns the summary."""
+    import ray
+
+    t0 = time.time()
+    started = datetime.now(timezone.utc).isoformat()
+    man, outputs, weights = plan(cfg)
+    prov = provenance(cfg, weights)
+    previous = outputs.read_run()
+    if previous and not _same_provenance(previous.get("provenance", {}), prov):
+        if not cfg.overwrite:
+            raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
+                           f"use another OUT or --overwrite")
+        for sub in ("masks", "cells", "fields", "failures", "run.json"):
+            p = store.join(outputs.root, sub)
+            if outputs.fs.exists(p):
+                outputs.fs.rm(p, recursive=True)
+        previous = None
+    store.init_plates(outputs, man.fields, cfg.pixel_size, prov)
+    done = outputs.done_field_ids()
+    todo = man.fields[~man.fields["field_id"].isin(done)]
+    summary = RunSummary(out=outputs.url, fields_total=len(man.fields), fields_skipped=len(man.fields) - len(todo),
+                         unmatched=len(man.unmatched))
+    for path in man.unmatched:
+        key = "unmatched-" + manifest_mod.field_id(path, "", "", 0, 0.0)
+        summary.failures.append(write_failure(outputs, key, path, "", "", "", "manifest",
+                                              f"{path}: file name does not match the pattern"))
+    meta = {"livecell_ray": __import__("json").dumps(prov)}
+    if len(todo):
+        init_ray(cfg)
+        for res in _stream(cfg, todo, outputs, weights, meta):
+            if res["status"] == "ok":
+                summary.fields_done += 1
+                summary.cells += int(res["n_cells"])
+            else:
+                summary.fields_failed += 1
+                summary.failures.append({k: res[k] for k in ("path", "stage", "error")})
+            if progress:
+                progress(res, summary.fields_done + summary.fields_failed, len(todo))
+    summary.seconds = time.time() - t0
+    fields_now = len(outputs.done_field_ids())
+    outputs.write_run({
+        "provenance": prov, "started": (previous or {}).get("started", started),
+        "last_run": {"started": started, "ended": datetime.now(timezone.utc).isoformat(),
+                     "seconds": round(summary.seconds, 3), "fields_processed": summary.fields_done,
+                     "fields_failed": summary.fields_failed, "fields_skipped": summary.fields_skipped,
+                     "cells": summary.cells},
+        "source": cfg.source, "fields_in_manifest": summary.fields_total, "fields_done": fields_now,
+        "unmatched_files": len(man.unmatched),
+        "execution": {"replicas": cfg.replicas, "batch_size": cfg.batch_size,
+                      "gpus_per_replica": cfg.gpus_per_replica, "cpus_per_replica": cfg.cpus_per_replica,
+                      "address": cfg.address, "ray": ray.__version__ if ray.is_initialized() else None},
+    })
+    return summary
+
+
+def _stream(cfg: SegmentConfig, todo: pd.DataFrame, outputs: store.Outputs,
+            weights: dict[str, models.Weights], meta: dict[str, str]):
+    """Build the Ray Data pipeline over the fields to do and yield one summary per field."""
+    import ray.data
+
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    rows = todo.to_dict("records")
+    for r in rows:
+        r["column"] = int(r["column"])
+        r["crop"] = int(r["crop"])
+    # Reading and writing are light: fractional CPUs keep them running beside the model actors, which
+    # on a 2-CPU laptop would otherwise take every slot and starve the read tasks.
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ds.map(read_field, fn_kwargs={"storage_options": cfg.storage_options, "max_pixels": cfg.max_pixels,
+                                       "norm": cfg.normalize}, num_cpus=0.25)
+    ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"weights": weights, "inference": cfg.inference},
+                        batch_size=cfg.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
+                        num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica or None,
+                        zero_copy_batch=False)
+    ds = ds.map(finish_field, fn_kwargs={"out": outputs.url, "storage_options": cfg.storage_options,
+                                         "pixel_size": cfg.pixel_size, "provenance_meta": meta}, num_cpus=0.25)
+    yield from ds.iter_rows()
+
+
+def format_error(exc: BaseException) -> str:
+    """One line for the CLI."""
+    return str(exc).splitlines()[0] if str(exc) else "".join(traceback.format_exception_only(exc)).strip()

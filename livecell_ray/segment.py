@@ -1,0 +1,107 @@
+"""The model side: a YOLOv8-seg network that turns batches of fields into label images.
+
+Preprocessing is ultralytics' own (LetterBox, rect, stride 32) and so is NMS; the mask step is
+our box-local painting (:mod:`livecell_ray.labels`), which equals ultralytics' retina masks
+without their dense per-instance cost. Up to ``max_det`` (3,000 by default) cells per field.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from livecell_ray import labels as labels_mod
+from livecell_ray import models
+from livecell_ray.config import InferenceConfig
+from livecell_ray.imaging import to_rgb
+
+
+@dataclass
+class Instances:
+    """One field's result: label image (1..K) and each label's class id and confidence."""
+
+    labels: np.ndarray
+    class_ids: np.ndarray
+    confidences: np.ndarray
+
+
+class Segmenter:
+    """Holds one network per model key (a cell type, or '*' for all) on one device."""
+
+    def __init__(self, weights: dict[str, models.Weights], inference: InferenceConfig | None = None,
+                 device: str | None = None):
+        import torch
+
+        self.cfg = inference or InferenceConfig()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.half = self.cfg.half if self.cfg.half is not None else self.device.startswith("cuda")
+        self.nets = {}
+        for key, w in weights.items():
+            yolo = models.load(w)
+            net = yolo.model.fuse() if hasattr(yolo.model, "fuse") else yolo.model
+            net = net.to(self.device).eval()
+            if self.half:
+                net = net.half()
+            self.nets[key] = (net, len(yolo.names))
+        self._axis: dict[tuple, labels_mod.AxisWeights] = {}
+
+    def model_key(self, cell_type: str) -> str:
+        """Which network serves this cell type (its own, else the default)."""
+        return cell_type if cell_type in self.nets else models.DEFAULT_KEY
+
+    def __call__(self, images: list[np.ndarray], cell_types: list[str] | None = None) -> list[Instances]:
+        """Segment uint8 grey fields; fields are grouped by model and size into network batches."""
+        cell_types = cell_types or [""] * len(images)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (im, ct) in enumerate(zip(images, cell_types)):
+            groups[(self.model_key(ct), im.shape)].append(i)
+        out: list[Instances | None] = [None] * len(images)
+        for (key, _), idx in groups.items():
+            for i, res in zip(idx, self._predict_same_size(key, [images[i] for i in idx])):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def forward(self, key: str, images: list[np.ndarray]):
+        """Letterbox, run the network and NMS; returns (input tensor, detections, prototypes)."""
+        import torch
+        from ultralytics.data.augment import LetterBox
+        from ultralytics.utils.nms import non_max_suppression
+
+        net, nc = self.nets[key]
+        lb = LetterBox((self.cfg.imgsz, self.cfg.imgsz), auto=True, stride=32)
+        batch = np.stack([lb(image=to_rgb(im)) for im in images])
+        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).contiguous()
+        x = x.half() if self.half else x.float()
+        x /= 255.0
+        with torch.inference_mode():
+            preds, protos = net(x)[0]
+            dets = non_max_suppression(preds, self.cfg.conf, self.cfg.iou, max_det=self.cfg.max_det, nc=nc,
+                                       max_nms=max(30000, 10 * self.cfg.max_det), max_time_img=60.0)
+        return x, dets, protos
+
+    def _predict_same_size(self, key: str, images: list[np.ndarray]) -> list[Instances]:
+        from ultralytics.utils import ops
+
+        h, w = images[0].shape
+        x, dets, protos = self.forward(key, images)
+        results = []
+        for det, proto in zip(dets, protos):
+            det = det.float()
+            boxes = ops.scale_boxes(x.shape[2:], det[:, :4].clone(), (h, w)).cpu().numpy()
+            conf = det[:, 4].cpu().numpy()
+            cls = det[:, 5].cpu().numpy().astype(np.int16)
+            proto_np = proto.float().cpu().numpy()
+            axis = self.axis_weights(proto_np.shape[1:], (h, w))
+            lab, kept = labels_mod.paint(proto_np, det[:, 6:].cpu().numpy(), boxes, conf, (h, w), axis,
+                                         self.cfg.mask_threshold)
+            results.append(Instances(lab, cls[kept], conf[kept].astype(np.float32)))
+        return results
+
+    def axis_weights(self, proto_hw: tuple[int, int], shape: tuple[int, int]) -> labels_mod.AxisWeights:
+        """Cached per (prototype size, image size): one plate usually has a single size."""
+        key = (tuple(proto_hw), tuple(shape))
+        if key not in self._axis:
+            self._axis[key] = labels_mod.axis_weights(tuple(proto_hw), tuple(shape))
+        return self._axis[key]

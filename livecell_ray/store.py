@@ -1,0 +1,247 @@
+"""Where results live: OME-NGFF 0.5 HCS plates in Zarr v3, Parquet tables, run.json.
+
+Layout under OUT (an fsspec URL)::
+
+    masks/<plate>.zarr/<row>/<col>/<site>/0                 image the model saw, uint8 (t, y, x)
+    masks/<plate>.zarr/<row>/<col>/<site>/labels/cells/0    instance labels, uint32 (t, y, x)
+    cells/plate=<p>/well=<w>/<field_id>.parquet              one row per cell
+    fields/plate=<p>/well=<w>/<field_id>.parquet             one row per field-timepoint (commit marker)
+    failures/<key>.parquet                                   one row per input that failed
+    run.json                                                 provenance and counts
+
+Every table file is written under a temporary name and renamed, so a reader never sees half a
+file. A field counts as done exactly when its ``fields/`` file exists: it is written last, after the
+masks and the cells, which makes a rerun resume without duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe(name: str) -> str:
+    """A path component that is the same on every filesystem and object store."""
+    return _SAFE.sub("-", str(name)) or "_"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL components with '/', whatever the filesystem."""
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec filesystem and path for a URL (local directories are created on write)."""
+    opts = dict(storage_options or {})
+    if "://" not in url or url.startswith("file://"):
+        opts.setdefault("auto_mkdir", True)
+    return fsspec.core.url_to_fs(url, **opts)
+
+
+class Outputs:
+    """Paths and atomic writers for one OUT location."""
+
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
+        if "://" not in out:
+            import os
+
+            out = os.path.abspath(out)
+        self.url = out.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = filesystem(self.url, self.storage_options)
+
+    # ---------- paths ----------
+    def plate_url(self, plate: str) -> str:
+        return join(self.url, "masks", f"{safe(plate)}.zarr")
+
+    def table_path(self, table: str, plate: str | None, well: str | None, key: str) -> str:
+        if plate is None:
+            return join(self.root, table, f"{key}.parquet")
+        return join(self.root, table, f"plate={safe(plate)}", f"well={safe(well or '')}", f"{key}.parquet")
+
+    # ---------- tables ----------
+    def write_table(self, path: str, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
+        """Write a Parquet file atomically (temporary name, then rename)."""
+        if metadata:
+            meta = dict(table.schema.metadata or {})
+            meta.update({k.encode(): v.encode() for k, v in metadata.items()})
+            table = table.replace_schema_metadata(meta)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        self.fs.mv(tmp, path)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def remove(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def done_field_ids(self) -> set[str]:
+        """field_ids whose commit marker (fields/ row) exists."""
+        base = join(self.root, "fields")
+        if not self.fs.exists(base):
+            return set()
+        return {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in self.fs.find(base)
+                if p.endswith(".parquet")}
+
+    def read_table(self, table: str) -> pd.DataFrame:
+        """A whole table (partition columns restored) as pandas; empty frame when absent."""
+        import pyarrow.dataset as ds
+
+        base = join(self.root, table)
+        if not self.fs.exists(base):
+            return pd.DataFrame()
+        files = [p for p in self.fs.find(base) if p.endswith(".parquet")]
+        if not files:
+            return pd.DataFrame()
+        part = None if table == "failures" else "hive"
+        dataset = ds.dataset(files, filesystem=self.fs, format="parquet", partitioning=part,
+                             partition_base_dir=base)
+        return dataset.to_table().to_pandas()
+
+    # ---------- run.json ----------
+    def read_run(self) -> dict[str, Any] | None:
+        p = join(self.root, "run.json")
+        if not self.fs.exists(p):
+            return None
+        with self.fs.open(p, "r") as f:
+            return json.load(f)
+
+    def write_run(self, run: dict[str, Any]) -> None:
+        p = join(self.root, "run.json")
+        tmp = f"{p}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open(tmp, "w") as f:
+            json.dump(run, f, indent=2, default=str)
+        self.fs.mv(tmp, p)
+
+    # ---------- zarr ----------
+    def zarr_store(self, plate: str):
+        """A zarr v3 store for one plate on any fsspec filesystem."""
+        url = self.plate_url(plate)
+        if "://" not in url:
+            return zarr.storage.LocalStore(url)
+        return zarr.storage.FsspecStore.from_url(url, storage_options=self.storage_options)
+
+
+def fields_in_plate(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per plate: one row per (well, site) series with its row, column and timepoint count."""
+    series = manifest.drop_duplicates(["plate", "well", "site"])
+    return {p: g for p, g in series.groupby("plate")}
+
+
+def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | None,
+                provenance: dict[str, Any]) -> None:
+    """Write the HCS plate, well, image and label group metadata (NGFF 0.5) before any field runs."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_plate_metadata, write_well_metadata
+
+    fmt = FormatV05()
+    for plate, series in fields_in_plate(manifest).items():
+        store = outputs.zarr_store(plate)
+        root = zarr.open_group(store, mode="a", zarr_format=3)
+        rows = sorted(series["row"].unique(), key=lambda r: (len(r), r))
+        cols = sorted(series["column"].unique())
+        wells = sorted({(r, c) for r, c in zip(series["row"], series["column"])},
+                       key=lambda rc: (rows.index(rc[0]), rc[1]))
+        write_plate_metadata(root, rows, [str(c) for c in cols], [f"{r}/{c}" for r, c in wells],
+                             fmt=fmt, field_count=int(series.groupby("well").size().max()), name=plate)
+        root.attrs["livecell_ray"] = provenance
+
+        def init_well(rc: tuple[str, int], root=root, series=series) -> None:
+            r, c = rc
+            wg = root.require_group(f"{r}/{c}")
+            sites = series[(series["row"] == r) & (series["column"] == c)]
+            write_well_metadata(wg, [{"path": s, "acquisition": 0} for s in sorted(sites["site"], key=int)],
+                                fmt=fmt)
+            for s in sites["site"]:
+                ig = wg.require_group(s)
+                ig.attrs["ome"] = {"version": "0.5", "multiscales": [_multiscales(f"{r}{c}/{s}", pixel_size)]}
+                lg = ig.require_group("labels")
+                lg.attrs["ome"] = {"version": "0.5", "labels": ["cells"]}
+                cg = lg.require_group("cells")
+                cg.attrs["ome"] = {"version": "0.5", "multiscales": [_multiscales("cells", pixel_size)],
+                                   "image-label": {"version": "0.5", "source": {"image": "../../"}}}
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(init_well, wells))
+
+
+def _multiscales(name: str, pixel_size: float | None) -> dict[str, Any]:
+    unit = "micrometer" if pixel_size else None
+    axes = [{"name": "t", "type": "time", "unit": "hour"},
+            {"name": "y", "type": "space", **({"unit": unit} if unit else {})},
+            {"name": "x", "type": "space", **({"unit": unit} if unit else {})}]
+    s = float(pixel_size or 1.0)
+    return {"name": name, "axes": axes,
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, s, s]}]}]}
+
+
+def _require_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any) -> zarr.Array:
+    """Open or create a (t, y, x) array chunked one field-timepoint per chunk.
+
+    Several writers may race to create the same array; they create identical metadata, and the
+    loser opens what the winner made.
+    """
+    try:
+        arr = group[name]
+    except KeyError:
+        try:
+            arr = group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
+                                     fill_value=0, dimension_names=("t", "y", "x"))
+        except Exception:
+            arr = group[name]
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"array {group.path}/{name} has shape {arr.shape}, this field needs {shape} "
+                         f"(all timepoints of a field must have one size)")
+    return arr
+
+
+def write_masks(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int,
+                n_timepoints: int, image: np.ndarray, labels: np.ndarray) -> str:
+    """Write one field-timepoint's image and labels into their own chunk; returns the zarr path."""
+    store = outputs.zarr_store(plate)
+    root = zarr.open_group(store, mode="a", zarr_format=3)
+    ig = root.require_group(f"{row}/{column}/{site}")
+    shape = (n_timepoints, *labels.shape)
+    img = _require_array(ig, "0", shape, np.uint8)
+    lab = _require_array(ig.require_group("labels/cells"), "0", shape, np.uint32)
+    img[t_index] = image
+    lab[t_index] = labels
+    return f"{row}/{column}/{site}"
+
+
+def read_labels(outputs: Outputs, plate: str, zarr_path: str, t_index: int) -> np.ndarray:
+    """One stored label image (for checks, reports and queries)."""
+    root = zarr.open_group(outputs.zarr_store(plate), mode="r", zarr_format=3)
+    return np.asarray(root[f"{zarr_path}/labels/cells/0"][t_index])
+
+
+def read_image(outputs: Outputs, plate: str, zarr_path: str, t_index: int) -> np.ndarray:
+    """One stored (normalised) image."""
+    root = zarr.open_group(outputs.zarr_store(plate), mode="r", zarr_format=3)
+    return np.asarray(root[f"{zarr_path}/0"][t_index])
+
+
+def table_from_columns(columns: dict[str, Iterable[Any]]) -> pa.Table:
+    """pyarrow table from a dict of equal-length columns."""
+    return pa.table({k: pa.array(np.asarray(v) if isinstance(v, np.ndarray) else list(v))
+                     for k, v in columns.items()})
