@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -84,6 +83,7 @@ def segment(
     except re.error as exc:
         fail(f"--pattern is not a valid regular expression ({exc})")
     try:
+        planned = pipeline.plan(cfg)
         with Progress(TextColumn("[bold]segment"), BarColumn(), MofNCompleteColumn(), TextColumn("fields"),
                       TimeRemainingColumn(), console=console, transient=False) as bar:
             task = bar.add_task("fields", total=None)
@@ -93,7 +93,7 @@ def segment(
                 if res["status"] != "ok":
                     bar.console.print(f"[yellow]failed[/] ({res['stage']}): {res['error']}", highlight=False)
 
-            summary = pipeline.run(cfg, on_field)
+            summary = pipeline.run(cfg, on_field, planned)
     except (ManifestError, WeightsError, ImageError, pipeline.RunError) as exc:
         fail(pipeline.format_error(exc))
     except KeyboardInterrupt:

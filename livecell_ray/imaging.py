@@ -49,7 +49,8 @@ def decode(data: bytes, path: str, max_pixels: int = 64_000_000) -> np.ndarray:
 def to_gray(arr: np.ndarray, path: str = "<array>", max_pixels: int = 64_000_000) -> np.ndarray:
     """Reduce to one 2-D plane: RGB(A) by luminance, singleton axes squeezed; reject stacks."""
     arr = np.asarray(arr)
-    arr = np.squeeze(arr)
+    while arr.ndim > 2 and 1 in arr.shape:  # drop singleton axes (TZCYX stacks of one plane)
+        arr = np.squeeze(arr, axis=arr.shape.index(1))
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
         rgb = arr[..., :3].astype(np.float32)
         arr = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)

@@ -105,7 +105,10 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
                               key=lambda s: s.map(_natural) if s.name == "field" else s)
     sites["site"] = sites.groupby(["plate", "well"]).cumcount().astype(str)
     df = df.merge(sites, on=["plate", "well", "field", "crop"], how="left")
-    times = df.groupby(["plate", "well", "site"])["timepoint"]
+    # The time axis is the plate's: t_index counts the plate's distinct timepoints, so every image of a
+    # plate has the same (t, y, x) shape, as NGFF plate viewers expect. A field not imaged at some
+    # timepoint keeps empty (zero) planes there.
+    times = df.groupby("plate")["timepoint"]
     df["t_index"] = times.rank(method="dense").astype(int) - 1
     df["n_timepoints"] = times.transform("nunique").astype(int)
     df = df.sort_values(["plate", "row", "column", "site", "t_index"]).reset_index(drop=True)

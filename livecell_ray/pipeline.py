@@ -237,13 +237,15 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
     return man, outputs, weights
 
 
-def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None] | None = None) -> RunSummary:
+def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None] | None = None,
+        planned: tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]] | None = None
+        ) -> RunSummary:
     """Segment every field of the plate not already done in OUT; returns the summary."""
     import ray
 
     t0 = time.time()
     started = datetime.now(timezone.utc).isoformat()
-    man, outputs, weights = plan(cfg)
+    man, outputs, weights = planned or plan(cfg)
     prov = provenance(cfg, weights)
     previous = outputs.read_run()
     if previous and not _same_provenance(previous.get("provenance", {}), prov):
@@ -296,9 +298,9 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
 def _stream(cfg: SegmentConfig, todo: pd.DataFrame, outputs: store.Outputs,
             weights: dict[str, models.Weights], meta: dict[str, str]):
     """Build the Ray Data pipeline over the fields to do and yield one summary per field."""
-    import ray.data
-
     import logging
+
+    import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()

@@ -1,0 +1,77 @@
+"""Decoding 8-bit, 16-bit and RGB inputs, and the shared normalisation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from livecell_ray.imaging import ImageError, decode, normalize, read_image
+
+from .conftest import EXAMPLES
+
+A172 = EXAMPLES / "A172_Phase_A7_1_00d00h00m_1.tif"
+
+
+def test_real_livecell_tif_reads_as_uint8_2d():
+    img = read_image(str(A172))
+    assert img.shape == (520, 704) and img.dtype == np.uint8
+
+
+def test_uint16_and_rgb_normalise_like_uint8():
+    g8 = read_image(str(A172))
+    buf16 = io.BytesIO()
+    tifffile.imwrite(buf16, g8.astype(np.uint16) * 257 + 3)
+    g16 = decode(buf16.getvalue(), "x16.tif")
+    assert g16.dtype == np.uint16
+    rgb = io.BytesIO()
+    Image.fromarray(np.repeat(g8[..., None], 3, 2)).save(rgb, format="PNG")
+    grgb = decode(rgb.getvalue(), "rgb.png")
+    assert grgb.shape == g8.shape
+    n8, n16, nrgb = normalize(g8), normalize(g16), normalize(grgb)
+    assert np.abs(n8.astype(int) - n16.astype(int)).max() <= 1
+    assert np.abs(n8.astype(int) - nrgb.astype(int)).max() <= 1
+
+
+def test_normalize_percentiles_and_constant_image():
+    x = np.arange(10000, dtype=np.float32).reshape(100, 100)
+    y = normalize(x)
+    assert y.dtype == np.uint8 and y.min() == 0 and y.max() == 255
+    assert np.all(normalize(np.full((50, 50), 7, np.uint16)) == 0)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file"),
+    (b"this is text, not an image", "cannot decode"),
+    (b"II*\x00" + b"\x00" * 20, "cannot decode"),
+])
+def test_bad_bytes_give_clear_errors(data, reason):
+    with pytest.raises(ImageError, match=reason) as err:
+        decode(data, "plate/bad.tif")
+    assert "plate/bad.tif" in str(err.value)
+
+
+def test_stack_and_tiny_images_are_rejected():
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((5, 64, 64), np.uint8))
+    with pytest.raises(ImageError, match="2-D"):
+        decode(buf.getvalue(), "stack.tif")
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((1, 1), np.uint8))
+    with pytest.raises(ImageError, match="too small"):
+        decode(buf.getvalue(), "dot.tif")
+
+
+def test_pixel_limit():
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((100, 100), np.uint8))
+    with pytest.raises(ImageError, match="exceeds the limit"):
+        decode(buf.getvalue(), "big.tif", max_pixels=5000)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        read_image(str(tmp_path / "nope.tif"))

@@ -1,0 +1,159 @@
+"""End to end on a real local Ray runtime: a plate of real LIVECell fields -> Zarr + Parquet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from livecell_ray import pipeline, store
+from livecell_ray.config import InferenceConfig, SegmentConfig
+
+from .conftest import EXAMPLES
+
+A172 = EXAMPLES / "A172_Phase_A7_1_00d00h00m_1.tif"
+MCF7 = EXAMPLES / "MCF7_Phase_E4_1_02d16h00m_1.tif"
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory):
+    """10 real examples + a 16-bit field with two timepoints + an RGB field."""
+    d = tmp_path_factory.mktemp("plate")
+    for p in EXAMPLES.glob("*.tif"):
+        shutil.copy(p, d / p.name)
+    g = tifffile.imread(A172)
+    tifffile.imwrite(d / "A172_Phase_H1_1_00d00h00m_1.tif", g.astype(np.uint16) * 200 + 1000)
+    tifffile.imwrite(d / "A172_Phase_H1_1_00d04h00m_1.tif", tifffile.imread(MCF7).astype(np.uint16) * 200)
+    Image.fromarray(np.repeat(g[..., None], 3, 2)).save(d / "A172_Phase_H2_1_00d00h00m_1.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def result(plate, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("out") / "run"
+    cfg = SegmentConfig(source=str(plate), out=str(out), batch_size=3, pixel_size=0.5)
+    seen = []
+    summary = pipeline.run(cfg, lambda res, done, total: seen.append((res["field_id"], done, total)))
+    return cfg, summary, out, seen
+
+
+def _raw(path: str) -> np.ndarray:
+    if path.endswith(".png"):
+        a = np.asarray(Image.open(path)).astype(np.float32)
+        return a[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    return tifffile.imread(path).astype(np.float32)
+
+
+def test_every_field_once(result):
+    cfg, summary, out, seen = result
+    assert summary.fields_total == 13 and summary.fields_done == 13 and summary.fields_failed == 0
+    assert len(seen) == 13 and seen[-1][1:] == (13, 13)
+    fields = store.Outputs(str(out)).read_table("fields")
+    assert len(fields) == 13 and fields["field_id"].is_unique
+    assert set(fields["status"]) == {"ok"}
+    assert (fields["n_cells"] > 0).all(), fields[["path", "n_cells"]]
+    h1 = fields[fields["well"] == "H1"].sort_values("timepoint")
+    assert list(h1["t_index"]) == [0, 1] and list(h1["timepoint"]) == [0.0, 4.0]
+
+
+def test_labels_and_cells_match_exactly_and_stats_recompute(result):
+    cfg, summary, out, _ = result
+    outputs = store.Outputs(str(out))
+    fields = outputs.read_table("fields")
+    cells = outputs.read_table("cells")
+    assert summary.cells == len(cells)
+    assert not cells.duplicated(["field_id", "label"]).any()
+    for f in fields.itertuples():
+        zpath = f.zarr_path.split(".zarr/", 1)[1]
+        lab = store.read_labels(outputs, f.plate, zpath, f.t_index)
+        c = cells[cells["field_id"] == f.field_id].sort_values("label")
+        present = np.unique(lab)
+        present = present[present > 0]
+        assert np.array_equal(present, c["label"].to_numpy()), f.path
+        assert f.n_cells == len(c)
+        assert f.confluence == pytest.approx((lab > 0).mean())
+        area = np.bincount(lab.ravel())[1:]
+        assert np.array_equal(area, c["area_px"].to_numpy())
+        np.testing.assert_allclose(c["area_um2"], area * 0.25)
+        raw = _raw(f.path)
+        sums = np.bincount(lab.ravel(), weights=raw.ravel())[1:]
+        np.testing.assert_allclose(c["mean_intensity"], sums / area, rtol=1e-4)
+        ys, xs = np.indices(lab.shape)
+        np.testing.assert_allclose(c["centroid_y"], np.bincount(lab.ravel(), ys.ravel())[1:] / area, rtol=1e-6)
+        np.testing.assert_allclose(c["centroid_x"], np.bincount(lab.ravel(), xs.ravel())[1:] / area, rtol=1e-6)
+        assert (c["confidence"] >= cfg.inference.conf).all()
+        assert np.all(np.diff(c["confidence"].to_numpy()) <= 1e-6)  # label order = confidence order
+        assert (c["solidity"] <= 1 + 1e-9).all() and (c["eccentricity"].between(0, 1)).all()
+
+
+def test_uint16_and_rgb_inputs_segment_like_uint8(result):
+    _, _, out, _ = result
+    f = store.Outputs(str(out)).read_table("fields").set_index("path")
+    base = f[f.index.str.contains("A172_Phase_A7")].iloc[0]
+    h1 = f[f.index.str.contains("A172_Phase_H1_1_00d00h00m")].iloc[0]
+    rgb = f[f.index.str.contains("A172_Phase_H2")].iloc[0]
+    assert abs(int(h1["n_cells"]) - int(base["n_cells"])) <= max(2, 0.05 * base["n_cells"])
+    assert abs(int(rgb["n_cells"]) - int(base["n_cells"])) <= max(2, 0.05 * base["n_cells"])
+
+
+def test_duckdb_query_from_readme(result):
+    _, _, out, _ = result
+    rows = duckdb.sql(f"SELECT well, count(*) AS n FROM read_parquet('{out}/cells/**/*.parquet', "
+                      f"hive_partitioning=true) GROUP BY well ORDER BY well").fetchall()
+    cells = store.Outputs(str(out)).read_table("cells")
+    assert dict(rows) == cells.groupby("well").size().to_dict()
+
+
+def test_ome_zarr_reader_opens_plate_wells_fields_labels(result):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Plate, Reader, Well
+
+    _, _, out, _ = result
+    plate = out / "masks" / "A172.zarr"
+    nodes = list(Reader(parse_url(str(plate)))())
+    assert any(isinstance(s, Plate) for s in nodes[0].specs)
+    meta = json.loads((plate / "zarr.json").read_text())["attributes"]["ome"]
+    assert meta["version"] == "0.5"
+    assert sorted(w["path"] for w in meta["plate"]["wells"]) == ["A/7", "H/1", "H/2"]
+    well = list(Reader(parse_url(str(plate / "H" / "1")))())
+    assert any(isinstance(s, Well) for s in well[0].specs)
+    image = list(Reader(parse_url(str(plate / "H" / "1" / "0")))())
+    assert any(isinstance(s, Multiscales) for s in image[0].specs)
+    assert image[0].data[0].shape == (2, 520, 704)
+    label_nodes = [n for n in image if any(isinstance(s, Label) for s in n.specs)]
+    assert len(label_nodes) == 1 and label_nodes[0].zarr.path.endswith("labels/cells")
+    lab = np.asarray(label_nodes[0].data[0][1])
+    assert lab.dtype == np.uint32 and lab.max() > 0
+
+
+def test_run_json_provenance(result):
+    cfg, summary, out, _ = result
+    run = json.loads((out / "run.json").read_text())
+    assert run["fields_done"] == 13 and run["last_run"]["cells"] == summary.cells
+    sha = run["provenance"]["models"]["*"]["sha256"]
+    from livecell_ray.models import known_checksums
+
+    assert sha == known_checksums()["small.pt"]
+
+
+def test_rerun_resumes_without_duplicates(result, ray_local):
+    cfg, summary, out, _ = result
+    before = store.Outputs(str(out)).read_table("cells")
+    again = pipeline.run(cfg)
+    assert again.fields_skipped == 13 and again.fields_done == 0
+    after = store.Outputs(str(out)).read_table("cells")
+    pd.testing.assert_frame_equal(before.sort_values(["field_id", "label"]).reset_index(drop=True),
+                                  after.sort_values(["field_id", "label"]).reset_index(drop=True))
+
+
+def test_other_parameters_refuse_without_overwrite(result, tmp_path):
+    cfg, _, out, _ = result
+    other = SegmentConfig(source=cfg.source, out=cfg.out, inference=InferenceConfig(conf=0.5))
+    with pytest.raises(pipeline.RunError, match="another model or other parameters"):
+        pipeline.run(other)
