@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -118,6 +119,73 @@ def _print_summary(s: Any) -> None:
     t.add_row("failures (Parquet)", f"{s.out}/failures/")
     t.add_row("provenance", f"{s.out}/run.json")
     out_console.print(t)
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., help="Mask folder (setN/raw.tif + instances_ids.png) or COCO json"),
+    images_dir: str | None = typer.Option(None, help="Images folder for COCO json"),
+    val: str = typer.Option("", help="Comma-separated field names held out for validation"),
+    model: str = typer.Option("yolov8n-seg.yaml", help="ultralytics model YAML (from scratch) or .pt to fine-tune"),
+    epochs: int = typer.Option(300, min=1),
+    imgsz: int = typer.Option(512, min=32),
+    batch: int = typer.Option(8, min=1),
+    scale: float = typer.Option(0.5, min=0.05, help="Resize fields by this factor before training"),
+    tile: int | None = typer.Option(None, help="Cut fields into tiles of this size"),
+    synthetic: int = typer.Option(0, min=0, help="Copy-paste synthetic fields to add"),
+    seed: int = typer.Option(0),
+    recipe: bool = typer.Option(True, help="Our microscopy augmentation recipe (off: ultralytics defaults)"),
+    device: str | None = typer.Option(None, help="'cpu', '0', ... (default: GPU if present)"),
+    project: str = typer.Option("runs/train"),
+    name: str = typer.Option("small"),
+    time_hours: float | None = typer.Option(None, help="Wall-time budget; the LR schedule fits it"),
+    resume: bool = typer.Option(True, help="Continue project/name/weights/last.pt when present"),
+) -> None:
+    """Train a YOLOv8-seg model offline (resumable), optionally with copy-paste expansion."""
+    from livecell_ray import train as train_mod
+
+    run_dir = Path(project) / name
+    data_yaml = run_dir.parent / f"{name}-data" / "data.yaml"
+    if not (resume and (run_dir / "weights" / "last.pt").exists() and data_yaml.exists()):
+        try:
+            data_yaml = train_mod.prepare_dataset(train_mod.DataConfig(
+                data=data, out=str(data_yaml.parent), images_dir=images_dir,
+                val=tuple(v for v in val.split(",") if v), scale=scale, tile=tile, synthetic=synthetic, seed=seed))
+        except (ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
+    cfg = train_mod.TrainConfig(data=str(data_yaml), model=model, epochs=epochs, imgsz=imgsz, batch=batch,
+                                device=device, project=project, name=name, seed=seed, recipe=recipe,
+                                time_hours=time_hours)
+    best = train_mod.train(cfg, resume=resume)
+    out_console.print(f"best weights: {best}")
+
+
+@app.command()
+def evaluate(
+    weights: str = typer.Argument(..., help="'small', 'big' or a .pt path"),
+    annotations: str = typer.Argument(..., help="COCO json (LIVECell) or a mask folder (Usiigaci layout)"),
+    images_dir: str | None = typer.Argument(None, help="Images folder for a COCO json"),
+    imgsz: int = typer.Option(704, min=32),
+    conf: float = typer.Option(0.25, min=0.0, max=1.0),
+    max_det: int = typer.Option(3000, min=1),
+    select: str = typer.Option("", help="Comma-separated image names to evaluate (default: all)"),
+    trust_weights: bool = typer.Option(False),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of the table"),
+) -> None:
+    """LIVECell-protocol COCO evaluation (mask/box AP at maxDets 2000, AP50, AP75, F1, count error)."""
+    from livecell_ray import evaluate as ev
+    from livecell_ray.models import WeightsError
+
+    try:
+        results, info = ev.run(weights, annotations, images_dir,
+                               InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det), trust_weights,
+                               [s for s in select.split(",") if s] or None)
+    except (WeightsError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if json_out:
+        out_console.print_json(json.dumps(ev.to_json(results, info)))
+    else:
+        out_console.print(ev.table(results), highlight=False)
 
 
 def main() -> None:  # pragma: no cover - entry for `python -m livecell_ray.cli`

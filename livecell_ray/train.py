@@ -113,3 +113,52 @@ def describe(cfg: TrainConfig) -> dict[str, Any]:
     d["recipe_args"] = RECIPE if cfg.recipe else {}
     d["torch_threads"] = os.environ.get("OMP_NUM_THREADS")
     return d
+
+
+@dataclass
+class DataConfig:
+    """Where labelled fields come from and how they become a YOLO-seg data set."""
+
+    data: str  # mask folder (Usiigaci layout) or COCO json
+    out: str  # where the YOLO-seg data set is written
+    images_dir: str | None = None  # for COCO json
+    val: tuple[str, ...] = ()  # field names held out for validation
+    scale: float = 1.0  # resize factor (pixel scale) applied before training
+    tile: int | None = None  # cut fields into tiles of this size
+    synthetic: int = 0  # copy-paste fields added to the training split
+    seed: int = 0
+
+
+def prepare_dataset(cfg: DataConfig) -> Path:
+    """Convert, split, rescale, tile and expand; returns the data.yaml path."""
+    import json
+
+    from livecell_ray import copypaste, dataset
+
+    if cfg.data.endswith(".json"):
+        if not cfg.images_dir:
+            raise ValueError("COCO annotations need --images-dir")
+        fields = dataset.read_coco(cfg.data, cfg.images_dir)
+    else:
+        fields = dataset.read_mask_folder(cfg.data)
+    names = [f.name for f in fields]
+    unknown = set(cfg.val) - set(names)
+    if unknown:
+        raise ValueError(f"validation fields not in the data: {', '.join(sorted(unknown))}")
+    fields = [dataset.resize_field(f, cfg.scale) for f in fields]
+    train_f = [f for f in fields if f.name not in cfg.val]
+    val_f = [f for f in fields if f.name in cfg.val]
+    synth = copypaste.synthesize(train_f, cfg.synthetic, seed=cfg.seed) if cfg.synthetic else []
+    if cfg.tile:
+        train_f = [t for f in train_f for t in dataset.tile_field(f, cfg.tile)]
+        synth = [t for f in synth for t in dataset.tile_field(f, cfg.tile)]
+    out = Path(cfg.out)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    dataset.write_yolo(train_f + synth, out, "train")
+    dataset.write_yolo(val_f or train_f[:1], out, "val")
+    (out / "prepared.json").write_text(json.dumps({**asdict(cfg), "n_train": len(train_f), "n_synthetic": len(synth),
+                                                   "n_val": len(val_f)}, indent=2))
+    return dataset.write_data_yaml(out)

@@ -1,0 +1,135 @@
+"""Per-well answers from a run's Parquet tables, through DuckDB.
+
+Views: ``cells`` (one row per cell), ``fields`` (one row per field-timepoint), ``failures`` and
+``wells`` (per well and timepoint aggregates). Works on local paths and on object stores
+(s3://, gs://...) through fsspec registered in DuckDB.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from livecell_ray import store
+
+#: per-well metrics over fields (one row per field-timepoint) ...
+FIELD_METRICS: dict[str, str] = {
+    "fields": "count(*)",
+    "cells": "sum(n_cells)",
+    "cells_per_field_mean": "avg(n_cells)",
+    "cells_per_field_sd": "stddev_samp(n_cells)",
+    "confluence": "avg(confluence)",
+}
+#: ... and over the cells of those fields.
+CELL_METRICS: dict[str, str] = {
+    "area_median": "median(area_px)",
+    "area_mean": "avg(area_px)",
+    "eccentricity_mean": "avg(eccentricity)",
+    "solidity_mean": "avg(solidity)",
+    "intensity_mean": "avg(mean_intensity)",
+}
+WELL_METRICS: dict[str, str] = {**FIELD_METRICS, **CELL_METRICS, "failed": "failures per well"}
+DEFAULT_METRICS = ("fields", "cells", "cells_per_field_mean", "cells_per_field_sd", "confluence",
+                   "area_median", "area_mean", "eccentricity_mean", "solidity_mean", "intensity_mean", "failed")
+
+
+class Results:
+    """A run's outputs as DuckDB relations (``cells``, ``fields``, ``failures``, ``wells``)."""
+
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
+        self.outputs = store.Outputs(out, storage_options)
+        self.con = duckdb.connect()
+        prefix = ""
+        if "://" in self.outputs.url and not self.outputs.url.startswith("file://"):
+            self.con.register_filesystem(self.outputs.fs)
+            prefix = self.outputs.url.split("://", 1)[0] + "://"
+        root = prefix + self.outputs.root if prefix else self.outputs.root
+        for table in ("cells", "fields", "failures"):
+            files = [f for f in self._files(table)]
+            if files:
+                hive = "false" if table == "failures" else "true"
+                # An explicit list skips temporary files; a glob keeps huge plates' SQL short.
+                glob = f"'{root}/{table}/**/*.parquet'"
+                lst = ", ".join(f"'{prefix}{p}'" for p in files) if len(files) < 2000 else glob
+                self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{lst}], "
+                                 f"hive_partitioning={hive}, union_by_name=true)")
+            else:
+                self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
+        self.con.execute(f"CREATE VIEW wells AS {wells_sql(DEFAULT_METRICS, by_timepoint=True)}")
+
+    def _files(self, table: str) -> list[str]:
+        base = store.join(self.outputs.root, table)
+        if not self.outputs.fs.exists(base):
+            return []
+        return sorted(p for p in self.outputs.fs.find(base) if p.endswith(".parquet"))
+
+    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        """Any DuckDB SQL over the views."""
+        return self.con.sql(query)
+
+    @property
+    def cells(self) -> duckdb.DuckDBPyRelation:
+        return self.con.table("cells")
+
+    @property
+    def fields(self) -> duckdb.DuckDBPyRelation:
+        return self.con.table("fields")
+
+    @property
+    def failures(self) -> duckdb.DuckDBPyRelation:
+        return self.con.table("failures")
+
+    def wells(self, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS, by_timepoint: bool = False,
+              where: str | None = None) -> pd.DataFrame:
+        """Per-well (or per well x timepoint) aggregates as pandas."""
+        return self.con.sql(wells_sql(metrics, by_timepoint, where)).df()
+
+
+_EMPTY = {
+    "cells": "SELECT ''::VARCHAR AS plate, ''::VARCHAR AS well, ''::VARCHAR AS field_id, 0::UINTEGER AS label, "
+             "0::BIGINT AS area_px, 0.0::DOUBLE AS eccentricity, 0.0::DOUBLE AS solidity, "
+             "0.0::DOUBLE AS mean_intensity, ''::VARCHAR AS cell_type, 0.0::DOUBLE AS timepoint",
+    "fields": "SELECT ''::VARCHAR AS plate, ''::VARCHAR AS well, ''::VARCHAR AS field_id, 0::BIGINT AS n_cells, "
+              "0.0::DOUBLE AS confluence, 0.0::DOUBLE AS timepoint, ''::VARCHAR AS cell_type, "
+              "''::VARCHAR AS path, ''::VARCHAR AS status",
+    "failures": "SELECT ''::VARCHAR AS key, ''::VARCHAR AS path, ''::VARCHAR AS field_id, ''::VARCHAR AS plate, "
+                "''::VARCHAR AS well, ''::VARCHAR AS stage, ''::VARCHAR AS error, ''::VARCHAR AS time",
+}
+
+
+def wells_sql(metrics: tuple[str, ...] | list[str], by_timepoint: bool = False, where: str | None = None) -> str:
+    """SQL for per-well aggregates; unknown metric names raise ValueError listing the known ones.
+
+    Field metrics (counts, confluence) aggregate fields; cell metrics aggregate the cells of those
+    fields, so neither is weighted by the other. ``where`` filters fields (e.g. "cell_type = 'A172'").
+    """
+    unknown = [m for m in metrics if m not in WELL_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(WELL_METRICS)}")
+    keys = ["plate", "well"] + (["timepoint"] if by_timepoint else [])
+    k = ", ".join(keys)
+    fsel = ", ".join(f"{FIELD_METRICS[m]} AS {m}" for m in metrics if m in FIELD_METRICS) or "count(*) AS _n"
+    csel = ", ".join(f"{CELL_METRICS[m]} AS {m}" for m in metrics if m in CELL_METRICS) or "count(*) AS _m"
+    w = f"WHERE {where}" if where else ""
+    return (f"WITH f AS (SELECT * FROM fields {w}), "
+            f"c AS (SELECT * FROM cells WHERE field_id IN (SELECT field_id FROM f)), "
+            f"fa AS (SELECT {k}, {fsel} FROM f GROUP BY {k}), "
+            f"ca AS (SELECT {k}, {csel} FROM c GROUP BY {k}), "
+            f"x AS (SELECT plate, well, count(*) AS failed FROM failures GROUP BY plate, well) "
+            f"SELECT {', '.join('fa.' + key for key in keys)}, "
+            f"{', '.join(_metric_col(m) for m in metrics)} "
+            f"FROM fa LEFT JOIN ca USING ({k}) LEFT JOIN x ON x.plate = fa.plate AND x.well = fa.well "
+            f"ORDER BY {', '.join('fa.' + key for key in keys)}")
+
+
+def _metric_col(m: str) -> str:
+    if m == "failed":
+        return "coalesce(x.failed, 0) AS failed"
+    return f"{'fa' if m in FIELD_METRICS else 'ca'}.{m}"
+
+
+def open_results(out: str, storage_options: dict[str, Any] | None = None) -> Results:
+    """Open a run's OUT for querying: ``open_results('out').wells()``."""
+    return Results(out, storage_options)
