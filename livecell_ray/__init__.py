@@ -10,4 +10,11 @@ _offline.configure()
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "open_results"]
+
+
+def open_results(out: str, storage_options: dict | None = None):
+    """Open a run's OUT for querying (see :mod:`livecell_ray.query`)."""
+    from livecell_ray.query import open_results as _open
+
+    return _open(out, storage_options)

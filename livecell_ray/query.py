@@ -17,7 +17,7 @@ from livecell_ray import store
 #: per-well metrics over fields (one row per field-timepoint) ...
 FIELD_METRICS: dict[str, str] = {
     "fields": "count(*)",
-    "cells": "sum(n_cells)",
+    "cells": "sum(n_cells)::BIGINT",
     "cells_per_field_mean": "avg(n_cells)",
     "cells_per_field_sd": "stddev_samp(n_cells)",
     "confluence": "avg(confluence)",

@@ -1,0 +1,187 @@
+"""A self-contained HTML plate report: heatmaps, growth curves, area distributions, overlays.
+
+Everything is drawn with matplotlib and embedded as base64 PNG, so the page is one file that can be
+mailed or archived beside the plate.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from datetime import datetime, timezone
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from livecell_ray import store  # noqa: E402
+from livecell_ray.query import Results  # noqa: E402
+
+HEATMAP_METRICS = ("cells_per_field_mean", "confluence", "area_median", "eccentricity_mean")
+
+
+def plate_format(rows: list[str], cols: list[int]) -> tuple[int, int]:
+    """96-well (8x12), 384-well (16x24) or 1536-well (32x48) grid that holds these wells."""
+    max_row = max((_row_index(r) for r in rows), default=0) + 1
+    max_col = max(cols, default=1)
+    for nr, nc in ((8, 12), (16, 24), (32, 48)):
+        if max_row <= nr and max_col <= nc:
+            return nr, nc
+    return max_row, max_col
+
+
+def _row_index(r: str) -> int:
+    r = r.upper()
+    return (ord(r[0]) - 65) if len(r) == 1 else 26 + (ord(r[1]) - 65)
+
+
+def _row_name(i: int) -> str:
+    return chr(65 + i) if i < 26 else "A" + chr(65 + i - 26)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def heatmap(wells: pd.DataFrame, metric: str, plate: str) -> str:
+    """One plate grid coloured by a metric; wells without data are left empty (grey hatch)."""
+    w = wells[wells["plate"] == plate]
+    rows_cols = [store_well(x) for x in w["well"]]
+    nr, nc = plate_format([r for r, _ in rows_cols], [c for _, c in rows_cols])
+    grid = np.full((nr, nc), np.nan)
+    for (r, c), v in zip(rows_cols, w[metric]):
+        grid[_row_index(r), c - 1] = v
+    fig, ax = plt.subplots(figsize=(max(4, nc * 0.42), max(2.6, nr * 0.36)))
+    ax.set_facecolor("#e8e8e8")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="equal")
+    ax.set_xticks(range(nc), [str(i + 1) for i in range(nc)], fontsize=7)
+    ax.set_yticks(range(nr), [_row_name(i) for i in range(nr)], fontsize=7)
+    ax.set_xticks(np.arange(-0.5, nc), minor=True)
+    ax.set_yticks(np.arange(-0.5, nr), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="minor", length=0)
+    ax.set_title(f"{plate}: {metric}", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return _png(fig)
+
+
+def store_well(well: str) -> tuple[str, int]:
+    from livecell_ray.manifest import parse_well
+
+    return parse_well(well)
+
+
+def growth_curves(per_time: pd.DataFrame, fields: pd.DataFrame) -> str:
+    """Cell count and confluence over time per well, one panel pair per cell type."""
+    types = fields.groupby(["plate", "well"])["cell_type"].first().reset_index()
+    d = per_time.merge(types, on=["plate", "well"], how="left")
+    cts = sorted(d["cell_type"].fillna("").unique())
+    fig, axes = plt.subplots(2, len(cts), figsize=(4.2 * len(cts), 6), squeeze=False)
+    for j, ct in enumerate(cts):
+        sub = d[d["cell_type"].fillna("") == ct]
+        for (plate, well), g in sub.groupby(["plate", "well"]):
+            g = g.sort_values("timepoint")
+            axes[0, j].plot(g["timepoint"], g["cells_per_field_mean"], marker="o", ms=3, label=f"{plate} {well}")
+            axes[1, j].plot(g["timepoint"], g["confluence"], marker="o", ms=3)
+        axes[0, j].set_title(ct or "(no cell type)", fontsize=9)
+        axes[0, j].set_ylabel("cells per field")
+        axes[1, j].set_ylabel("confluence")
+        axes[1, j].set_xlabel("time (h)")
+        if sub[["plate", "well"]].drop_duplicates().shape[0] <= 12:
+            axes[0, j].legend(fontsize=6)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def area_distributions(cells: pd.DataFrame) -> str:
+    """Cell area histograms per cell type (log scale)."""
+    cts = sorted(cells["cell_type"].fillna("").unique()) or [""]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for ct in cts:
+        a = cells.loc[cells["cell_type"].fillna("") == ct, "area_px"]
+        if len(a):
+            ax.hist(a, bins=np.logspace(np.log10(max(1, a.min())), np.log10(a.max() + 1), 40), histtype="step",
+                    label=f"{ct or '(none)'} (n={len(a)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("cell area (px)")
+    ax.set_ylabel("cells")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, title: str) -> str:
+    """The image with each cell's outline."""
+    from skimage.segmentation import find_boundaries
+
+    rgb = np.repeat(image[..., None], 3, axis=2).copy()
+    rgb[find_boundaries(labels, mode="inner")] = (255, 60, 60)
+    fig, ax = plt.subplots(figsize=(5, 5 * image.shape[0] / image.shape[1]))
+    ax.imshow(rgb)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    return _png(fig)
+
+
+def build(out: str, storage_options: dict[str, Any] | None = None, max_overlays: int = 96) -> str:
+    """The HTML text of the report for one run's OUT."""
+    res = Results(out, storage_options)
+    outputs = res.outputs
+    fields = res.fields.df()
+    cells = res.sql("SELECT plate, well, cell_type, area_px FROM cells").df()
+    wells = res.wells(list(HEATMAP_METRICS) + ["cells", "fields", "failed"])
+    per_time = res.wells(["cells_per_field_mean", "confluence"], by_timepoint=True)
+    failures = res.failures.df()
+    run = outputs.read_run() or {}
+    parts = [f"<h1>livecell-ray plate report</h1><p>{html.escape(outputs.url)} &middot; generated "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} &middot; {len(fields)} fields, {len(cells)} cells, "
+             f"{len(failures)} failures</p>"]
+    if run:
+        models = run.get("provenance", {}).get("models", {})
+        parts.append("<p>model: " + ", ".join(f"{html.escape(k)} = sha256 {v['sha256'][:12]}" for k, v in
+                                               models.items()) + "</p>")
+    parts.append("<h2>Plate heatmaps</h2>")
+    for plate in sorted(wells["plate"].unique()):
+        for metric in HEATMAP_METRICS:
+            parts.append(f'<img class="heatmap" alt="{html.escape(plate)} {metric}" '
+                         f'src="data:image/png;base64,{heatmap(wells, metric, plate)}">')
+    parts.append("<h2>Growth curves</h2>")
+    if len(per_time):
+        parts.append(f'<img class="growth" alt="growth curves" src="data:image/png;base64,'
+                     f'{growth_curves(per_time, fields)}">')
+    parts.append("<h2>Cell area by cell type</h2>")
+    if len(cells):
+        parts.append(f'<img class="areas" alt="area distributions" src="data:image/png;base64,'
+                     f'{area_distributions(cells)}">')
+    parts.append("<h2>Overlays (one field per well)</h2><div>")
+    firsts = fields.sort_values(["plate", "well", "timepoint", "site"]).groupby(["plate", "well"]).head(1)
+    for f in firsts.head(max_overlays).itertuples():
+        zpath = f.zarr_path.split(".zarr/", 1)[1]
+        img = store.read_image(outputs, f.plate, zpath, f.t_index)
+        lab = store.read_labels(outputs, f.plate, zpath, f.t_index)
+        title = f"{f.plate} {f.well} site {f.site} t={f.timepoint:g} h: {f.n_cells} cells"
+        parts.append(f'<img class="overlay" alt="{html.escape(title)}" '
+                     f'src="data:image/png;base64,{overlay(img, lab, title)}">')
+    parts.append("</div><h2>Wells</h2>" + wells.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
+    if len(failures):
+        parts.append("<h2>Failures</h2>" + failures[["path", "stage", "error"]].to_html(index=False))
+    style = ("body{font-family:sans-serif;margin:2em;} img{margin:4px;border:1px solid #ddd;} "
+             "img.overlay{width:360px;} table{border-collapse:collapse;font-size:12px;} "
+             "td,th{border:1px solid #ccc;padding:2px 6px;}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>livecell-ray report</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def write(out: str, html_path: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Build and save the report; returns its path."""
+    text = build(out, storage_options)
+    with open(html_path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return html_path
