@@ -303,6 +303,56 @@ def report(
     out_console.print(f"report: {Path(path).resolve()}")
 
 
+@app.command()
+def submit(
+    spec: str = typer.Argument(..., help="YAML job spec (see jobs/example_spec.yaml)"),
+    address: str = typer.Option("http://127.0.0.1:8265", help="Ray dashboard / job server address"),
+    python: str = typer.Option("python", help="Interpreter on the cluster that has livecell-ray's dependencies"),
+    follow: bool = typer.Option(True, help="Stream logs until the job ends"),
+) -> None:
+    """Submit a plate as a Ray Job; prints the job id, then follows its logs and status."""
+    from livecell_ray import jobs
+    from livecell_ray.config import SpecError
+
+    try:
+        job_id = jobs.submit(spec, address, python)
+    except SpecError as exc:
+        fail(str(exc))
+    except Exception as exc:  # connection refused, authentication, version mismatch: one line each
+        fail(f"cannot submit to {address}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    out_console.print(f"job id: {job_id}")
+    if not follow:
+        return
+    for chunk in jobs.follow(job_id, address):
+        sys.stdout.write(chunk)
+    st = jobs.status(job_id, address)
+    out_console.print(f"job {job_id}: {st}")
+    if st != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
+    """A submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from livecell_ray import jobs
+
+    try:
+        out_console.print(jobs.status(job_id, address))
+    except Exception as exc:
+        fail(f"{job_id}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+
+@app.command()
+def logs(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
+    """A submitted job's logs so far."""
+    from livecell_ray import jobs
+
+    try:
+        sys.stdout.write(jobs.logs(job_id, address))
+    except Exception as exc:
+        fail(f"{job_id}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+
 def main() -> None:  # pragma: no cover - entry for `python -m livecell_ray.cli`
     app()
 

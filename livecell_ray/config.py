@@ -57,6 +57,7 @@ class SegmentConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = 64_000_000
     overwrite: bool = False
+    replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
@@ -64,6 +65,54 @@ class SegmentConfig:
         """Parameters that change the outputs; a rerun into OUT must match these to resume."""
         d = dataclasses.asdict(self)
         for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite",
-                  "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model"):
+                  "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
+                  "replica_resources", "max_pixels"):
             d.pop(k, None)
         return json.loads(json.dumps(d))
+
+
+class SpecError(ValueError):
+    """A malformed job spec; the message names the file and the key."""
+
+
+#: Job-spec keys (YAML) -> SegmentConfig fields.
+_SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model", "replicas": "replicas",
+              "gpus_per_replica": "gpus_per_replica", "cpus_per_replica": "cpus_per_replica",
+              "batch_size": "batch_size", "storage_options": "storage_options", "pixel_size": "pixel_size",
+              "pattern": "pattern", "manifest": "manifest", "trust_weights": "trust_weights",
+              "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels"}
+_INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half"}
+
+
+def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> SegmentConfig:
+    """Build and type-check a SegmentConfig from a job spec mapping (YAML)."""
+    if not isinstance(spec, dict):
+        raise SpecError(f"{where}: expected a mapping of keys to values")
+    for req in ("source", "output"):
+        if req not in spec and not (req == "output" and "out" in spec):
+            raise SpecError(f"{where}: missing required key '{req}'")
+    kwargs: dict[str, Any] = {}
+    inference: dict[str, Any] = {}
+    for key, value in spec.items():
+        if key in _SPEC_KEYS:
+            kwargs[_SPEC_KEYS[key]] = value
+        elif key in _INFERENCE_KEYS:
+            inference[key] = value
+        else:
+            raise SpecError(f"{where}: unknown key '{key}'")
+    types = {f.name: f.type for f in dataclasses.fields(SegmentConfig)}
+    for name, value in kwargs.items():
+        t = str(types[name])
+        ok = (("int" in t and isinstance(value, int) and not isinstance(value, bool))
+              or ("float" in t and isinstance(value, (int, float)) and not isinstance(value, bool))
+              or ("str" in t and isinstance(value, str)) or ("bool" in t and isinstance(value, bool))
+              or ("dict" in t and isinstance(value, dict)) or (value is None and "None" in t))
+        if not ok:
+            raise SpecError(f"{where}: key '{name}' should be {t}, got {type(value).__name__} {value!r}")
+    if kwargs.get("replicas", 1) < 1 or kwargs.get("batch_size", 1) < 1:
+        raise SpecError(f"{where}: replicas and batch_size must be at least 1")
+    try:
+        kwargs["inference"] = InferenceConfig(**inference)
+    except TypeError as exc:
+        raise SpecError(f"{where}: {exc}") from exc
+    return SegmentConfig(**kwargs)

@@ -91,6 +91,9 @@ class SegmentActor:
         from livecell_ray.segment import Segmenter
 
         self.segmenter = Segmenter(weights, inference)
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["field_id"])
@@ -113,6 +116,7 @@ class SegmentActor:
                     status[i], stage[i] = "failed", "segment"
                     error[i] = f"{batch['path'][i]}: model failed ({type(exc).__name__}: {exc})"
         out = {k: v for k, v in batch.items() if k not in ("labels",)}
+        out["model_node"] = np.array([self.node_id] * n)
         out.update(labels=_ragged(label_out), class_ids=np.array(cls_out, dtype=object),
                    confidences=np.array(conf_out, dtype=object), status=np.array(status),
                    stage=np.array(stage), error=np.array(error))
@@ -131,8 +135,11 @@ def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any],
     """Measure and write one field (masks, cells, then the fields/ commit marker), or record its failure."""
     outputs = store.Outputs(out, storage_options)
     fid, plate, well = str(row["field_id"]), str(row["plate"]), str(row["well"])
+    import ray
+
     summary = {"field_id": fid, "path": str(row["path"]), "status": str(row["status"]), "n_cells": 0,
-               "stage": str(row["stage"]), "error": str(row["error"])}
+               "stage": str(row["stage"]), "error": str(row["error"]), "model_node": str(row.get("model_node", "")),
+               "measure_node": ray.get_runtime_context().get_node_id()}
     if summary["status"] == "ok":
         try:
             labels = np.asarray(row["labels"])
@@ -224,6 +231,9 @@ def init_ray(cfg: SegmentConfig) -> None:
                               "configure_logging": True, "logging_level": "ERROR"}
     if cfg.address:
         ray.init(address=cfg.address, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):  # inside a Ray job (its runtime_env already applies), or pointed at one
+        kwargs.pop("runtime_env")
+        ray.init(**kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
 
@@ -319,7 +329,7 @@ def _stream(cfg: SegmentConfig, todo: pd.DataFrame, outputs: store.Outputs,
                         batch_size=cfg.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                         num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica or None,
-                        zero_copy_batch=False)
+                        resources=cfg.replica_resources or None, zero_copy_batch=False)
     ds = ds.map(finish_field, fn_kwargs={"out": outputs.url, "storage_options": cfg.storage_options,
                                          "pixel_size": cfg.pixel_size, "provenance_meta": meta}, num_cpus=0.25)
     yield from ds.iter_rows()

@@ -1,0 +1,221 @@
+"""Throughput and memory: the seed-style loop vs ``livecell-ray segment``, side by side.
+
+    python benchmarks/throughput.py [--fields 40] [--model small] [--memory]
+
+Builds a plate of N LIVECell-size (704x520) fields by copying the real example images under new
+well names, then runs in this one script:
+  (a) the seed-style loop: for each image, ultralytics predict at batch 1 with retina masks, a
+      label image from the dense masks, the same statistics, the same Zarr + Parquet files;
+  (b) livecell-ray segment (Ray Data, local, CPU) with the same weights and thresholds.
+Prints fields/s of both and their ratio, and the peak RSS (driver + Ray processes, sampled).
+Also times the mask post-processing alone: ultralytics' process_mask_native vs our box-local
+painting on the same instances. --memory repeats (b) on 10N fields and prints the RSS ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from livecell_ray import offline  # noqa: E402
+
+offline.configure()
+
+
+class PeakRSS:
+    """Peak resident memory of this process and all its descendants (Ray's raylet and workers)."""
+
+    def __init__(self, interval: float = 0.1):
+        import psutil
+
+        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, False
+
+    def _total(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:
+                pass
+        return total
+
+    def __enter__(self):
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._total())
+            time.sleep(self.interval)
+
+    def __exit__(self, *a):
+        self._stop = True
+        self._t.join()
+
+
+def build_plate(n: int, dst: Path) -> Path:
+    """N fields named as wells of 384-well plates, cycling through the real LIVECell examples."""
+    srcs = sorted((ROOT / "examples" / "livecell_plate").glob("*.tif"))
+    dst.mkdir(parents=True, exist_ok=True)
+    rows = "ABCDEFGHIJKLMNOP"
+    for i in range(n):
+        src = srcs[i % len(srcs)]
+        ct = src.name.split("_")[0]
+        well = f"{rows[(i // 24) % 16]}{i % 24 + 1}"
+        shutil.copy(src, dst / f"{ct}_Phase_{well}_{1 + i // 384}_00d00h00m_1.tif")
+    return dst
+
+
+def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float, max_det: int) -> int:
+    """The seed study's way: one image at a time through ultralytics predict, dense masks."""
+    from ultralytics import YOLO
+
+    from livecell_ray import manifest, store
+    from livecell_ray.imaging import normalize, read_image, to_rgb
+    from livecell_ray.measure import measure_cells, measure_field
+
+    model = YOLO(weights_path, task="segment")
+    man = manifest.scan(str(plate)).fields
+    outputs = store.Outputs(str(out))
+    store.init_plates(outputs, man, None, {})
+    cells = 0
+    for row in man.itertuples():
+        raw = read_image(row.path)
+        img = normalize(raw)
+        r = model.predict(to_rgb(img), imgsz=imgsz, conf=conf, max_det=max_det, retina_masks=True,
+                          verbose=False, batch=1)[0]
+        labels = np.zeros(img.shape, np.uint32)
+        confs, kept = [], 0
+        if r.masks is not None:
+            masks = r.masks.data.cpu().numpy().astype(bool)
+            c = r.boxes.conf.cpu().numpy()
+            for i in np.argsort(-c, kind="stable"):
+                claim = masks[i] & (labels == 0)
+                if claim.any():
+                    kept += 1
+                    labels[claim] = kept
+                    confs.append(c[i])
+        cl = measure_cells(labels, raw.astype(np.float32), np.zeros(kept, np.int16), np.array(confs, np.float32))
+        measure_field(labels, raw)
+        store.write_masks(outputs, row.plate, row.row, row.column, row.site, row.t_index, row.n_timepoints, img,
+                          labels)
+        outputs.write_table(outputs.table_path("cells", row.plate, row.well, row.field_id),
+                            store.table_from_columns({"field_id": [row.field_id] * kept, **cl}))
+        cells += kept
+    return cells
+
+
+def ray_run(plate: Path, out: Path, model: str, imgsz: int, conf: float, max_det: int, batch: int):
+    from livecell_ray import pipeline
+    from livecell_ray.config import InferenceConfig, SegmentConfig
+
+    cfg = SegmentConfig(source=str(plate), out=str(out), model=model, batch_size=batch,
+                        inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det), trust_weights=True)
+    return pipeline.run(cfg)
+
+
+def postprocess_ratio(weights_path: str, imgsz: int, conf: float, max_det: int, repeats: int = 3) -> None:
+    """ultralytics' dense retina-mask step vs box-local painting on the same real instances."""
+    import torch
+    from ultralytics.utils import ops
+
+    from livecell_ray import labels as L
+    from livecell_ray import models
+    from livecell_ray.imaging import normalize, read_image
+    from livecell_ray.segment import Segmenter
+
+    seg = Segmenter({"*": models.Weights("bench", weights_path, "")},
+                    __import__("livecell_ray.config", fromlist=["InferenceConfig"]).InferenceConfig(
+                        imgsz=imgsz, conf=conf, max_det=max_det))
+    t_dense = t_fast = 0.0
+    n_inst = 0
+    ious = []
+    for p in sorted((ROOT / "examples" / "livecell_plate").glob("*.tif")):
+        img = normalize(read_image(str(p)))
+        x, dets, protos = seg.forward("*", [img])
+        det, proto = dets[0].float(), protos[0].float()
+        h, w = img.shape
+        boxes = ops.scale_boxes(x.shape[2:], det[:, :4].clone(), (h, w))
+        conf_np = det[:, 4].numpy()
+        ax = seg.axis_weights(proto.shape[1:], (h, w))
+        n_inst += len(det)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            dense = ops.process_mask_native(proto, det[:, 6:], boxes, (h, w))
+            t_dense += time.perf_counter() - t
+            t = time.perf_counter()
+            fast, kept = L.paint(proto.numpy(), det[:, 6:].numpy(), boxes.numpy(), conf_np, (h, w), ax)
+            t_fast += time.perf_counter() - t
+        ref, kept_d = L.paint_dense(proto, det[:, 6:], boxes, conf_np, (h, w))
+        for k in range(1, int(ref.max()) + 1):
+            a, b = fast == k, ref == k
+            ious.append((a & b).sum() / max(1, (a | b).sum()))
+        del dense
+    print(f"post-processing on {n_inst} instances x {repeats}: ultralytics process_mask_native "
+          f"{t_dense:.3f} s, box-local paint {t_fast:.3f} s, ratio {t_fast / max(t_dense, 1e-9):.3f} "
+          f"(target <= 0.1); min per-instance IoU vs dense {min(ious) if ious else float('nan'):.4f}")
+    torch.set_num_threads(torch.get_num_threads())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fields", type=int, default=40)
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--imgsz", type=int, default=704)
+    ap.add_argument("--conf", type=float, default=0.25)
+    ap.add_argument("--max-det", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--memory", action="store_true", help="also run 10N fields and compare peak RSS")
+    a = ap.parse_args()
+    from livecell_ray import models
+
+    w = models.resolve(a.model, trust=True)
+    tmp = Path(tempfile.mkdtemp(prefix="lcr-bench-"))
+    try:
+        plate = build_plate(a.fields, tmp / "plate")
+        print(f"plate: {a.fields} fields of 704x520 (real LIVECell examples), model {w.path} "
+              f"({w.sha256[:12]}), {os.cpu_count()} CPUs")
+        postprocess_ratio(w.path, a.imgsz, a.conf, a.max_det)
+        with PeakRSS() as m_seed:
+            t = time.perf_counter()
+            cells_a = seed_loop(plate, tmp / "seed", w.path, a.imgsz, a.conf, a.max_det)
+            t_seed = time.perf_counter() - t
+        with PeakRSS() as m_ray:
+            t = time.perf_counter()
+            s = ray_run(plate, tmp / "ray", a.model, a.imgsz, a.conf, a.max_det, a.batch)
+            t_ray = time.perf_counter() - t
+        fa, fb = a.fields / t_seed, a.fields / t_ray
+        print(f"(a) seed-style loop : {fa:.2f} fields/s, {cells_a} cells, peak RSS {m_seed.peak / 2**20:.0f} MiB")
+        print(f"(b) livecell-ray    : {fb:.2f} fields/s, {s.cells} cells, peak RSS {m_ray.peak / 2**20:.0f} MiB "
+              f"(driver + Ray processes; includes Ray startup)")
+        print(f"throughput ratio (b)/(a): {fb / fa:.2f} (target >= 1.5)")
+        if a.memory:
+            plate10 = build_plate(10 * a.fields, tmp / "plate10")
+            import ray
+
+            ray.shutdown()
+            with PeakRSS() as m10:
+                t = time.perf_counter()
+                ray_run(plate10, tmp / "ray10", a.model, a.imgsz, a.conf, a.max_det, a.batch)
+                t10 = time.perf_counter() - t
+            print(f"(b) on {10 * a.fields} fields: {10 * a.fields / t10:.2f} fields/s, "
+                  f"peak RSS {m10.peak / 2**20:.0f} MiB; RSS ratio 10N/N {m10.peak / m_ray.peak:.3f} "
+                  f"(target <= 1.1)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
