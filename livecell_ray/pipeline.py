@@ -235,7 +235,8 @@ def init_ray(cfg: SegmentConfig) -> None:
         kwargs.pop("runtime_env")
         ray.init(**kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        # address="local": always a fresh local instance, never a stale cluster found in /tmp/ray.
+        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
 
 
 def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]]:

@@ -23,18 +23,39 @@ def needs_shared(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (../shared/data not available)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def ray_local():
-    """One real local Ray runtime for the session; small CPU count like a laptop."""
+    """A real local Ray runtime (2 CPUs, like a laptop), started once and reused; tests that need another
+    topology (multi-node, a separate head) shut it down and the next user starts it again."""
     import ray
 
     from livecell_ray import offline
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": offline.worker_env()})
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """Module-scoped variant for module-scoped fixtures that run the pipeline."""
+    import ray
+
+    from livecell_ray import offline
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": offline.worker_env()})
+    return ray
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture()

@@ -35,7 +35,7 @@ def plate(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def result(plate, tmp_path_factory, ray_local):
+def result(plate, tmp_path_factory, ray_module):
     out = tmp_path_factory.mktemp("out") / "run"
     cfg = SegmentConfig(source=str(plate), out=str(out), batch_size=3, pixel_size=0.5)
     seen = []

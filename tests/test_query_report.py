@@ -22,7 +22,7 @@ SOURCES = sorted(EXAMPLES.glob("*.tif"))
 
 
 @pytest.fixture(scope="module")
-def plate96(tmp_path_factory, ray_local):
+def plate96(tmp_path_factory, ray_module):
     """A synthetic 96-well time-lapse plate (2 timepoints) tiled from real LIVECell fields, segmented."""
     src = tmp_path_factory.mktemp("p96")
     tiles = []
@@ -49,7 +49,7 @@ def plate96(tmp_path_factory, ray_local):
 
 
 @pytest.fixture(scope="module")
-def example_out(tmp_path_factory, ray_local):
+def example_out(tmp_path_factory, ray_module):
     out = tmp_path_factory.mktemp("oex") / "run"
     pipeline.run(SegmentConfig(source=str(EXAMPLES), out=str(out)))
     return out
