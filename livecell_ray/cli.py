@@ -61,6 +61,7 @@ def segment(
     address: str | None = typer.Option(None, help="Ray cluster address (default: start Ray locally)"),
     num_cpus: int | None = typer.Option(None, min=1, help="CPUs for a local Ray"),
     storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
+    max_pixels: int = typer.Option(64_000_000, min=1, help="Fields larger than this fail (memory guard)"),
     trust_weights: bool = typer.Option(False, help="Allow loading a .pt file that is not a shipped model"),
     overwrite: bool = typer.Option(False, help="Replace OUT made with another model or parameters"),
     strict: bool = typer.Option(False, help="Exit non-zero when any field failed"),
@@ -75,7 +76,7 @@ def segment(
     cfg = SegmentConfig(source=source, out=out, model=model, trust_weights=trust_weights, batch_size=batch_size,
                         replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                         pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
-                        num_cpus=num_cpus, storage_options=opts, overwrite=overwrite,
+                        num_cpus=num_cpus, storage_options=opts, overwrite=overwrite, max_pixels=max_pixels,
                         inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det))
     try:
         import re
@@ -353,9 +354,31 @@ def logs(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> N
         fail(f"{job_id}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
 
 
-def main() -> None:  # pragma: no cover - entry for `python -m livecell_ray.cli`
-    app()
+def main() -> None:
+    """Console entry point: usage errors (unknown option, missing argument) are one line too."""
+    from typer import _click
+    from typer._click import exceptions as cexc
+
+    try:
+        rv = app(standalone_mode=False)
+    except cexc.NoArgsIsHelpError as exc:
+        _click.echo(exc.ctx.get_help() if exc.ctx else "")
+        sys.exit(0)
+    except cexc.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "livecell-ray"
+        console.print(f"[bold red]error:[/] {exc.format_message()} (see '{cmd} --help')", highlight=False,
+                      soft_wrap=True)
+        sys.exit(2)
+    except cexc.ClickException as exc:
+        console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[bold red]error:[/] aborted")
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()

@@ -66,15 +66,23 @@ def to_gray(arr: np.ndarray, path: str = "<array>", max_pixels: int = 64_000_000
                          f"{max_pixels} pixels")
     if arr.dtype.kind not in "uif" and arr.dtype != bool:
         raise ImageError(f"{path}: unsupported pixel type {arr.dtype}")
+    lo, hi = arr.min(), arr.max()
+    if lo == hi:  # a blank frame (shutter, focus or camera failure) has nothing to segment
+        raise ImageError(f"{path}: blank image (every pixel is {lo.item()}); nothing to segment")
     return arr
 
 
 def read_image(url: str, storage_options: dict[str, Any] | None = None,
                max_pixels: int = 64_000_000) -> np.ndarray:
     """Read one image through fsspec; raise :class:`ImageError` naming the file on any failure."""
-    try:
+    from livecell_ray.store import retry
+
+    def fetch() -> bytes:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            data = f.read()
+            return f.read()
+
+    try:
+        data = retry(fetch, what="read")  # object-store hiccups are retried with backoff
     except FileNotFoundError as exc:
         raise ImageError(f"{url}: file not found") from exc
     except PermissionError as exc:

@@ -117,6 +117,7 @@ class SegmentActor:
                     error[i] = f"{batch['path'][i]}: model failed ({type(exc).__name__}: {exc})"
         out = {k: v for k, v in batch.items() if k not in ("labels",)}
         out["model_node"] = np.array([self.node_id] * n)
+        out["model_pid"] = np.full(n, os.getpid())
         out.update(labels=_ragged(label_out), class_ids=np.array(cls_out, dtype=object),
                    confidences=np.array(conf_out, dtype=object), status=np.array(status),
                    stage=np.array(stage), error=np.array(error))
@@ -139,6 +140,7 @@ def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any],
 
     summary = {"field_id": fid, "path": str(row["path"]), "status": str(row["status"]), "n_cells": 0,
                "stage": str(row["stage"]), "error": str(row["error"]), "model_node": str(row.get("model_node", "")),
+               "model_pid": int(row.get("model_pid", 0)),
                "measure_node": ray.get_runtime_context().get_node_id()}
     if summary["status"] == "ok":
         try:
@@ -173,7 +175,7 @@ def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any],
                 }
                 outputs.write_table(outputs.table_path("fields", plate, well, fid),
                                     store.table_from_columns(field_cols), provenance_meta)
-                outputs.remove(outputs.table_path("failures", None, None, fid))
+                store.retry(outputs.remove, outputs.table_path("failures", None, None, fid))
                 summary["n_cells"] = n
             except Exception as exc:
                 summary.update(status="failed", stage="write",
@@ -268,7 +270,8 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
             if outputs.fs.exists(p):
                 outputs.fs.rm(p, recursive=True)
         previous = None
-    store.init_plates(outputs, man.fields, cfg.pixel_size, prov)
+    outputs.clean_temporary()
+    store.retry(store.init_plates, outputs, man.fields, cfg.pixel_size, prov)
     done = outputs.done_field_ids()
     todo = man.fields[~man.fields["field_id"].isin(done)]
     summary = RunSummary(out=outputs.url, fields_total=len(man.fields), fields_skipped=len(man.fields) - len(todo),

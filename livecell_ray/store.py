@@ -52,6 +52,23 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fsspec.core.url_to_fs(url, **opts)
 
 
+def retry(fn, *args, attempts: int = 5, base_delay: float = 0.2, what: str = "write", **kwargs):
+    """Call fn, retrying transient I/O errors (object-store 5xx, throttling, dropped connections) with
+    exponential backoff; the last error propagates so the caller can record the field as failed."""
+    import random
+    import time
+
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            raise  # not transient
+        except Exception:
+            if i == attempts - 1:
+                raise
+            time.sleep(base_delay * (2**i) * (0.5 + random.random()))
+
+
 class Outputs:
     """Paths and atomic writers for one OUT location."""
 
@@ -82,11 +99,29 @@ class Outputs:
             table = table.replace_schema_metadata(meta)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        if "://" in self.url and not self.url.startswith("file://"):
+            # Object stores publish a PUT whole or not at all: no temporary name needed.
+            retry(self.fs.pipe_file, path, data)
+            return
         tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-        self.fs.mv(tmp, path)
+            f.write(data)
+        _before_rename(tmp, path)
+        self.fs.mv(tmp, path)  # rename(2): atomic on one filesystem
+
+    def clean_temporary(self) -> int:
+        """Remove temporary files a killed writer left behind (readers never look at them)."""
+        n = 0
+        for table in ("cells", "fields", "failures"):
+            base = join(self.root, table)
+            if self.fs.exists(base):
+                for p in self.fs.find(base):
+                    if p.endswith(".tmp"):
+                        self.fs.rm(p)
+                        n += 1
+        return n
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
@@ -140,6 +175,14 @@ class Outputs:
         if "://" not in url:
             return zarr.storage.LocalStore(url)
         return zarr.storage.FsspecStore.from_url(url, storage_options=self.storage_options)
+
+
+def _before_rename(tmp: str, final: str) -> None:
+    """Test hook: LIVECELL_RAY_CRASH_BEFORE_RENAME=1 kills the writer between write and rename."""
+    import os
+
+    if os.environ.get("LIVECELL_RAY_CRASH_BEFORE_RENAME") == "1":
+        os.kill(os.getpid(), 9)
 
 
 def fields_in_plate(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -219,13 +262,14 @@ def write_masks(outputs: Outputs, plate: str, row: str, column: int, site: str, 
                 n_timepoints: int, image: np.ndarray, labels: np.ndarray) -> str:
     """Write one field-timepoint's image and labels into their own chunk; returns the zarr path."""
     store = outputs.zarr_store(plate)
-    root = zarr.open_group(store, mode="a", zarr_format=3)
-    ig = root.require_group(f"{row}/{column}/{site}")
+    root = retry(zarr.open_group, store, mode="a", zarr_format=3)
+    ig = retry(root.require_group, f"{row}/{column}/{site}")
     shape = (n_timepoints, *labels.shape)
     img = _require_array(ig, "0", shape, np.uint8)
     lab = _require_array(ig.require_group("labels/cells"), "0", shape, np.uint32)
-    img[t_index] = image
-    lab[t_index] = labels
+    # Each call writes exactly one whole chunk (t_index); a retry rewrites it whole.
+    retry(img.__setitem__, t_index, image)
+    retry(lab.__setitem__, t_index, labels)
     return f"{row}/{column}/{site}"
 
 
