@@ -247,6 +247,11 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
     outputs = store.Outputs(cfg.out, cfg.storage_options)
     weights = models.resolve_map(cfg.model, cfg.trust_weights)
     _check_out(cfg, outputs)
+    previous = outputs.read_run()
+    if previous and not cfg.overwrite and not _same_provenance(previous.get("provenance", {}),
+                                                               provenance(cfg, weights)):
+        raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
+                       f"use another OUT or --overwrite")
     return man, outputs, weights
 
 
@@ -261,10 +266,7 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
     man, outputs, weights = planned or plan(cfg)
     prov = provenance(cfg, weights)
     previous = outputs.read_run()
-    if previous and not _same_provenance(previous.get("provenance", {}), prov):
-        if not cfg.overwrite:
-            raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
-                           f"use another OUT or --overwrite")
+    if previous and not _same_provenance(previous.get("provenance", {}), prov):  # plan() allowed it: overwrite
         for sub in ("masks", "cells", "fields", "failures", "run.json"):
             p = store.join(outputs.root, sub)
             if outputs.fs.exists(p):

@@ -80,3 +80,24 @@ def test_bad_pattern(tmp_path):
 def test_help_lists_commands():
     p = run_cli("--help")
     assert p.returncode == 0 and "segment" in p.stdout
+
+
+def test_out_made_with_other_parameters_is_refused(tmp_path, example_plate):
+    one = sorted(example_plate.glob("*.tif"))
+    for p in one[1:]:
+        p.unlink()
+    out = tmp_path / "out"
+    first = run_cli("segment", str(example_plate), str(out), "--num-cpus", "2")
+    assert first.returncode == 0, first.stderr
+    before = sorted(str(p) for p in out.rglob("*"))
+    p = run_cli("segment", str(example_plate), str(out), "--conf", "0.6", "--num-cpus", "2")
+    _one_clear_line(p, "another model or other parameters", "--overwrite")
+    assert sorted(str(p) for p in out.rglob("*")) == before  # nothing written
+    p = run_cli("segment", str(example_plate), str(out), "--conf", "0.6", "--overwrite", "--num-cpus", "2")
+    assert p.returncode == 0, p.stderr
+
+
+def test_unknown_option_is_one_line(tmp_path):
+    p = run_cli("segment", str(EXAMPLES), str(tmp_path / "out"), "--frobnicate")
+    _one_clear_line(p, "No such option: --frobnicate")
+    assert not (tmp_path / "out").exists()
