@@ -68,12 +68,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     run_dir = Path(cfg.project) / cfg.name
     last = run_dir / "weights" / "last.pt"
     if resume and last.exists():
-        model = YOLO(str(last))
-        try:
-            model.train(resume=True, plots=False)
-        except AssertionError as exc:  # ultralytics: "... training to N epochs is finished"
-            if "finished" not in str(exc):
-                raise
+        if _finished(last):  # ultralytics strips the optimizer from last.pt when a run completes
+            return run_dir / "weights" / "best.pt"
+        YOLO(str(last)).train(resume=True, plots=False)
         return run_dir / "weights" / "best.pt"
     args: dict[str, Any] = {
         "data": cfg.data,
@@ -105,6 +102,14 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     model = YOLO(cfg.model)
     model.train(**args)
     return run_dir / "weights" / "best.pt"
+
+
+def _finished(last: Path) -> bool:
+    """True when a run's last.pt belongs to a completed run (nothing left to resume)."""
+    import torch
+
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)  # our own run's file
+    return ckpt.get("optimizer") is None or ckpt.get("epoch", -1) == -1
 
 
 def describe(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU benchmark as one prepared command, for a lent GPU machine without network.
+# Once, on the development machine (repo root):
+#     echo /.whl/ >> .git/info/exclude && bash ../shared/gpu/make-kit.sh .whl
+# Then run with `.whl` carried:   bash benchmarks/gpu.sh [N_FIELDS]
+# On a normal GPU machine with the project installed, the same command works without .whl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+fi
+export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0 RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 benchmarks/gpu_bench.py --fields "${1:-2000}" --out "${OUT:-/tmp}/gpu_bench.json"

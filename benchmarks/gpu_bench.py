@@ -1,0 +1,119 @@
+"""GPU benchmark: forward-only fp16 throughput vs end-to-end ``livecell-ray segment`` on one GPU.
+
+    bash benchmarks/gpu.sh [N_FIELDS]          # on the GPU machine (see the script)
+    python benchmarks/gpu_bench.py --fields 64  # anywhere; falls back to the CPU (fp32) without a GPU
+
+(1) the limit: the network alone, fp16, on 704x520 fields (letterboxed to 544x704), at batch sizes
+    8..256, inputs already on the GPU; the best fields/s is the ceiling for any pipeline;
+(2) the pipeline: Ray Data read/decode on CPU tasks -> one model replica on the GPU (fp16) -> NMS,
+    box-local painting -> regionprops and Zarr/Parquet writes on CPU tasks, over N real LIVECell fields.
+Prints both, their ratio (target >= 0.7) and the end-to-end fields/s (target >= 1,000 for n-seg on
+an H100), and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from livecell_ray import offline  # noqa: E402
+
+offline.configure()
+
+
+def forward_limit(weights: str, batches: list[int], seconds: float = 5.0) -> dict:
+    import torch
+
+    from livecell_ray import models
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    half = dev == "cuda"
+    net = models.load(models.Weights("bench", weights, "")).model.fuse().to(dev).eval()
+    if half:
+        net = net.half()
+    out = {}
+    for b in batches:
+        try:
+            x = torch.rand(b, 3, 544, 704, device=dev, dtype=torch.float16 if half else torch.float32)
+            with torch.inference_mode():
+                for _ in range(3):
+                    net(x)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    net(x)
+                    n += b
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                out[b] = n / (time.perf_counter() - t0)
+            print(f"forward fp{'16' if half else '32'} batch {b:4d}: {out[b]:9.1f} fields/s", flush=True)
+        except RuntimeError as exc:  # out of memory: larger batches will not fit either
+            print(f"batch {b}: {str(exc).splitlines()[0]}")
+            break
+    return {"device": dev, "by_batch": out, "best_batch": max(out, key=out.get), "best": max(out.values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fields", type=int, default=2000)
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--out", default=None, help="write results JSON here")
+    a = ap.parse_args()
+    import ray
+    import torch
+    from throughput import build_plate
+
+    from livecell_ray import models, pipeline
+    from livecell_ray.config import InferenceConfig, SegmentConfig
+
+    w = models.resolve(a.model, trust=True)
+    gpu = torch.cuda.is_available()
+    print(f"device: {torch.cuda.get_device_name(0) if gpu else 'CPU (no GPU found)'}; {os.cpu_count()} CPUs; "
+          f"model {w.path}", flush=True)
+    batches = [8, 16, 32, 64, 128, 256] if gpu else [1, 2, 4]
+    limit = forward_limit(w.path, batches, 5.0 if gpu else 2.0)
+    tmp = Path(tempfile.mkdtemp(prefix="lcr-gpu-"))
+    try:
+        plate = build_plate(a.fields, tmp / "plate")
+        batch = min(limit["best_batch"], 64)
+        cfg = SegmentConfig(source=str(plate), out=str(tmp / "out"), model=a.model, batch_size=batch,
+                            replicas=a.replicas, gpus_per_replica=1.0 if gpu else 0.0,
+                            cpus_per_replica=1.0 if gpu else 0.5, inference=InferenceConfig(half=gpu or None))
+        pipeline.init_ray(cfg)
+        # Warm-up run on a few fields so model loading and Ray start-up are not timed.
+        warm = build_plate(min(a.fields, 2 * batch), tmp / "warm")
+        pipeline.run(dataclasses.replace(cfg, source=str(warm), out=str(tmp / "warm-out")))
+        t0 = time.perf_counter()
+        s = pipeline.run(cfg)
+        t = time.perf_counter() - t0
+        e2e = s.fields_done / t
+        ratio = e2e / limit["best"]
+        print(f"end-to-end livecell-ray segment: {e2e:.1f} fields/s ({s.fields_done} fields, {s.cells} cells, "
+              f"batch {batch}, {a.replicas} replica(s))")
+        print(f"forward-only limit (best batch {limit['best_batch']}): {limit['best']:.1f} fields/s")
+        print(f"ratio end-to-end / forward-only: {ratio:.2f} (target >= 0.7); end-to-end target >= 1000 fields/s")
+        res = {"limit": limit, "end_to_end_fields_per_s": e2e, "ratio": ratio, "fields": s.fields_done,
+               "cells": s.cells, "batch": batch, "replicas": a.replicas,
+               "device": torch.cuda.get_device_name(0) if gpu else "cpu", "cpus": os.cpu_count()}
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=2, default=str))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Data conversion, copy-paste expansion, offline training with resume, LIVECell-protocol evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from livecell_ray import copypaste, dataset
+from livecell_ray import evaluate as ev
+
+from .conftest import USIIGACI, needs_shared
+
+
+def _field(seed: int, n: int = 12, size: int = 96) -> dataset.LabelledField:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(100, 5, (size, size)).clip(0, 255).astype(np.uint8)
+    lab = np.zeros((size, size), np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    k = 0
+    for _ in range(n):
+        cy, cx, r = rng.integers(8, size - 8), rng.integers(8, size - 8), rng.integers(3, 7)
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        if (lab[disk] == 0).all():
+            k += 1
+            lab[disk] = k
+            img[disk] = 200
+    return dataset.LabelledField(f"f{seed}", img, lab)
+
+
+def test_polygons_round_trip_to_the_same_masks(tmp_path):
+    import cv2
+
+    f = _field(1)
+    n = dataset.write_yolo([f], tmp_path, "train")
+    assert n == 1
+    lines = (tmp_path / "labels" / "train" / "f1.txt").read_text().splitlines()
+    assert len(lines) == f.labels.max()
+    for line, lab in zip(lines, range(1, f.labels.max() + 1)):
+        xy = (np.array(line.split()[1:], float).reshape(-1, 2) * 96).round().astype(np.int32)
+        m = np.zeros((96, 96), np.uint8)
+        cv2.fillPoly(m, [xy], 1)
+        truth = f.labels == lab
+        # polygon of the outer contour covers the disk (boundary pixels may differ by one)
+        assert (m.astype(bool) & truth).sum() / (m.astype(bool) | truth).sum() > 0.7
+
+
+def test_coco_polygon_and_rle_read_back(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    f = _field(2)
+    Image.fromarray(f.image).save(tmp_path / "a.png")
+    anns = []
+    for i, lab in enumerate(range(1, f.labels.max() + 1), start=1):
+        m = np.asfortranarray((f.labels == lab).astype(np.uint8))
+        rle = mask_utils.encode(m)
+        seg = {"size": rle["size"], "counts": rle["counts"].decode()} if i % 2 else \
+            [dataset.label_polygons((f.labels == lab).astype(np.int32))[0].reshape(-1).tolist()]
+        anns.append({"id": i, "image_id": 1, "category_id": 1, "segmentation": seg, "iscrowd": 0,
+                     "area": float(m.sum()), "bbox": mask_utils.toBbox(rle).tolist()})
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 96, "width": 96}], "annotations": anns,
+            "categories": [{"id": 1, "name": "cell"}]}
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    back = dataset.read_coco(tmp_path / "a.json", tmp_path)[0]
+    assert back.labels.max() == f.labels.max()
+    rle_ids = [i for i in range(1, f.labels.max() + 1) if i % 2]
+    for i in rle_ids:  # RLE instances come back exactly
+        assert np.array_equal(back.labels == i, f.labels == i)
+
+
+def test_copy_paste_is_deterministic_and_labels_exact():
+    fields = [_field(s, 10, 128) for s in range(3)]
+    a = copypaste.synthesize(fields, 3, seed=7)
+    b = copypaste.synthesize(fields, 3, seed=7)
+    c = copypaste.synthesize(fields, 3, seed=8)
+    assert all(np.array_equal(x.image, y.image) and np.array_equal(x.labels, y.labels) for x, y in zip(a, b))
+    assert not all(np.array_equal(x.labels, y.labels) for x, y in zip(a, c))
+    for f in a:
+        ids = np.unique(f.labels)[1:]
+        assert np.array_equal(ids, np.arange(1, len(ids) + 1)) and len(ids) > 3
+        # pasted cells are bright (200 +- intensity jitter) on the ~100 background
+        assert f.image[f.labels > 0].mean() > f.image[f.labels == 0].mean() + 40
+
+
+def test_evaluate_perfect_and_empty_predictions():
+    f = _field(3)
+    im = ev.EvalImage("x", "", f.labels)
+    perfect = ev.evaluate([im], [ev.Prediction(f.labels.astype(np.uint32), np.linspace(1, 0.5, f.labels.max()))])
+    assert perfect.mask["AP"] == pytest.approx(1.0) and perfect.f1_50 == pytest.approx(1.0)
+    assert perfect.count_error == 0
+    none = ev.evaluate([im], [ev.Prediction(np.zeros_like(f.labels, np.uint32), np.zeros(0))])
+    assert none.mask["AP"] == 0 and none.f1_50 == 0 and none.count_error == 1.0
+    half = f.labels.copy()
+    half[half > f.labels.max() // 2] = 0
+    m = ev.evaluate([im], [ev.Prediction(half.astype(np.uint32), np.ones(f.labels.max() // 2))])
+    assert 0.3 < m.mask["AP"] < 0.7 and m.recall_50 == pytest.approx((f.labels.max() // 2) / f.labels.max())
+
+
+def test_offline_training_stops_and_resumes_from_last(tmp_path):
+    import os
+    import signal
+    import time
+
+    fields = [_field(s, 8, 160) for s in range(6)]
+    dataset.write_yolo(fields[:5], tmp_path / "ds", "train")
+    dataset.write_yolo(fields[5:], tmp_path / "ds", "val")
+    yaml_path = dataset.write_data_yaml(tmp_path / "ds")
+    code = (
+        "from livecell_ray.train import TrainConfig, train; "
+        f"train(TrainConfig(data=r'{yaml_path}', epochs=6, imgsz=160, batch=2, device='cpu', "
+        f"project=r'{tmp_path / 'runs'}', name='t', workers=0, cache=False))"
+    )
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
+    results = tmp_path / "runs" / "t" / "results.csv"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) >= 2:  # header + epoch 1
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(results.read_text().splitlines()) - 1
+    assert 1 <= done_before < 6, "training must be stopped mid-run"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    epochs = [int(float(line.split(",")[0])) for line in results.read_text().splitlines()[1:]]
+    assert epochs == list(range(1, 7)), epochs  # continued where it stopped, each epoch once
+    assert (tmp_path / "cfg" / "Ultralytics" / "Arial.ttf").stat().st_size > 0  # bundled font, no download
+    # A finished run asked to resume is a no-op.
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0 and len(results.read_text().splitlines()) == 7
+
+
+@needs_shared(USIIGACI)
+def test_evaluate_cli_on_real_fields_with_shipped_weights():
+    p = subprocess.run([sys.executable, "-m", "livecell_ray.cli", "evaluate", "small", str(USIIGACI),
+                        "--select", "set41,set42", "--imgsz", "704", "--json"],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    allm = res["results"]["all"]
+    assert allm["n_images"] == 2 and allm["n_gt"] > 100
+    assert allm["mask"]["AP50"] > 0.3, allm["mask"]
+    assert len(res["weights"]["*"]["sha256"]) == 64
+
+
+@needs_shared(USIIGACI)
+def test_prepare_dataset_from_mask_folder_with_copy_paste(tmp_path):
+    from livecell_ray.train import DataConfig, prepare_dataset
+
+    sub = tmp_path / "src"
+    sub.mkdir()
+    for s in ("set1", "set2", "set41"):
+        (sub / s).symlink_to(Path(USIIGACI) / s)
+    y = prepare_dataset(DataConfig(data=str(sub), out=str(tmp_path / "ds"), val=("set41",), scale=0.25,
+                                   synthetic=2, seed=1))
+    ds = tmp_path / "ds"
+    assert sorted(p.name for p in (ds / "images" / "train").iterdir()) == [
+        "set1.png", "set2.png", "synth0000.png", "synth0001.png"]
+    assert [p.name for p in (ds / "images" / "val").iterdir()] == ["set41.png"]
+    assert Image.open(ds / "images" / "val" / "set41.png").size == (256, 256)
+    assert json.loads((ds / "prepared.json").read_text())["n_synthetic"] == 2
+    assert y.exists()
