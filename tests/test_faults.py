@@ -122,11 +122,8 @@ def _run_in_thread(cfg: SegmentConfig, on_result):
     return t, box
 
 
-def test_model_actor_killed_mid_run(tmp_path, ray_local):
-    plate = tmp_path / "plate"
-    plate.mkdir()
-    for p in GOOD:
-        shutil.copy(p, plate / p.name)
+def test_model_actor_killed_mid_run(tmp_path, example_plate, ray_local):
+    plate = example_plate
     killed = []
 
     def on_result(res, done, total):
@@ -143,7 +140,7 @@ def test_model_actor_killed_mid_run(tmp_path, ray_local):
     _check_exactly_once(tmp_path / "out", {p.name for p in GOOD}, set())
 
 
-def test_node_removed_mid_run(tmp_path):
+def test_node_removed_mid_run(tmp_path, example_plate):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -156,10 +153,7 @@ def test_node_removed_mid_run(tmp_path):
         nodes = [cluster.add_node(num_cpus=2, resources={"gpu_standin": 1}) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, runtime_env={"env_vars": offline.worker_env()}, log_to_driver=False)
-        plate = tmp_path / "plate"
-        plate.mkdir()
-        for p in GOOD:
-            shutil.copy(p, plate / p.name)
+        plate = example_plate
         removed = []
 
         def on_result(res, done, total):
