@@ -31,6 +31,8 @@ CELL_METRICS: dict[str, str] = {
     "intensity_mean": "avg(mean_intensity)",
 }
 WELL_METRICS: dict[str, str] = {**FIELD_METRICS, **CELL_METRICS, "failed": "failures per well"}
+ALIASES = {"count": "cells", "n_cells": "cells", "area": "area_median", "eccentricity": "eccentricity_mean",
+           "solidity": "solidity_mean", "intensity": "intensity_mean"}
 DEFAULT_METRICS = ("fields", "cells", "cells_per_field_mean", "cells_per_field_sd", "confluence",
                    "area_median", "area_mean", "eccentricity_mean", "solidity_mean", "intensity_mean", "failed")
 
@@ -105,6 +107,7 @@ def wells_sql(metrics: tuple[str, ...] | list[str], by_timepoint: bool = False, 
     Field metrics (counts, confluence) aggregate fields; cell metrics aggregate the cells of those
     fields, so neither is weighted by the other. ``where`` filters fields (e.g. "cell_type = 'A172'").
     """
+    metrics = [ALIASES.get(m, m) for m in metrics]
     unknown = [m for m in metrics if m not in WELL_METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(WELL_METRICS)}")

@@ -91,14 +91,14 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         "cache": "ram" if cfg.cache else False,
         "single_cls": True,
         "max_det": 1000,
-        # ultralytics accumulates gradients up to a nominal batch of 64: with 40 fields and batch 8 that
-        # is less than one optimizer step per epoch. Microscopy sets are small: step every batch.
-        "nbs": cfg.batch,
     }
     if cfg.time_hours:
         args["time"] = cfg.time_hours
     if cfg.recipe:
         args.update(RECIPE)
+        # ultralytics accumulates gradients up to a nominal batch of 64: with 40 fields and batch 8 that
+        # is less than one optimizer step per epoch. Microscopy sets are small: step every batch.
+        args["nbs"] = cfg.batch
     model = YOLO(cfg.model)
     model.train(**args)
     return run_dir / "weights" / "best.pt"
