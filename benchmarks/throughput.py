@@ -1,6 +1,6 @@
 """Throughput and memory: the seed-style loop vs ``livecell-ray segment``, side by side.
 
-    python benchmarks/throughput.py [--fields 40] [--model small] [--memory]
+    python benchmarks/throughput.py [--fields 40] [--model small] [--memory] [--onnx]
 
 Builds a plate of N LIVECell-size (704x520) fields by copying the real example images under new
 well names, then runs in this one script:
@@ -9,7 +9,8 @@ well names, then runs in this one script:
   (b) livecell-ray segment (Ray Data, local, CPU) with the same weights and thresholds.
 Prints fields/s of both and their ratio, and the peak RSS (driver + Ray processes, sampled).
 Also times the mask post-processing alone: ultralytics' process_mask_native vs our box-local
-painting on the same instances. --memory repeats (b) on 10N fields and prints the RSS ratio.
+painting on the same instances. --memory repeats (b) on 10N fields and prints the RSS ratio;
+--onnx adds (c), the pipeline with the ONNX Runtime backend.
 """
 
 from __future__ import annotations
@@ -117,12 +118,13 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
     return cells
 
 
-def ray_run(plate: Path, out: Path, model: str, imgsz: int, conf: float, max_det: int, batch: int):
+def ray_run(plate: Path, out: Path, model: str, imgsz: int, conf: float, max_det: int, batch: int,
+            backend: str = "torch"):
     from livecell_ray import pipeline
     from livecell_ray.config import InferenceConfig, SegmentConfig
 
-    cfg = SegmentConfig(source=str(plate), out=str(out), model=model, batch_size=batch,
-                        inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det), trust_weights=True)
+    cfg = SegmentConfig(source=str(plate), out=str(out), model=model, batch_size=batch, trust_weights=True,
+                        inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend))
     return pipeline.run(cfg)
 
 
@@ -178,6 +180,7 @@ def main() -> None:
     ap.add_argument("--max-det", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--memory", action="store_true", help="also run 10N fields and compare peak RSS")
+    ap.add_argument("--onnx", action="store_true", help="also run --backend onnx (ONNX Runtime, CPU)")
     a = ap.parse_args()
     from livecell_ray import models
 
@@ -201,6 +204,12 @@ def main() -> None:
         print(f"(b) livecell-ray    : {fb:.2f} fields/s, {s.cells} cells, peak RSS {m_ray.peak / 2**20:.0f} MiB "
               f"(driver + Ray processes; includes Ray startup)")
         print(f"throughput ratio (b)/(a): {fb / fa:.2f} (target >= 1.5)")
+        if a.onnx:
+            t = time.perf_counter()
+            so = ray_run(plate, tmp / "onnx", a.model, a.imgsz, a.conf, a.max_det, a.batch, backend="onnx")
+            fo = a.fields / (time.perf_counter() - t)
+            print(f"(c) livecell-ray --backend onnx: {fo:.2f} fields/s, {so.cells} cells; ratio (c)/(b) "
+                  f"{fo / fb:.2f}, (c)/(a) {fo / fa:.2f}")
         if a.memory:
             plate10 = build_plate(10 * a.fields, tmp / "plate10")
             import ray

@@ -58,6 +58,7 @@ def segment(
     imgsz: int = typer.Option(704, min=32, help="Network input size (long side)"),
     conf: float = typer.Option(0.25, min=0.0, max=1.0, help="Detection confidence threshold"),
     max_det: int = typer.Option(3000, min=1, help="Most cells kept per field"),
+    backend: str = typer.Option("torch", help="torch, or onnx (ONNX Runtime on CPU; needs the onnx extra)"),
     address: str | None = typer.Option(None, help="Ray cluster address (default: start Ray locally)"),
     num_cpus: int | None = typer.Option(None, min=1, help="CPUs for a local Ray"),
     storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
@@ -77,7 +78,9 @@ def segment(
                         replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                         pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
                         num_cpus=num_cpus, storage_options=opts, overwrite=overwrite, max_pixels=max_pixels,
-                        inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det))
+                        inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend))
+    if backend not in ("torch", "onnx"):
+        fail(f"unknown --backend {backend!r}: use torch or onnx")
     try:
         import re
 

@@ -35,6 +35,7 @@ class InferenceConfig:
     max_det: int = 3000
     mask_threshold: float = 0.5
     half: bool | None = None  # None: fp16 exactly when on a GPU
+    backend: str = "torch"  # "torch" or "onnx" (ONNX Runtime, exported by ultralytics; CPU speed-up)
 
 
 @dataclass(frozen=True)

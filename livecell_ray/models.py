@@ -113,3 +113,34 @@ def load(weights: Weights):
     if getattr(model, "task", "segment") != "segment":
         raise WeightsError(f"{weights.path}: a {model.task} model, not instance segmentation")
     return model
+
+
+def onnx_path(weights: Weights, cache: str | Path | None = None) -> Path:
+    """The ONNX export of verified weights, made once by ultralytics and cached by checksum."""
+    import shutil
+    import tempfile
+
+    cache = Path(cache or os.environ.get("LIVECELL_RAY_CACHE") or Path.home() / ".cache" / "livecell-ray" / "onnx")
+    target = cache / f"{weights.sha256[:20]}.onnx"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        pt = Path(tmp) / "model.pt"
+        shutil.copyfile(weights.path, pt)
+        yolo = load(Weights(weights.name, str(pt), weights.sha256))
+        exported = Path(yolo.export(format="onnx", dynamic=True, simplify=True, verbose=False))
+        os.replace(exported, target)  # atomic: concurrent actors never see a half-written file
+    return target
+
+
+def onnx_session(weights: Weights):
+    """An ONNX Runtime CPU session for the weights (exported on first use)."""
+    import onnxruntime as ort
+
+    try:
+        path = onnx_path(weights)
+    except Exception as exc:
+        raise WeightsError(f"{weights.path}: ONNX export failed ({type(exc).__name__}: {exc}); "
+                           f"install the 'onnx' extra or use --backend torch") from exc
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

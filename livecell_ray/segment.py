@@ -38,8 +38,15 @@ class Segmenter:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.half = self.cfg.half if self.cfg.half is not None else self.device.startswith("cuda")
         self.nets = {}
+        if self.cfg.backend not in ("torch", "onnx"):
+            raise ValueError(f"unknown backend {self.cfg.backend!r}: use torch or onnx")
+        if self.cfg.backend == "onnx":
+            self.device, self.half = "cpu", False
         for key, w in weights.items():
             yolo = models.load(w)
+            if self.cfg.backend == "onnx":
+                self.nets[key] = (models.onnx_session(w), len(yolo.names))
+                continue
             net = yolo.model.fuse() if hasattr(yolo.model, "fuse") else yolo.model
             net = net.to(self.device).eval()
             if self.half:
@@ -76,7 +83,10 @@ class Segmenter:
         x = x.half() if self.half else x.float()
         x /= 255.0
         with torch.inference_mode():
-            preds, protos = net(x)[0]
+            if self.cfg.backend == "onnx":
+                preds, protos = (torch.from_numpy(a) for a in net.run(None, {"images": x.numpy()}))
+            else:
+                preds, protos = net(x)[0]
             dets = non_max_suppression(preds, self.cfg.conf, self.cfg.iou, max_det=self.cfg.max_det, nc=nc,
                                        max_nms=max(30000, 10 * self.cfg.max_det), max_time_img=60.0)
         return x, dets, protos

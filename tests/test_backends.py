@@ -1,0 +1,35 @@
+"""The ONNX Runtime backend (ultralytics' export) segments like PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from livecell_ray import models
+from livecell_ray.config import InferenceConfig
+from livecell_ray.imaging import normalize, read_image
+from livecell_ray.segment import Segmenter
+
+from .conftest import EXAMPLES
+
+
+def test_onnx_backend_matches_torch(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="onnx extra not installed")
+    monkeypatch.setenv("LIVECELL_RAY_CACHE", str(tmp_path / "cache"))
+    imgs = [normalize(read_image(str(p))) for p in sorted(EXAMPLES.glob("*.tif"))[:3]]
+    w = models.resolve_map("small")
+    torch_res = Segmenter(w, InferenceConfig(backend="torch"))(imgs)
+    onnx_res = Segmenter(w, InferenceConfig(backend="onnx"))(imgs)
+    assert list((tmp_path / "cache").glob("*.onnx")), "exported once into the cache"
+    for a, b in zip(torch_res, onnx_res):
+        assert a.labels.max() > 0
+        # float differences between runtimes may flip a borderline detection, never more than a few
+        assert abs(int(a.labels.max()) - int(b.labels.max())) <= max(2, 0.02 * a.labels.max())
+        agree = ((a.labels > 0) == (b.labels > 0)).mean()
+        assert agree > 0.995
+        np.testing.assert_allclose(np.sort(a.confidences)[-5:], np.sort(b.confidences)[-5:], atol=2e-3)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        Segmenter(models.resolve_map("small"), InferenceConfig(backend="tpu"))
