@@ -84,6 +84,7 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
     from ultralytics import YOLO
 
     from livecell_ray import manifest, store
+    from livecell_ray.config import InferenceConfig
     from livecell_ray.imaging import normalize, read_image, to_rgb
     from livecell_ray.measure import measure_cells, measure_field
 
@@ -95,8 +96,8 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
     for row in man.itertuples():
         raw = read_image(row.path)
         img = normalize(raw)
-        r = model.predict(to_rgb(img), imgsz=imgsz, conf=conf, max_det=max_det, retina_masks=True,
-                          verbose=False, batch=1)[0]
+        r = model.predict(to_rgb(img), imgsz=imgsz, conf=conf, iou=InferenceConfig().iou, max_det=max_det,
+                          retina_masks=True, verbose=False, batch=1)[0]
         labels = np.zeros(img.shape, np.uint32)
         confs, kept = [], 0
         if r.masks is not None:

@@ -189,7 +189,7 @@ def evaluate(
     if json_out:
         out_console.print_json(json.dumps(ev.to_json(results, info)))
     else:
-        out_console.print(ev.table(results), highlight=False)
+        sys.stdout.write(ev.table(results) + "\n")
 
 
 def _emit(df: Any, fmt: str, output: str | None) -> None:

@@ -59,6 +59,7 @@ class SegmentConfig:
     max_pixels: int = 64_000_000
     overwrite: bool = False
     replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica
+    object_store_budget_mb: int = 1024  # Ray Data's streaming budget: how far reading may run ahead
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
@@ -67,7 +68,7 @@ class SegmentConfig:
         d = dataclasses.asdict(self)
         for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite",
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
-                  "replica_resources", "max_pixels"):
+                  "replica_resources", "max_pixels", "object_store_budget_mb"):
             d.pop(k, None)
         return json.loads(json.dumps(d))
 
@@ -81,7 +82,8 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "gpus_per_replica": "gpus_per_replica", "cpus_per_replica": "cpus_per_replica",
               "batch_size": "batch_size", "storage_options": "storage_options", "pixel_size": "pixel_size",
               "pattern": "pattern", "manifest": "manifest", "trust_weights": "trust_weights",
-              "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels"}
+              "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels",
+              "object_store_budget_mb": "object_store_budget_mb"}
 _INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half"}
 
 

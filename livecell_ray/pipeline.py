@@ -63,7 +63,9 @@ def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels:
     try:
         raw = read_image(row["path"], storage_options, max_pixels)
         row["image"] = normalize(raw, norm)
-        row["raw"] = raw.astype(np.float32, copy=False)
+        # The raw plane travels as bytes in its own dtype (uint8 stays 1 byte/px), for intensity statistics.
+        row["raw"] = np.ascontiguousarray(raw).tobytes()
+        row["raw_dtype"] = raw.dtype.str
         row["status"], row["stage"], row["error"] = "ok", "", ""
     except ImageError as exc:
         _mark_failed(row, "read", str(exc))
@@ -74,7 +76,8 @@ def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels:
 
 def _mark_failed(row: dict[str, Any], stage: str, error: str) -> None:
     row["image"] = np.zeros((0, 0), np.uint8)
-    row["raw"] = np.zeros((0, 0), np.float32)
+    row["raw"] = b""
+    row["raw_dtype"] = "|u1"
     row["status"], row["stage"], row["error"] = "failed", stage, error
 
 
@@ -145,7 +148,7 @@ def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any],
     if summary["status"] == "ok":
         try:
             labels = np.asarray(row["labels"])
-            raw = np.asarray(row["raw"])
+            raw = np.frombuffer(row["raw"], np.dtype(str(row["raw_dtype"]))).reshape(labels.shape)
             cls = np.frombuffer(row["class_ids"], np.int16)
             conf = np.frombuffer(row["confidences"], np.float32)
             cells = measure_cells(labels, raw, cls, conf, pixel_size)
@@ -322,6 +325,9 @@ def _stream(cfg: SegmentConfig, todo: pd.DataFrame, outputs: store.Outputs,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Bound what reading may run ahead of the model: memory stays flat from 10 fields to a whole plate.
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=cfg.object_store_budget_mb * 2**20)
     rows = todo.to_dict("records")
     for r in rows:
         r["column"] = int(r["column"])
