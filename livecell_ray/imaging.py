@@ -82,7 +82,7 @@ def read_image(url: str, storage_options: dict[str, Any] | None = None,
             return f.read()
 
     try:
-        data = retry(fetch, what="read")  # object-store hiccups are retried with backoff
+        data = retry(fetch)  # object-store hiccups are retried with backoff
     except FileNotFoundError as exc:
         raise ImageError(f"{url}: file not found") from exc
     except PermissionError as exc:

@@ -29,8 +29,6 @@ from livecell_ray.config import InferenceConfig, NormalizeConfig, SegmentConfig
 from livecell_ray.imaging import ImageError, normalize, read_image
 from livecell_ray.measure import measure_cells, measure_field
 
-FAILURE_COLUMNS = ["key", "path", "field_id", "plate", "well", "stage", "error", "time"]
-
 
 class RunError(RuntimeError):
     """The run cannot start (bad output location, provenance mismatch...)."""
@@ -88,9 +86,11 @@ class SegmentActor:
         offline.configure()
         import torch
 
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, int(os.environ.get("LIVECELL_RAY_TORCH_THREADS", "0"))
-                                  or torch.get_num_threads()))
+        # Ray gives an actor as many intra-op threads as CPUs it reserved (--cpus-per-replica); an
+        # explicit LIVECELL_RAY_TORCH_THREADS overrides that for CPU inference.
+        threads = os.environ.get("LIVECELL_RAY_TORCH_THREADS")
+        if threads and not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(threads)))
         from livecell_ray.segment import Segmenter
 
         self.segmenter = Segmenter(weights, inference)

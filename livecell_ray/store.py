@@ -52,7 +52,7 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fsspec.core.url_to_fs(url, **opts)
 
 
-def retry(fn, *args, attempts: int = 5, base_delay: float = 0.2, what: str = "write", **kwargs):
+def retry(fn, *args, attempts: int = 5, base_delay: float = 0.2, **kwargs):
     """Call fn, retrying transient I/O errors (object-store 5xx, throttling, dropped connections) with
     exponential backoff; the last error propagates so the caller can record the field as failed."""
     import random

@@ -8,7 +8,6 @@ fields (copy-paste of instances, max_det far above 300).
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -110,14 +109,6 @@ def _finished(last: Path) -> bool:
 
     ckpt = torch.load(last, map_location="cpu", weights_only=False)  # our own run's file
     return ckpt.get("optimizer") is None or ckpt.get("epoch", -1) == -1
-
-
-def describe(cfg: TrainConfig) -> dict[str, Any]:
-    """What the model card records about a run."""
-    d = asdict(cfg)
-    d["recipe_args"] = RECIPE if cfg.recipe else {}
-    d["torch_threads"] = os.environ.get("OMP_NUM_THREADS")
-    return d
 
 
 @dataclass
