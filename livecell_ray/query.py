@@ -44,7 +44,7 @@ class Results:
         self.outputs = store.Outputs(out, storage_options)
         self.con = duckdb.connect()
         prefix = ""
-        if "://" in self.outputs.url and not self.outputs.url.startswith("file://"):
+        if not store.is_local(self.outputs.url):
             self.con.register_filesystem(self.outputs.fs)
             prefix = self.outputs.url.split("://", 1)[0] + "://"
         root = prefix + self.outputs.root if prefix else self.outputs.root

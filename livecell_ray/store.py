@@ -44,10 +44,15 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+def is_local(url: str) -> bool:
+    """A plain path or file:// URL (renames are atomic); anything else is an object store."""
+    return "://" not in url or url.startswith("file://")
+
+
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec filesystem and path for a URL (local directories are created on write)."""
     opts = dict(storage_options or {})
-    if "://" not in url or url.startswith("file://"):
+    if is_local(url):
         opts.setdefault("auto_mkdir", True)
     return fsspec.core.url_to_fs(url, **opts)
 
@@ -100,7 +105,7 @@ class Outputs:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
-        if "://" in self.url and not self.url.startswith("file://"):
+        if not is_local(self.url):
             # Object stores publish a PUT whole or not at all: no temporary name needed.
             retry(self.fs.pipe_file, path, data)
             return

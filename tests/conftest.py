@@ -23,8 +23,7 @@ def needs_shared(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (../shared/data not available)")
 
 
-@pytest.fixture()
-def ray_local():
+def _ensure_local_ray():
     """A real local Ray runtime (2 CPUs, like a laptop), started once and reused; tests that need another
     topology (multi-node, a separate head) shut it down and the next user starts it again."""
     import ray
@@ -37,17 +36,15 @@ def ray_local():
     return ray
 
 
+@pytest.fixture()
+def ray_local():
+    return _ensure_local_ray()
+
+
 @pytest.fixture(scope="module")
 def ray_module():
     """Module-scoped variant for module-scoped fixtures that run the pipeline."""
-    import ray
-
-    from livecell_ray import offline
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": offline.worker_env()})
-    return ray
+    return _ensure_local_ray()
 
 
 def free_port() -> int:
