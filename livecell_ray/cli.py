@@ -134,6 +134,7 @@ def train(
     epochs: int = typer.Option(300, min=1),
     imgsz: int = typer.Option(512, min=32),
     batch: int = typer.Option(8, min=1),
+    workers: int = typer.Option(2, min=0, help="Data-loading processes per run"),
     scale: float = typer.Option(0.5, min=0.05, help="Resize fields by this factor before training"),
     tile: int | None = typer.Option(None, help="Cut fields into tiles of this size"),
     synthetic: int = typer.Option(0, min=0, help="Copy-paste synthetic fields to add"),
@@ -159,7 +160,7 @@ def train(
             fail(str(exc))
     cfg = train_mod.TrainConfig(data=str(data_yaml), model=model, epochs=epochs, imgsz=imgsz, batch=batch,
                                 device=device, project=project, name=name, seed=seed, recipe=recipe,
-                                time_hours=time_hours)
+                                time_hours=time_hours, workers=workers)
     best = train_mod.train(cfg, resume=resume)
     out_console.print(f"best weights: {best}")
 

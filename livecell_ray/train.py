@@ -60,9 +60,21 @@ def _device(requested: str | None) -> str:
     return "0" if torch.cuda.is_available() else "cpu"
 
 
+def _offline_amp_check(model: Any) -> bool:
+    """Stand-in for ultralytics' check_amp, which downloads yolo26n.pt to compare fp32 and AMP outputs.
+
+    Offline that download fails (or hangs on a machine with no route out); AMP is sound on every GPU
+    ultralytics does not blacklist, and CPU training never uses it.
+    """
+    return next(model.parameters()).device.type == "cuda"
+
+
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
     """Train (or resume the stopped run at project/name/weights/last.pt); returns best.pt's path."""
     from ultralytics import YOLO
+    from ultralytics.engine import trainer as ul_trainer
+
+    ul_trainer.check_amp = _offline_amp_check
 
     run_dir = Path(cfg.project) / cfg.name
     last = run_dir / "weights" / "last.pt"
@@ -71,6 +83,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             return run_dir / "weights" / "best.pt"
         YOLO(str(last)).train(resume=True, plots=False)
         return run_dir / "weights" / "best.pt"
+    YOLO(cfg.model).train(**train_args(cfg))
+    return run_dir / "weights" / "best.pt"
+
+
+def train_args(cfg: TrainConfig) -> dict[str, Any]:
+    """The ultralytics train() arguments for one run (recipe, nominal batch, offline plots)."""
     args: dict[str, Any] = {
         "data": cfg.data,
         "epochs": cfg.epochs,
@@ -85,7 +103,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         "seed": cfg.seed,
         "deterministic": False,
         "plots": False,
-        "pretrained": False,
+        # A .pt model is fine-tuned from its weights; ultralytics discards them when pretrained=False.
+        "pretrained": cfg.model.endswith(".pt"),
         "amp": _device(cfg.device) != "cpu",
         "cache": "ram" if cfg.cache else False,
         "single_cls": True,
@@ -98,9 +117,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         # ultralytics accumulates gradients up to a nominal batch of 64: with 40 fields and batch 8 that
         # is less than one optimizer step per epoch. Microscopy sets are small: step every batch.
         args["nbs"] = cfg.batch
-    model = YOLO(cfg.model)
-    model.train(**args)
-    return run_dir / "weights" / "best.pt"
+    return args
 
 
 def _finished(last: Path) -> bool:

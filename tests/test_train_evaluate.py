@@ -168,3 +168,15 @@ def test_prepare_dataset_from_mask_folder_with_copy_paste(tmp_path):
     assert Image.open(ds / "images" / "val" / "set41.png").size == (256, 256)
     assert json.loads((ds / "prepared.json").read_text())["n_synthetic"] == 2
     assert y.exists()
+
+
+def test_train_args_fine_tune_from_pt_and_recipe_steps_every_batch():
+    from livecell_ray.train import RECIPE, TrainConfig, train_args
+
+    scratch = train_args(TrainConfig(data="d.yaml", model="yolov8n-seg.yaml", batch=8, device="cpu"))
+    tuned = train_args(TrainConfig(data="d.yaml", model="weights/small.pt", batch=8, device="cpu"))
+    plain = train_args(TrainConfig(data="d.yaml", batch=8, device="cpu", recipe=False))
+    assert scratch["pretrained"] is False and tuned["pretrained"] is True  # ultralytics drops .pt weights otherwise
+    assert scratch["nbs"] == 8 and scratch["degrees"] == RECIPE["degrees"]
+    assert "nbs" not in plain and "degrees" not in plain  # ultralytics' own defaults
+    assert scratch["amp"] is False and scratch["plots"] is False
