@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,13 +99,23 @@ def main() -> None:
             pipeline.init_ray(cfg)
             # Warm-up run on a few fields so model loading and Ray start-up are not timed.
             warm = build_plate(min(a.fields, 2 * batch * replicas), tmp / f"warm{k}")
-            pipeline.run(dataclasses.replace(cfg, source=str(warm), out=str(tmp / f"warm-out{k}")))
+            w = pipeline.run(dataclasses.replace(cfg, source=str(warm), out=str(tmp / f"warm-out{k}")))
+            if w.fields_failed:  # stop before spending device time on a plate that fails
+                for f in w.failures[:3]:
+                    print(f"warm-up field FAILED [{f['stage']}] {f['error']}", flush=True)
+                sys.exit(1)
             t0 = time.perf_counter()
             s = pipeline.run(cfg)
             t = time.perf_counter() - t0
             e2e = s.fields_done / t
             runs.append({"replicas": replicas, "fields_per_s": e2e, "ratio": e2e / limit["best"],
-                         "fields": s.fields_done, "cells": s.cells, "seconds": t})
+                         "fields": s.fields_done, "failed": s.fields_failed, "cells": s.cells, "seconds": t,
+                         "first_failures": s.failures[:5]})
+            if s.fields_failed:  # a benchmark of failing fields measures nothing: say why, loudly
+                stages = Counter(f["stage"] for f in s.failures)
+                print(f"{s.fields_failed} fields FAILED ({dict(stages)}); first errors:", flush=True)
+                for f in s.failures[:3]:
+                    print(f"  [{f['stage']}] {f['error']}", flush=True)
             print(f"end-to-end livecell-ray segment: {e2e:.1f} fields/s ({s.fields_done} fields, {s.cells} cells, "
                   f"batch {batch}, {replicas} replica(s) sharing the GPU)", flush=True)
         best = max(runs, key=lambda r: r["fields_per_s"])
@@ -116,6 +127,8 @@ def main() -> None:
                "device": torch.cuda.get_device_name(0) if gpu else "cpu", "cpus": os.cpu_count()}
         if a.out:
             Path(a.out).write_text(json.dumps(res, indent=2, default=str))
+        if any(r["failed"] for r in runs):
+            sys.exit(1)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

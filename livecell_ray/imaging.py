@@ -22,28 +22,45 @@ def decode(data: bytes, path: str, max_pixels: int = 64_000_000) -> np.ndarray:
     head = data[:8]
     try:
         if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-            import tifffile
-
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                page = tif.series[0]
-                n = int(np.prod(page.shape))
-                if n > max_pixels * 4:
-                    raise ImageError(f"{path}: image of {n} values exceeds the limit of {max_pixels} pixels")
-                arr = page.asarray()
+            try:
+                arr = _decode_tiff(data, path, max_pixels)
+            except ImageError:
+                raise
+            except Exception as exc:
+                # tifffile needs imagecodecs for LZW and most other compressions; Pillow reads the
+                # common ones (LZW, deflate, packbits) natively, so a lean install still reads them.
+                try:
+                    arr = _decode_pil(data, path, max_pixels)
+                except Exception:
+                    raise exc from None
         else:
-            from PIL import Image
-
-            Image.MAX_IMAGE_PIXELS = max_pixels
-            with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > max_pixels:
-                    raise ImageError(f"{path}: image of {im.width}x{im.height} exceeds the limit of "
-                                     f"{max_pixels} pixels")
-                arr = np.asarray(im)
+            arr = _decode_pil(data, path, max_pixels)
     except ImageError:
         raise
     except Exception as exc:  # every decoder has its own exception zoo
         raise ImageError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
     return to_gray(arr, path, max_pixels)
+
+
+def _decode_tiff(data: bytes, path: str, max_pixels: int) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        page = tif.series[0]
+        n = int(np.prod(page.shape))
+        if n > max_pixels * 4:
+            raise ImageError(f"{path}: image of {n} values exceeds the limit of {max_pixels} pixels")
+        return page.asarray()
+
+
+def _decode_pil(data: bytes, path: str, max_pixels: int) -> np.ndarray:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    with Image.open(io.BytesIO(data)) as im:
+        if im.width * im.height > max_pixels:
+            raise ImageError(f"{path}: image of {im.width}x{im.height} exceeds the limit of {max_pixels} pixels")
+        return np.asarray(im)
 
 
 def to_gray(arr: np.ndarray, path: str = "<array>", max_pixels: int = 64_000_000) -> np.ndarray:

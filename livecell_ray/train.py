@@ -69,12 +69,26 @@ def _offline_amp_check(model: Any) -> bool:
     return next(model.parameters()).device.type == "cuda"
 
 
+def _read_results_csv(trainer: Any) -> dict[str, list]:
+    """ultralytics' results.csv reader through pandas, for installs without the optional polars."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(trainer.csv).to_dict(orient="list")
+    except Exception:  # as ultralytics: a missing or partial file only costs the history in the checkpoint
+        return {}
+
+
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
     """Train (or resume the stopped run at project/name/weights/last.pt); returns best.pt's path."""
     from ultralytics import YOLO
     from ultralytics.engine import trainer as ul_trainer
 
     ul_trainer.check_amp = _offline_amp_check
+    try:
+        import polars  # noqa: F401  (ultralytics reads results.csv with it when saving checkpoints)
+    except ImportError:
+        ul_trainer.BaseTrainer.read_results_csv = _read_results_csv
 
     run_dir = Path(cfg.project) / cfg.name
     last = run_dir / "weights" / "last.pt"

@@ -75,3 +75,20 @@ def test_pixel_limit():
 def test_missing_file(tmp_path):
     with pytest.raises(ImageError, match="not found"):
         read_image(str(tmp_path / "nope.tif"))
+
+
+def test_lzw_tiff_reads_without_imagecodecs(monkeypatch):
+    """LIVECell's own TIFFs are LZW-compressed; where tifffile lacks imagecodecs, Pillow decodes them."""
+    ref = read_image(str(A172))
+    data = A172.read_bytes()
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.LZW
+
+    def no_codecs(self, *args, **kwargs):
+        raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", no_codecs)
+    assert np.array_equal(decode(data, "a172.tif"), ref)
+    # A TIFF neither decoder can read still names the file and tifffile's reason.
+    with pytest.raises(ImageError, match=r"^broken\.tif: cannot decode image \(IndexError"):
+        decode(data[:4000], "broken.tif")

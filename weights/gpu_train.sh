@@ -37,7 +37,7 @@ COMMON=(--data "$DATA" --val set41,set42,set43,set44,set45 --scale "$SCALE" --im
         --workers "$WORKERS" --epochs 1000 --time-hours "$H" --project "$PROJECT" --seed 1)
 CP=(--synthetic "$SYNTH")
 # Hard stop: the time budget plus data preparation, the final validation and a margin.
-LIMIT=$(python3 -c "print(int($H * 3600 + 240))")
+LIMIT=$(python3 -c "print(int($H * 3600 + ${MARGIN:-240}))")
 start() {  # name, extra args...
   local name=$1; shift
   timeout "$LIMIT" python3 -m livecell_ray.cli train "${COMMON[@]}" --name "$name" "$@" \
