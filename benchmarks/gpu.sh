@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark as one prepared command, for a lent GPU machine without network.
-# Once, on the development machine (repo root):
-#     echo /.whl/ >> .git/info/exclude && bash ../shared/gpu/make-kit.sh .whl
+# Once, on the development machine (repo root):   bash benchmarks/gpu_kit.sh
 # Then run with `.whl` carried:   bash benchmarks/gpu.sh [N_FIELDS]
+# It stops after the warm-up, printing the reason, if fields fail there (a missing package, say).
 # On a normal GPU machine with the project installed, the same command works without .whl.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -35,21 +35,28 @@ offline.configure()
 
 
 class PeakRSS:
-    """Peak resident memory of this process and all its descendants (Ray's raylet and workers)."""
+    """Peak memory of this process and all its descendants (Ray's raylet and workers).
+
+    `peak` sums RSS, which counts a shared page (torch's libraries, Ray's object store) once per
+    process that maps it; `peak_pss` sums PSS, which splits each shared page among its mappers, so it
+    is the physical memory the whole job holds. Both are sampled every `interval` seconds.
+    """
 
     def __init__(self, interval: float = 0.1):
         import psutil
 
-        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, False
+        self.proc, self.interval, self.peak, self.peak_pss, self._stop = psutil.Process(), interval, 0, 0, False
 
-    def _total(self) -> int:
-        total = 0
+    def _total(self) -> tuple[int, int]:
+        rss = pss = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                info = p.memory_full_info()  # Linux: reads smaps_rollup for pss
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
             except Exception:
                 pass
-        return total
+        return rss, pss
 
     def __enter__(self):
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -58,7 +65,8 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop:
-            self.peak = max(self.peak, self._total())
+            rss, pss = self._total()
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             time.sleep(self.interval)
 
     def __exit__(self, *a):
@@ -120,11 +128,12 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
 
 
 def ray_run(plate: Path, out: Path, model: str, imgsz: int, conf: float, max_det: int, batch: int,
-            backend: str = "torch"):
+            backend: str = "torch", io_tasks: int | None = None):
     from livecell_ray import pipeline
     from livecell_ray.config import InferenceConfig, SegmentConfig
 
     cfg = SegmentConfig(source=str(plate), out=str(out), model=model, batch_size=batch, trust_weights=True,
+                        io_tasks=io_tasks,
                         inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend))
     return pipeline.run(cfg)
 
@@ -181,6 +190,7 @@ def main() -> None:
     ap.add_argument("--max-det", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--memory", action="store_true", help="also run 10N fields and compare peak RSS")
+    ap.add_argument("--io-tasks", type=int, default=None, help="read and measure/write task bound each")
     ap.add_argument("--onnx", action="store_true", help="also run --backend onnx (ONNX Runtime, CPU)")
     a = ap.parse_args()
     from livecell_ray import models
@@ -198,7 +208,7 @@ def main() -> None:
             t_seed = time.perf_counter() - t
         with PeakRSS() as m_ray:
             t = time.perf_counter()
-            s = ray_run(plate, tmp / "ray", a.model, a.imgsz, a.conf, a.max_det, a.batch)
+            s = ray_run(plate, tmp / "ray", a.model, a.imgsz, a.conf, a.max_det, a.batch, io_tasks=a.io_tasks)
             t_ray = time.perf_counter() - t
         fa, fb = a.fields / t_seed, a.fields / t_ray
         print(f"(a) seed-style loop : {fa:.2f} fields/s, {cells_a} cells, peak RSS {m_seed.peak / 2**20:.0f} MiB")
@@ -207,7 +217,8 @@ def main() -> None:
         print(f"throughput ratio (b)/(a): {fb / fa:.2f} (target >= 1.5)")
         if a.onnx:
             t = time.perf_counter()
-            so = ray_run(plate, tmp / "onnx", a.model, a.imgsz, a.conf, a.max_det, a.batch, backend="onnx")
+            so = ray_run(plate, tmp / "onnx", a.model, a.imgsz, a.conf, a.max_det, a.batch, backend="onnx",
+                         io_tasks=a.io_tasks)
             fo = a.fields / (time.perf_counter() - t)
             print(f"(c) livecell-ray --backend onnx: {fo:.2f} fields/s, {so.cells} cells; ratio (c)/(b) "
                   f"{fo / fb:.2f}, (c)/(a) {fo / fa:.2f}")
@@ -218,11 +229,14 @@ def main() -> None:
             ray.shutdown()
             with PeakRSS() as m10:
                 t = time.perf_counter()
-                ray_run(plate10, tmp / "ray10", a.model, a.imgsz, a.conf, a.max_det, a.batch)
+                ray_run(plate10, tmp / "ray10", a.model, a.imgsz, a.conf, a.max_det, a.batch,
+                        io_tasks=a.io_tasks)
                 t10 = time.perf_counter() - t
             print(f"(b) on {10 * a.fields} fields: {10 * a.fields / t10:.2f} fields/s, "
                   f"peak RSS {m10.peak / 2**20:.0f} MiB; RSS ratio 10N/N {m10.peak / m_ray.peak:.3f} "
                   f"(target <= 1.1)")
+            print(f"    peak PSS (shared pages counted once) {m_ray.peak_pss / 2**20:.0f} -> "
+                  f"{m10.peak_pss / 2**20:.0f} MiB; PSS ratio 10N/N {m10.peak_pss / m_ray.peak_pss:.3f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -52,6 +52,8 @@ def segment(
     replicas: int = typer.Option(1, min=1, help="Model replicas (Ray actors)"),
     gpus_per_replica: float = typer.Option(0.0, min=0.0, help="GPUs per model replica (0: CPU)"),
     cpus_per_replica: float = typer.Option(0.5, min=0.01, help="CPUs reserved per model replica"),
+    io_tasks: int | None = typer.Option(None, min=1, help="Concurrent read tasks, and measure/write tasks "
+                                        "(default: half the cluster's CPUs each)"),
     pattern: str = typer.Option(LIVECELL_PATTERN, help="File-name regex with named groups"),
     manifest: str | None = typer.Option(None, help="Explicit CSV/Parquet manifest instead of scanning"),
     pixel_size: float | None = typer.Option(None, min=0.0, help="Micrometres per pixel (adds area_um2)"),
@@ -76,7 +78,7 @@ def segment(
     opts = parse_storage_options(storage_options)
     cfg = SegmentConfig(source=source, out=out, model=model, trust_weights=trust_weights, batch_size=batch_size,
                         replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
-                        pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
+                        io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
                         num_cpus=num_cpus, storage_options=opts, overwrite=overwrite, max_pixels=max_pixels,
                         inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend))
     if backend not in ("torch", "onnx"):

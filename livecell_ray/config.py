@@ -60,6 +60,10 @@ class SegmentConfig:
     overwrite: bool = False
     replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica
     object_store_budget_mb: int = 1024  # Ray Data's streaming budget: how far reading may run ahead
+    # Concurrent read tasks and concurrent measure/write tasks, each; None: half the cluster's CPUs.
+    # Each running task holds a worker process (numpy, zarr, scikit-image: ~150 MB), so the bound also
+    # bounds memory: fractional-CPU tasks would otherwise start four workers per CPU as a plate grows.
+    io_tasks: int | None = None
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
@@ -68,7 +72,7 @@ class SegmentConfig:
         d = dataclasses.asdict(self)
         for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite",
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
-                  "replica_resources", "max_pixels", "object_store_budget_mb"):
+                  "replica_resources", "max_pixels", "object_store_budget_mb", "io_tasks"):
             d.pop(k, None)
         return json.loads(json.dumps(d))
 
@@ -83,7 +87,7 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "batch_size": "batch_size", "storage_options": "storage_options", "pixel_size": "pixel_size",
               "pattern": "pattern", "manifest": "manifest", "trust_weights": "trust_weights",
               "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels",
-              "object_store_budget_mb": "object_store_budget_mb"}
+              "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks"}
 _INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half"}
 
 

@@ -334,16 +334,18 @@ def _stream(cfg: SegmentConfig, todo: pd.DataFrame, outputs: store.Outputs,
         r["crop"] = int(r["crop"])
     # Reading and writing are light: fractional CPUs keep them running beside the model actors, which
     # on a 2-CPU laptop would otherwise take every slot and starve the read tasks.
+    io_tasks = cfg.io_tasks or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     ds = ds.map(read_field, fn_kwargs={"storage_options": cfg.storage_options, "max_pixels": cfg.max_pixels,
-                                       "norm": cfg.normalize}, num_cpus=0.25)
+                                       "norm": cfg.normalize}, num_cpus=0.25, concurrency=io_tasks)
     ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"weights": weights, "inference": cfg.inference},
                         batch_size=cfg.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                         num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica or None,
                         resources=cfg.replica_resources or None, zero_copy_batch=False)
     ds = ds.map(finish_field, fn_kwargs={"out": outputs.url, "storage_options": cfg.storage_options,
-                                         "pixel_size": cfg.pixel_size, "provenance_meta": meta}, num_cpus=0.25)
+                                         "pixel_size": cfg.pixel_size, "provenance_meta": meta}, num_cpus=0.25,
+                concurrency=io_tasks)
     yield from ds.iter_rows()
 
 

@@ -13,8 +13,9 @@
 #   HOURS: training time per run (they run at the same time); DATA: Usiigaci-layout mask folder
 #   (default ../shared/data/usiigaci/train); SCALE: pixel-scale factor (default 0.5).
 # Environment: SYNTH (copy-paste fields, default 120), WORKERS (loader processes per run, default 3),
-# BATCH (default 16), RUNS (default all five). On a lent GPU machine without network, carry the
-# ultralytics/zarr wheels in .whl-train; results are packed into $OUT as runs.tar.part-* (15 MiB each).
+# BATCH (default 16), RUNS (default all five), MARGIN (seconds past HOURS before a run is stopped, 240).
+# On a lent GPU machine without network, carry .whl-train (benchmarks/gpu_kit.sh) and the data packed
+# by weights/pack_gpu_data.py; results are packed into $OUT as runs.tar.part-* (15 MiB each).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 H=${1:?hours per run}
