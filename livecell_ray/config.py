@@ -116,8 +116,9 @@ def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> S
               or ("dict" in t and isinstance(value, dict)) or (value is None and "None" in t))
         if not ok:
             raise SpecError(f"{where}: key '{name}' should be {t}, got {type(value).__name__} {value!r}")
-    if kwargs.get("replicas", 1) < 1 or kwargs.get("batch_size", 1) < 1:
-        raise SpecError(f"{where}: replicas and batch_size must be at least 1")
+    io_tasks = kwargs.get("io_tasks")
+    if kwargs.get("replicas", 1) < 1 or kwargs.get("batch_size", 1) < 1 or (io_tasks is not None and io_tasks < 1):
+        raise SpecError(f"{where}: replicas, batch_size and io_tasks must be at least 1")
     try:
         kwargs["inference"] = InferenceConfig(**inference)
     except TypeError as exc:

@@ -163,6 +163,19 @@ def test_submit_rejects_malformed_spec(tmp_path):
     assert p.returncode != 0 and "replicas" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_example_spec_parses_and_io_tasks_is_checked():
+    from livecell_ray.config import SpecError, segment_config_from_spec
+
+    spec = yaml.safe_load((ROOT / "jobs" / "example_spec.yaml").read_text())
+    cfg = segment_config_from_spec(spec)
+    assert cfg.io_tasks is None and cfg.source == "examples/livecell_plate"
+    assert segment_config_from_spec({**spec, "io_tasks": 3}).io_tasks == 3
+    with pytest.raises(SpecError, match="io_tasks must be at least 1"):
+        segment_config_from_spec({**spec, "io_tasks": 0})
+    with pytest.raises(SpecError, match="'io_tasks' should be"):
+        segment_config_from_spec({**spec, "io_tasks": "many"})
+
+
 # --------------------------------------------------------------------------- S3 through moto's server
 @pytest.fixture()
 def s3():
