@@ -6,7 +6,8 @@
 # On a normal GPU machine with the project installed, the same command works without .whl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+# The carried wheels only where the packages are missing (a lent machine), never over an installed project.
+if ! python3 -c "import ray, ultralytics, zarr, ome_zarr" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 fi

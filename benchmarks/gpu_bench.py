@@ -70,8 +70,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fields", type=int, default=2000)
     ap.add_argument("--model", default="small")
-    ap.add_argument("--replicas", default="1,4",
-                    help="comma-separated replica counts; the replicas of one run share the GPU")
+    ap.add_argument("--replicas", default=None,
+                    help="comma-separated replica counts; the replicas of one run share the GPU "
+                         "(default 1,4 on a GPU, 1 without)")
     ap.add_argument("--out", default=None, help="write results JSON here")
     a = ap.parse_args()
     import ray
@@ -92,7 +93,7 @@ def main() -> None:
         plate = build_plate(a.fields, tmp / "plate")
         batch = min(limit["best_batch"], 64)
         runs = []
-        for k, replicas in enumerate(int(r) for r in a.replicas.split(",")):
+        for k, replicas in enumerate(int(r) for r in (a.replicas or ("1,4" if gpu else "1")).split(",")):
             cfg = SegmentConfig(source=str(plate), out=str(tmp / f"out{k}"), model=a.model, batch_size=batch,
                                 replicas=replicas, gpus_per_replica=1.0 / replicas if gpu else 0.0,
                                 cpus_per_replica=1.0 if gpu else 0.5, inference=InferenceConfig(half=gpu or None))

@@ -13,7 +13,8 @@
 #   HOURS: training time per run (they run at the same time); DATA: Usiigaci-layout mask folder
 #   (default ../shared/data/usiigaci/train); SCALE: pixel-scale factor (default 0.5).
 # Environment: SYNTH (copy-paste fields, default 120), WORKERS (loader processes per run, default 3),
-# BATCH (default 16), RUNS (default all five), MARGIN (seconds past HOURS before a run is stopped, 240).
+# BATCH (default 16), RUNS (default all five), BIG_MODEL (default yolov8s-seg.yaml; weights/big.pt
+# continues the shipped big model), MARGIN (seconds past HOURS before a run is stopped, 240).
 # On a lent GPU machine without network, carry .whl-train (benchmarks/gpu_kit.sh) and the data packed
 # by weights/pack_gpu_data.py; results are packed into $OUT as runs.tar.part-* (15 MiB each).
 set -uo pipefail
@@ -24,8 +25,10 @@ SCALE=${3:-0.5}
 SYNTH=${SYNTH:-120}
 WORKERS=${WORKERS:-3}
 BATCH=${BATCH:-16}
+BIG_MODEL=${BIG_MODEL:-yolov8s-seg.yaml}
 RUNS=${RUNS:-defaults recipe recipe_copypaste big small_finetune}
-if [ -d .whl-train ] && ls .whl-train/*.whl >/dev/null 2>&1; then
+# The carried wheels only where the packages are missing (a lent machine), never over an installed project.
+if ! python3 -c "import ultralytics, zarr" 2>/dev/null && ls .whl-train/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl-train/*.whl || exit 1
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
@@ -49,7 +52,7 @@ for r in $RUNS; do
     defaults) start defaults --no-recipe ;;
     recipe) start recipe ;;
     recipe_copypaste) start recipe_copypaste "${CP[@]}" ;;
-    big) start big "${CP[@]}" --model yolov8s-seg.yaml ;;
+    big) start big "${CP[@]}" --model "$BIG_MODEL" ;;
     small_finetune) start small_finetune "${CP[@]}" --model weights/small.pt ;;
     *) echo "unknown run $r"; exit 2 ;;
   esac
