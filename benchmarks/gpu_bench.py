@@ -100,9 +100,9 @@ def main() -> None:
             pipeline.init_ray(cfg)
             # Warm-up run on a few fields so model loading and Ray start-up are not timed.
             warm = build_plate(min(a.fields, 2 * batch * replicas), tmp / f"warm{k}")
-            w = pipeline.run(dataclasses.replace(cfg, source=str(warm), out=str(tmp / f"warm-out{k}")))
-            if w.fields_failed:  # stop before spending device time on a plate that fails
-                for f in w.failures[:3]:
+            warm_run = pipeline.run(dataclasses.replace(cfg, source=str(warm), out=str(tmp / f"warm-out{k}")))
+            if warm_run.fields_failed:  # stop before spending device time on a plate that fails
+                for f in warm_run.failures[:3]:
                     print(f"warm-up field FAILED [{f['stage']}] {f['error']}", flush=True)
                 sys.exit(1)
             t0 = time.perf_counter()

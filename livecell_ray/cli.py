@@ -76,13 +76,15 @@ def segment(
     from livecell_ray.models import WeightsError
 
     opts = parse_storage_options(storage_options)
+    try:
+        inference = InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend)
+    except ValueError as exc:
+        fail(f"--backend: {exc}")
     cfg = SegmentConfig(source=source, out=out, model=model, trust_weights=trust_weights, batch_size=batch_size,
                         replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                         io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
                         num_cpus=num_cpus, storage_options=opts, overwrite=overwrite, max_pixels=max_pixels,
-                        inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend))
-    if backend not in ("torch", "onnx"):
-        fail(f"unknown --backend {backend!r}: use torch or onnx")
+                        inference=inference)
     try:
         import re
 

@@ -37,6 +37,10 @@ class InferenceConfig:
     half: bool | None = None  # None: fp16 exactly when on a GPU
     backend: str = "torch"  # "torch" or "onnx" (ONNX Runtime, exported by ultralytics; CPU speed-up)
 
+    def __post_init__(self) -> None:
+        if self.backend not in ("torch", "onnx"):
+            raise ValueError(f"unknown backend {self.backend!r}: use torch or onnx")
+
 
 @dataclass(frozen=True)
 class SegmentConfig:

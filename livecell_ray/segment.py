@@ -38,8 +38,6 @@ class Segmenter:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.half = self.cfg.half if self.cfg.half is not None else self.device.startswith("cuda")
         self.nets = {}
-        if self.cfg.backend not in ("torch", "onnx"):
-            raise ValueError(f"unknown backend {self.cfg.backend!r}: use torch or onnx")
         if self.cfg.backend == "onnx":
             self.device, self.half = "cpu", False
         for key, w in weights.items():
