@@ -72,7 +72,10 @@ def main() -> None:
     ap.add_argument("--model", default="small")
     ap.add_argument("--replicas", default=None,
                     help="comma-separated replica counts; the replicas of one run share the GPU "
-                         "(default 1,4 on a GPU, 1 without)")
+                         "(default 1,2 on a GPU, 1 without)")
+    ap.add_argument("--io-tasks", default=None,
+                    help="comma-separated read/measure task bounds to try (default: half the CPUs, and all "
+                         "but two of them on a GPU)")
     ap.add_argument("--out", default=None, help="write results JSON here")
     a = ap.parse_args()
     import ray
@@ -93,10 +96,15 @@ def main() -> None:
         plate = build_plate(a.fields, tmp / "plate")
         batch = min(limit["best_batch"], 64)
         runs = []
-        for k, replicas in enumerate(int(r) for r in (a.replicas or ("1,4" if gpu else "1")).split(",")):
+        cpus = os.cpu_count() or 2
+        io_default = f"{max(1, cpus // 2)},{max(1, cpus - 2)}" if gpu else str(max(1, cpus // 2))
+        grid = [(int(r), int(io)) for r in (a.replicas or ("1,2" if gpu else "1")).split(",")
+                for io in (a.io_tasks or io_default).split(",")]
+        for k, (replicas, io_tasks) in enumerate(grid):
             cfg = SegmentConfig(source=str(plate), out=str(tmp / f"out{k}"), model=a.model, batch_size=batch,
                                 replicas=replicas, gpus_per_replica=1.0 / replicas if gpu else 0.0,
-                                cpus_per_replica=1.0 if gpu else 0.5, inference=InferenceConfig(half=gpu or None))
+                                cpus_per_replica=1.0 if gpu else 0.5, io_tasks=io_tasks,
+                                inference=InferenceConfig(half=gpu or None))
             pipeline.init_ray(cfg)
             # Warm-up run on a few fields so model loading and Ray start-up are not timed.
             warm = build_plate(min(a.fields, 2 * batch * replicas), tmp / f"warm{k}")
@@ -109,7 +117,8 @@ def main() -> None:
             s = pipeline.run(cfg)
             t = time.perf_counter() - t0
             e2e = s.fields_done / t
-            runs.append({"replicas": replicas, "fields_per_s": e2e, "ratio": e2e / limit["best"],
+            runs.append({"replicas": replicas, "io_tasks": io_tasks, "fields_per_s": e2e,
+                         "ratio": e2e / limit["best"],
                          "fields": s.fields_done, "failed": s.fields_failed, "cells": s.cells, "seconds": t,
                          "first_failures": s.failures[:5]})
             if s.fields_failed:  # a benchmark of failing fields measures nothing: say why, loudly
@@ -118,10 +127,11 @@ def main() -> None:
                 for f in s.failures[:3]:
                     print(f"  [{f['stage']}] {f['error']}", flush=True)
             print(f"end-to-end livecell-ray segment: {e2e:.1f} fields/s ({s.fields_done} fields, {s.cells} cells, "
-                  f"batch {batch}, {replicas} replica(s) sharing the GPU)", flush=True)
+                  f"batch {batch}, {replicas} replica(s) sharing the GPU, io_tasks {io_tasks})", flush=True)
         best = max(runs, key=lambda r: r["fields_per_s"])
         print(f"forward-only limit (best batch {limit['best_batch']}): {limit['best']:.1f} fields/s")
-        print(f"ratio end-to-end / forward-only: {best['ratio']:.2f} with {best['replicas']} replica(s) "
+        print(f"ratio end-to-end / forward-only: {best['ratio']:.2f} with {best['replicas']} replica(s), "
+              f"io_tasks {best['io_tasks']} "
               f"(target >= 0.7); end-to-end {best['fields_per_s']:.1f} fields/s (target >= 1000)")
         res = {"limit": limit, "runs": runs, "end_to_end_fields_per_s": best["fields_per_s"],
                "ratio": best["ratio"], "batch": batch,

@@ -5,7 +5,8 @@
 Builds a plate of N LIVECell-size (704x520) fields by copying the real example images under new
 well names, then runs in this one script:
   (a) the seed-style loop: for each image, ultralytics predict at batch 1 with retina masks, a
-      label image from the dense masks, the same statistics, the same Zarr + Parquet files;
+      label image from the dense masks, the same statistics (through scikit-image's regionprops,
+      one cell at a time, as the seed measured them), the same Zarr + Parquet files;
   (b) livecell-ray segment (Ray Data, local, CPU) with the same weights and thresholds.
 Prints fields/s of both and their ratio, and the peak RSS (driver + Ray processes, sampled).
 Also times the mask post-processing alone: ultralytics' process_mask_native vs our box-local
@@ -94,7 +95,7 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
     from livecell_ray import manifest, store
     from livecell_ray.config import InferenceConfig
     from livecell_ray.imaging import normalize, read_image, to_rgb
-    from livecell_ray.measure import measure_cells, measure_field
+    from livecell_ray.measure import measure_cells_regionprops, measure_field
 
     model = YOLO(weights_path, task="segment")
     man = manifest.scan(str(plate)).fields
@@ -117,7 +118,8 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
                     kept += 1
                     labels[claim] = kept
                     confs.append(c[i])
-        cl = measure_cells(labels, raw.astype(np.float32), np.zeros(kept, np.int16), np.array(confs, np.float32))
+        cl = measure_cells_regionprops(labels, raw.astype(np.float32), np.zeros(kept, np.int16),
+                                       np.array(confs, np.float32))
         measure_field(labels, raw)
         store.write_masks(outputs, row.plate, row.row, row.column, row.site, row.t_index, row.n_timepoints, img,
                           labels)

@@ -36,6 +36,7 @@ class InferenceConfig:
     mask_threshold: float = 0.5
     half: bool | None = None  # None: fp16 exactly when on a GPU
     backend: str = "torch"  # "torch" or "onnx" (ONNX Runtime, exported by ultralytics; CPU speed-up)
+    paint_on_device: bool | None = None  # None: label images are painted on the GPU when the model is on one
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "onnx"):

@@ -33,3 +33,16 @@ def test_onnx_backend_matches_torch(tmp_path, monkeypatch):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         Segmenter(models.resolve_map("small"), InferenceConfig(backend="tpu"))
+
+
+def test_painting_on_the_device_matches_box_local_painting():
+    """The GPU's painting path (forced here on the CPU) gives the box-local painter's labels."""
+    imgs = [normalize(read_image(str(p))) for p in sorted(EXAMPLES.glob("*.tif"))[:2]]
+    w = models.resolve_map("small")
+    cpu = Segmenter(w, InferenceConfig(paint_on_device=False))(imgs)
+    dev = Segmenter(w, InferenceConfig(paint_on_device=True))(imgs)
+    for a, b in zip(cpu, dev):
+        assert a.labels.max() > 50 and a.labels.dtype == b.labels.dtype == np.uint32
+        assert a.labels.max() == b.labels.max()
+        np.testing.assert_array_equal(a.confidences, b.confidences)
+        assert (a.labels != b.labels).mean() < 1e-4

@@ -68,3 +68,24 @@ def test_empty():
     lab, kept = L.paint(np.zeros((32, 16, 16), np.float32), np.zeros((0, 32), np.float32),
                         np.zeros((0, 4), np.float32), np.zeros(0, np.float32), (64, 64), ax)
     assert lab.shape == (64, 64) and lab.max() == 0 and len(kept) == 0
+
+
+@pytest.mark.parametrize("h,w,ih,iw,chunk", [(520, 704, 544, 704, 128), (300, 200, 704, 480, 7)])
+def test_paint_on_device_equals_box_local_paint(h, w, ih, iw, chunk):
+    """The GPU painter (run here on the CPU: same code, same tensors) gives the same labels and order."""
+    rng = np.random.default_rng(h + w)
+    mh, mw = ih // 4, iw // 4
+    protos, coeffs, boxes, conf = _instances(rng, h, w, mh, mw, 300)
+    fast, kept = L.paint(protos, coeffs, boxes, conf, (h, w), L.axis_weights((mh, mw), (h, w)))
+    dev, kept_d = L.paint_torch(torch.from_numpy(protos), torch.from_numpy(coeffs), torch.from_numpy(boxes),
+                                torch.from_numpy(conf), (h, w), chunk=chunk)
+    dev = dev.numpy()
+    assert fast.max() > 100
+    assert np.array_equal(kept, kept_d)
+    for k in range(1, int(fast.max()) + 1):
+        a, b = fast == k, dev == k
+        assert (a & b).sum() / (a | b).sum() >= 0.99
+    assert (fast != dev).mean() < 1e-4
+    empty, none = L.paint_torch(torch.from_numpy(protos), torch.zeros((0, 32)), torch.zeros((0, 4)),
+                                torch.zeros(0), (h, w))
+    assert empty.shape == (h, w) and int(empty.max()) == 0 and len(none) == 0
