@@ -35,6 +35,15 @@ from livecell_ray import offline  # noqa: E402
 offline.configure()
 
 
+def _title(cmdline: list[str]) -> str:
+    """ray::<what it runs> for a Ray worker, else the program (or Python script) name."""
+    if cmdline and cmdline[0].startswith("ray::"):
+        return cmdline[0].split("(")[0] if "MapBatches" not in cmdline[0] else cmdline[0]
+    args = [c for c in cmdline if not c.startswith("-")]
+    script = next((c for c in args[1:] if c.endswith(".py")), None) if args and "python" in args[0] else None
+    return Path(script or (args[0] if args else "?")).name
+
+
 class PeakRSS:
     """Peak memory of this process and all its descendants (Ray's raylet and workers).
 
@@ -47,6 +56,7 @@ class PeakRSS:
         import psutil
 
         self.proc, self.interval, self.peak, self.peak_pss, self._stop = psutil.Process(), interval, 0, 0, False
+        self.by_process: dict[int, tuple[str, int, int]] = {}  # pid -> (title, peak RSS, peak PSS)
 
     def _total(self) -> tuple[int, int]:
         rss = pss = 0
@@ -55,9 +65,22 @@ class PeakRSS:
                 info = p.memory_full_info()  # Linux: reads smaps_rollup for pss
                 rss += info.rss
                 pss += getattr(info, "pss", info.rss)
+                title, r0, p0 = self.by_process.get(p.pid) or ("", 0, 0)
+                if not title.startswith("ray::") or title == "ray::IDLE":  # Ray retitles workers as they work
+                    title = _title(p.cmdline())
+                self.by_process[p.pid] = (title, max(r0, info.rss), max(p0, getattr(info, "pss", info.rss)))
             except Exception:
                 pass
         return rss, pss
+
+    def breakdown(self) -> dict[str, tuple[int, int, int]]:
+        """Peak RSS and PSS summed per process title (Ray names its workers ray::<task or actor>), with counts."""
+        out: dict[str, tuple[int, int, int]] = {}
+        for title, r, p in self.by_process.values():
+            n, r0, p0 = out.get(title, (0, 0, 0))
+            out[title] = (n + 1, r0 + r, p0 + p)
+        return out
+
 
     def __enter__(self):
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -130,12 +153,13 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
 
 
 def ray_run(plate: Path, out: Path, model: str, imgsz: int, conf: float, max_det: int, batch: int,
-            backend: str = "torch", io_tasks: int | None = None):
+            backend: str = "torch", io_tasks: int | None = None, object_store_mb: int | None = None):
     from livecell_ray import pipeline
     from livecell_ray.config import InferenceConfig, SegmentConfig
 
+    extra = {"object_store_budget_mb": object_store_mb} if object_store_mb else {}
     cfg = SegmentConfig(source=str(plate), out=str(out), model=model, batch_size=batch, trust_weights=True,
-                        io_tasks=io_tasks,
+                        io_tasks=io_tasks, **extra,
                         inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend))
     return pipeline.run(cfg)
 
@@ -239,6 +263,12 @@ def main() -> None:
                   f"(target <= 1.1)")
             print(f"    peak PSS (shared pages counted once) {m_ray.peak_pss / 2**20:.0f} -> "
                   f"{m10.peak_pss / 2**20:.0f} MiB; PSS ratio 10N/N {m10.peak_pss / m_ray.peak_pss:.3f}")
+            small, big = m_ray.breakdown(), m10.breakdown()
+            print(f"    per process (peak, summed per title): {'N':>22s} {'10N':>22s}")
+            for title in sorted(set(small) | set(big), key=lambda t: -big.get(t, (0, 0, 0))[1]):
+                (n0, r0, p0), (n1, r1, p1) = small.get(title, (0, 0, 0)), big.get(title, (0, 0, 0))
+                print(f"    {title[:36]:36s} {n0:2d}x RSS {r0 / 2**20:5.0f} PSS {p0 / 2**20:5.0f}  "
+                      f"{n1:2d}x RSS {r1 / 2**20:5.0f} PSS {p1 / 2**20:5.0f} MiB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -46,3 +46,26 @@ def test_painting_on_the_device_matches_box_local_painting():
         assert a.labels.max() == b.labels.max()
         np.testing.assert_array_equal(a.confidences, b.confidences)
         assert (a.labels != b.labels).mean() < 1e-4
+
+
+def test_nms_runs_in_torchvision_not_the_python_loop():
+    """ultralytics falls back to a Python-loop NMS unless torchvision is imported (100 ms a field on an
+    H100); the Segmenter must take the torchvision kernel even in a fresh process."""
+    import subprocess
+    import sys
+
+    field = sorted(EXAMPLES.glob("*.tif"))[0]
+    code = (
+        "from livecell_ray import offline; offline.configure()\n"
+        "from ultralytics.utils import nms\n"
+        "def loop(*a, **k): raise AssertionError('Python-loop NMS used')\n"
+        "nms.TorchNMS.nms = staticmethod(loop)\n"
+        "from livecell_ray import models\n"
+        "from livecell_ray.imaging import normalize, read_image\n"
+        "from livecell_ray.segment import Segmenter\n"
+        f"r = Segmenter(models.resolve_map('small'))([normalize(read_image({str(field)!r}))])\n"
+        "print('cells', int(r[0].labels.max()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split("cells")[-1]) > 50
