@@ -5,6 +5,7 @@
 
 (1) the limit: the network alone, fp16, on 704x520 fields (letterboxed to 544x704), at batch sizes
     8..256, inputs already on the GPU; the best fields/s is the ceiling for any pipeline;
+    then the model side alone (letterbox, forward, NMS, painting) on real fields, one replica;
 (2) the pipeline: Ray Data read/decode on CPU tasks -> one model replica on the GPU (fp16) -> NMS,
     box-local painting -> regionprops and Zarr/Parquet writes on CPU tasks, over N real LIVECell fields.
 Prints both, their ratio (target >= 0.7) and the end-to-end fields/s (target >= 1,000 for n-seg on
@@ -66,6 +67,46 @@ def forward_limit(weights: str, batches: list[int], seconds: float = 5.0) -> dic
     return {"device": dev, "by_batch": out, "best_batch": max(out, key=out.get), "best": max(out.values())}
 
 
+def segmenter_limit(weights: str, batch: int, seconds: float = 5.0) -> float:
+    """The model side alone on real fields: letterbox, forward, NMS, painting, labels back on the host.
+
+    Between the forward-only limit and end-to-end: what one replica can do if reading and measuring
+    never held it up.
+    """
+    import numpy as np
+
+    from livecell_ray import models
+    from livecell_ray.imaging import normalize, read_image
+    from livecell_ray.segment import Segmenter
+
+    fields = [normalize(read_image(str(p))) for p in sorted((ROOT / "examples" / "livecell_plate").glob("*.tif"))]
+    images = [fields[i % len(fields)] for i in range(batch)]
+    seg = Segmenter({models.DEFAULT_KEY: models.Weights("bench", weights, "")})
+    seg(images)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        cells = sum(int(np.max(r.labels)) for r in seg(images))
+        n += batch
+    rate = n / (time.perf_counter() - t0)
+    print(f"model side (letterbox, forward, NMS, painting on {seg.device}), batch {batch}: {rate:.1f} fields/s "
+          f"({cells} cells per batch)", flush=True)
+    return rate
+
+
+class Progress:
+    """Prints fields/s every few seconds, so a run cut short by a time limit still says how fast it went."""
+
+    def __init__(self, every: float = 10.0):
+        self.t0 = self.last = time.perf_counter()
+        self.every = every
+
+    def __call__(self, summary: dict, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"  ... {done}/{total} fields, {done / (now - self.t0):.1f} fields/s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fields", type=int, default=2000)
@@ -95,6 +136,7 @@ def main() -> None:
     try:
         plate = build_plate(a.fields, tmp / "plate")
         batch = min(limit["best_batch"], 64)
+        model_side = segmenter_limit(w.path, batch, 5.0 if gpu else 2.0)
         runs = []
         cpus = os.cpu_count() or 2
         io_default = f"{max(1, cpus // 2)},{max(1, cpus - 2)}" if gpu else str(max(1, cpus // 2))
@@ -114,7 +156,7 @@ def main() -> None:
                     print(f"warm-up field FAILED [{f['stage']}] {f['error']}", flush=True)
                 sys.exit(1)
             t0 = time.perf_counter()
-            s = pipeline.run(cfg)
+            s = pipeline.run(cfg, progress=Progress())
             t = time.perf_counter() - t0
             e2e = s.fields_done / t
             runs.append({"replicas": replicas, "io_tasks": io_tasks, "fields_per_s": e2e,
@@ -129,11 +171,13 @@ def main() -> None:
             print(f"end-to-end livecell-ray segment: {e2e:.1f} fields/s ({s.fields_done} fields, {s.cells} cells, "
                   f"batch {batch}, {replicas} replica(s) sharing the GPU, io_tasks {io_tasks})", flush=True)
         best = max(runs, key=lambda r: r["fields_per_s"])
-        print(f"forward-only limit (best batch {limit['best_batch']}): {limit['best']:.1f} fields/s")
+        print(f"forward-only limit (best batch {limit['best_batch']}): {limit['best']:.1f} fields/s; model side "
+              f"{model_side:.1f} fields/s per replica")
         print(f"ratio end-to-end / forward-only: {best['ratio']:.2f} with {best['replicas']} replica(s), "
               f"io_tasks {best['io_tasks']} "
               f"(target >= 0.7); end-to-end {best['fields_per_s']:.1f} fields/s (target >= 1000)")
-        res = {"limit": limit, "runs": runs, "end_to_end_fields_per_s": best["fields_per_s"],
+        res = {"limit": limit, "model_side_fields_per_s": model_side, "runs": runs,
+               "end_to_end_fields_per_s": best["fields_per_s"],
                "ratio": best["ratio"], "batch": batch,
                "device": torch.cuda.get_device_name(0) if gpu else "cpu", "cpus": os.cpu_count()}
         if a.out:

@@ -10,7 +10,8 @@ well names, then runs in this one script:
   (b) livecell-ray segment (Ray Data, local, CPU) with the same weights and thresholds.
 Prints fields/s of both and their ratio, and the peak RSS (driver + Ray processes, sampled).
 Also times the mask post-processing alone: ultralytics' process_mask_native vs our box-local
-painting on the same instances. --memory repeats (b) on 10N fields and prints the RSS ratio;
+painting on the same instances. --memory runs (b) on N and on 10N fields, each in a fresh process,
+and prints the peak RSS and PSS ratios with a per-process breakdown;
 --onnx adds (c), the pipeline with the ONNX Runtime backend.
 """
 
@@ -52,10 +53,10 @@ class PeakRSS:
     is the physical memory the whole job holds. Both are sampled every `interval` seconds.
     """
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.1, pid: int | None = None):
         import psutil
 
-        self.proc, self.interval, self.peak, self.peak_pss, self._stop = psutil.Process(), interval, 0, 0, False
+        self.proc, self.interval, self.peak, self.peak_pss, self._stop = psutil.Process(pid), interval, 0, 0, False
         self.by_process: dict[int, tuple[str, int, int]] = {}  # pid -> (title, peak RSS, peak PSS)
 
     def _total(self) -> tuple[int, int]:
@@ -164,6 +165,23 @@ def ray_run(plate: Path, out: Path, model: str, imgsz: int, conf: float, max_det
     return pipeline.run(cfg)
 
 
+def isolated_run(a: argparse.Namespace, plate: Path, out: Path) -> tuple[float, PeakRSS]:
+    """`livecell-ray segment` over the plate in a child Python process; its fields/s and peak memory."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--child-run", str(plate), str(out), "--model", a.model, "--imgsz",
+           str(a.imgsz), "--conf", str(a.conf), "--max-det", str(a.max_det), "--batch", str(a.batch)]
+    if a.io_tasks:
+        cmd += ["--io-tasks", str(a.io_tasks)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    with PeakRSS(pid=proc.pid) as m:
+        stdout, _ = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"child run over {plate} failed ({proc.returncode})")
+    return json.loads(stdout.strip().splitlines()[-1])["fields_per_s"], m
+
+
 def postprocess_ratio(weights_path: str, imgsz: int, conf: float, max_det: int, repeats: int = 3) -> None:
     """ultralytics' dense retina-mask step vs box-local painting on the same real instances."""
     import torch
@@ -218,7 +236,16 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also run 10N fields and compare peak RSS")
     ap.add_argument("--io-tasks", type=int, default=None, help="read and measure/write task bound each")
     ap.add_argument("--onnx", action="store_true", help="also run --backend onnx (ONNX Runtime, CPU)")
+    ap.add_argument("--child-run", nargs=2, metavar=("PLATE", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child_run:  # one measured run of --memory, in its own process
+        import json
+
+        t = time.perf_counter()
+        n = ray_run(Path(a.child_run[0]), Path(a.child_run[1]), a.model, a.imgsz, a.conf, a.max_det, a.batch,
+                    io_tasks=a.io_tasks).fields_done
+        print(json.dumps({"fields_per_s": n / (time.perf_counter() - t)}))
+        return
     from livecell_ray import models
 
     w = models.resolve(a.model, trust=True)
@@ -249,21 +276,20 @@ def main() -> None:
             print(f"(c) livecell-ray --backend onnx: {fo:.2f} fields/s, {so.cells} cells; ratio (c)/(b) "
                   f"{fo / fb:.2f}, (c)/(a) {fo / fa:.2f}")
         if a.memory:
-            plate10 = build_plate(10 * a.fields, tmp / "plate10")
+            # Each size in a fresh process of its own, so neither run carries the other's (or the seed
+            # loop's) memory: the driver plus its Ray processes, nothing else.
             import ray
 
             ray.shutdown()
-            with PeakRSS() as m10:
-                t = time.perf_counter()
-                ray_run(plate10, tmp / "ray10", a.model, a.imgsz, a.conf, a.max_det, a.batch,
-                        io_tasks=a.io_tasks)
-                t10 = time.perf_counter() - t
-            print(f"(b) on {10 * a.fields} fields: {10 * a.fields / t10:.2f} fields/s, "
-                  f"peak RSS {m10.peak / 2**20:.0f} MiB; RSS ratio 10N/N {m10.peak / m_ray.peak:.3f} "
-                  f"(target <= 1.1)")
-            print(f"    peak PSS (shared pages counted once) {m_ray.peak_pss / 2**20:.0f} -> "
-                  f"{m10.peak_pss / 2**20:.0f} MiB; PSS ratio 10N/N {m10.peak_pss / m_ray.peak_pss:.3f}")
-            small, big = m_ray.breakdown(), m10.breakdown()
+            plate10 = build_plate(10 * a.fields, tmp / "plate10")
+            (f1, m1), (f10, m10) = (isolated_run(a, p, tmp / f"mem{k}") for k, p in enumerate((plate, plate10)))
+            print(f"memory, each run in a fresh process: {a.fields} fields {f1:.2f} fields/s, {10 * a.fields} fields "
+                  f"{f10:.2f} fields/s")
+            print(f"    peak RSS {m1.peak / 2**20:.0f} -> {m10.peak / 2**20:.0f} MiB; RSS ratio 10N/N "
+                  f"{m10.peak / m1.peak:.3f} (target <= 1.1)")
+            print(f"    peak PSS (shared pages counted once) {m1.peak_pss / 2**20:.0f} -> "
+                  f"{m10.peak_pss / 2**20:.0f} MiB; PSS ratio 10N/N {m10.peak_pss / m1.peak_pss:.3f}")
+            small, big = m1.breakdown(), m10.breakdown()
             print(f"    per process (peak, summed per title): {'N':>22s} {'10N':>22s}")
             for title in sorted(set(small) | set(big), key=lambda t: -big.get(t, (0, 0, 0))[1]):
                 (n0, r0, p0), (n1, r1, p1) = small.get(title, (0, 0, 0)), big.get(title, (0, 0, 0))
