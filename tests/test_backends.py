@@ -69,3 +69,19 @@ def test_nms_runs_in_torchvision_not_the_python_loop():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.split("cells")[-1]) > 50
+
+
+@pytest.mark.parametrize("shape", [(520, 704), (512, 700), (1022, 1024), (300, 200)])
+def test_letterbox_on_device_equals_ultralytics(shape):
+    """Pad-only fields are padded on the device; the tensor equals ultralytics' LetterBox either way."""
+    from ultralytics.data.augment import LetterBox
+
+    from livecell_ray.imaging import to_rgb
+    from livecell_ray.segment import letterbox
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(3)]
+    ref = np.stack([LetterBox((704, 704), auto=True, stride=32)(image=to_rgb(im)) for im in images])
+    got = letterbox(images, 704, "cpu").permute(0, 2, 3, 1).numpy()
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, ref)
