@@ -154,11 +154,13 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
 
 
 def ray_run(plate: Path, out: Path, model: str, imgsz: int, conf: float, max_det: int, batch: int,
-            backend: str = "torch", io_tasks: int | None = None, object_store_mb: int | None = None):
+            backend: str = "torch", io_tasks: int | None = None, object_store_mb: int | None = None,
+            io_worker_max_fields: int | None = 2000):
     from livecell_ray import pipeline
     from livecell_ray.config import InferenceConfig, SegmentConfig
 
     extra = {"object_store_budget_mb": object_store_mb} if object_store_mb else {}
+    extra["io_worker_max_fields"] = io_worker_max_fields or None
     cfg = SegmentConfig(source=str(plate), out=str(out), model=model, batch_size=batch, trust_weights=True,
                         io_tasks=io_tasks, **extra,
                         inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend))
@@ -174,6 +176,7 @@ def isolated_run(a: argparse.Namespace, plate: Path, out: Path) -> tuple[float, 
            str(a.imgsz), "--conf", str(a.conf), "--max-det", str(a.max_det), "--batch", str(a.batch)]
     if a.io_tasks:
         cmd += ["--io-tasks", str(a.io_tasks)]
+    cmd += ["--io-worker-max-fields", str(a.io_worker_max_fields)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     with PeakRSS(pid=proc.pid) as m:
         stdout, _ = proc.communicate()
@@ -236,6 +239,8 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also run 10N fields and compare peak RSS")
     ap.add_argument("--io-tasks", type=int, default=None, help="read and measure/write task bound each")
     ap.add_argument("--onnx", action="store_true", help="also run --backend onnx (ONNX Runtime, CPU)")
+    ap.add_argument("--io-worker-max-fields", type=int, default=2000,
+                    help="fields per I/O worker process before it is replaced (0: never)")
     ap.add_argument("--child-run", nargs=2, metavar=("PLATE", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child_run:  # one measured run of --memory, in its own process
@@ -243,7 +248,7 @@ def main() -> None:
 
         t = time.perf_counter()
         n = ray_run(Path(a.child_run[0]), Path(a.child_run[1]), a.model, a.imgsz, a.conf, a.max_det, a.batch,
-                    io_tasks=a.io_tasks).fields_done
+                    io_tasks=a.io_tasks, io_worker_max_fields=a.io_worker_max_fields).fields_done
         print(json.dumps({"fields_per_s": n / (time.perf_counter() - t)}))
         return
     from livecell_ray import models
@@ -261,7 +266,8 @@ def main() -> None:
             t_seed = time.perf_counter() - t
         with PeakRSS() as m_ray:
             t = time.perf_counter()
-            s = ray_run(plate, tmp / "ray", a.model, a.imgsz, a.conf, a.max_det, a.batch, io_tasks=a.io_tasks)
+            s = ray_run(plate, tmp / "ray", a.model, a.imgsz, a.conf, a.max_det, a.batch, io_tasks=a.io_tasks,
+                        io_worker_max_fields=a.io_worker_max_fields)
             t_ray = time.perf_counter() - t
         fa, fb = a.fields / t_seed, a.fields / t_ray
         print(f"(a) seed-style loop : {fa:.2f} fields/s, {cells_a} cells, peak RSS {m_seed.peak / 2**20:.0f} MiB")
@@ -271,7 +277,7 @@ def main() -> None:
         if a.onnx:
             t = time.perf_counter()
             so = ray_run(plate, tmp / "onnx", a.model, a.imgsz, a.conf, a.max_det, a.batch, backend="onnx",
-                         io_tasks=a.io_tasks)
+                         io_tasks=a.io_tasks, io_worker_max_fields=a.io_worker_max_fields)
             fo = a.fields / (time.perf_counter() - t)
             print(f"(c) livecell-ray --backend onnx: {fo:.2f} fields/s, {so.cells} cells; ratio (c)/(b) "
                   f"{fo / fb:.2f}, (c)/(a) {fo / fa:.2f}")

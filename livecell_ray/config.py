@@ -69,6 +69,10 @@ class SegmentConfig:
     # Each running task holds a worker process (numpy, zarr, scikit-image: ~150 MB), so the bound also
     # bounds memory: fractional-CPU tasks would otherwise start four workers per CPU as a plate grows.
     io_tasks: int | None = None
+    # An I/O worker process is replaced after this many fields: zarr, Arrow and the allocator keep about
+    # 70 KB a field that no call gives back, which over a 100,000-field run would be gigabytes per worker.
+    # A fresh worker costs a second or two of start-up; None keeps workers for the whole run.
+    io_worker_max_fields: int | None = 2000
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
@@ -77,7 +81,8 @@ class SegmentConfig:
         d = dataclasses.asdict(self)
         for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite",
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
-                  "replica_resources", "max_pixels", "object_store_budget_mb", "io_tasks"):
+                  "replica_resources", "max_pixels", "object_store_budget_mb", "io_tasks",
+                  "io_worker_max_fields"):
             d.pop(k, None)
         return json.loads(json.dumps(d))
 
@@ -92,7 +97,8 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "batch_size": "batch_size", "storage_options": "storage_options", "pixel_size": "pixel_size",
               "pattern": "pattern", "manifest": "manifest", "trust_weights": "trust_weights",
               "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels",
-              "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks"}
+              "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
+              "io_worker_max_fields": "io_worker_max_fields"}
 _INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half"}
 
 
@@ -121,9 +127,9 @@ def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> S
               or ("dict" in t and isinstance(value, dict)) or (value is None and "None" in t))
         if not ok:
             raise SpecError(f"{where}: key '{name}' should be {t}, got {type(value).__name__} {value!r}")
-    io_tasks = kwargs.get("io_tasks")
-    if kwargs.get("replicas", 1) < 1 or kwargs.get("batch_size", 1) < 1 or (io_tasks is not None and io_tasks < 1):
-        raise SpecError(f"{where}: replicas, batch_size and io_tasks must be at least 1")
+    at_least_one = [kwargs.get(k) for k in ("replicas", "batch_size", "io_tasks", "io_worker_max_fields")]
+    if any(v is not None and v < 1 for v in at_least_one):
+        raise SpecError(f"{where}: replicas, batch_size, io_tasks and io_worker_max_fields must be at least 1")
     try:
         kwargs["inference"] = InferenceConfig(**inference)
     except TypeError as exc:

@@ -145,7 +145,7 @@ def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any],
     summary = {"field_id": fid, "path": str(row["path"]), "status": str(row["status"]), "n_cells": 0,
                "stage": str(row["stage"]), "error": str(row["error"]), "model_node": str(row.get("model_node", "")),
                "model_pid": int(row.get("model_pid", 0)),
-               "measure_node": ray.get_runtime_context().get_node_id()}
+               "measure_node": ray.get_runtime_context().get_node_id(), "measure_pid": os.getpid()}
     if summary["status"] == "ok":
         try:
             labels = np.asarray(row["labels"])
@@ -336,9 +336,14 @@ def _stream(cfg: SegmentConfig, todo: pd.DataFrame, outputs: store.Outputs,
     # Reading and writing are light: fractional CPUs keep them running beside the model actors, which
     # on a 2-CPU laptop would otherwise take every slot and starve the read tasks.
     io_tasks = cfg.io_tasks or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    io_pool = ray.data.TaskPoolStrategy(size=io_tasks)
+    # max_calls counts tasks: a read task gets one field, a measure/write task one model batch.
+    n = cfg.io_worker_max_fields
+    recycle_read = {"max_calls": n} if n else {}
+    recycle_finish = {"max_calls": max(1, -(-n // cfg.batch_size))} if n else {}
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     ds = ds.map(read_field, fn_kwargs={"storage_options": cfg.storage_options, "max_pixels": cfg.max_pixels,
-                                       "norm": cfg.normalize}, num_cpus=0.25, concurrency=io_tasks)
+                                       "norm": cfg.normalize}, num_cpus=0.25, compute=io_pool, **recycle_read)
     ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"weights": weights, "inference": cfg.inference},
                         batch_size=cfg.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
@@ -346,7 +351,7 @@ def _stream(cfg: SegmentConfig, todo: pd.DataFrame, outputs: store.Outputs,
                         resources=cfg.replica_resources or None, zero_copy_batch=False)
     ds = ds.map(finish_field, fn_kwargs={"out": outputs.url, "storage_options": cfg.storage_options,
                                          "pixel_size": cfg.pixel_size, "provenance_meta": meta}, num_cpus=0.25,
-                concurrency=io_tasks)
+                compute=io_pool, **recycle_finish)
     yield from ds.iter_rows()
 
 

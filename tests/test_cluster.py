@@ -170,8 +170,11 @@ def test_example_spec_parses_and_io_tasks_is_checked():
     cfg = segment_config_from_spec(spec)
     assert cfg.io_tasks is None and cfg.source == "examples/livecell_plate"
     assert segment_config_from_spec({**spec, "io_tasks": 3}).io_tasks == 3
-    with pytest.raises(SpecError, match="io_tasks must be at least 1"):
+    with pytest.raises(SpecError, match="io_tasks and io_worker_max_fields must be at least 1"):
         segment_config_from_spec({**spec, "io_tasks": 0})
+    with pytest.raises(SpecError, match="must be at least 1"):
+        segment_config_from_spec({**spec, "io_worker_max_fields": 0})
+    assert segment_config_from_spec({**spec, "io_worker_max_fields": None}).io_worker_max_fields is None
     with pytest.raises(SpecError, match="'io_tasks' should be"):
         segment_config_from_spec({**spec, "io_tasks": "many"})
 

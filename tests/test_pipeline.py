@@ -37,9 +37,11 @@ def plate(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(plate, tmp_path_factory, ray_module):
     out = tmp_path_factory.mktemp("out") / "run"
-    cfg = SegmentConfig(source=str(plate), out=str(out), batch_size=3, pixel_size=0.5)
+    # I/O workers are replaced every 3 fields here, so the run also shows that replacing them loses nothing.
+    cfg = SegmentConfig(source=str(plate), out=str(out), batch_size=3, pixel_size=0.5, io_worker_max_fields=3)
     seen = []
-    summary = pipeline.run(cfg, lambda res, done, total: seen.append((res["field_id"], done, total)))
+    summary = pipeline.run(cfg, lambda res, done, total: seen.append((res["field_id"], done, total,
+                                                                      res["measure_pid"])))
     return cfg, summary, out, seen
 
 
@@ -53,7 +55,8 @@ def _raw(path: str) -> np.ndarray:
 def test_every_field_once(result):
     cfg, summary, out, seen = result
     assert summary.fields_total == 13 and summary.fields_done == 13 and summary.fields_failed == 0
-    assert len(seen) == 13 and seen[-1][1:] == (13, 13)
+    assert len(seen) == 13 and seen[-1][1:3] == (13, 13)
+    assert len({pid for *_, pid in seen}) >= 13 // 3, "measure/write workers were not replaced"
     fields = store.Outputs(str(out)).read_table("fields")
     assert len(fields) == 13 and fields["field_id"].is_unique
     assert set(fields["status"]) == {"ok"}
