@@ -143,4 +143,4 @@ def letterbox(images: list[np.ndarray], imgsz: int, device: str):
         g = F.pad(g, (p["left"], p["right"], p["top"], p["bottom"]), value=lb.padding_value)
         return g.unsqueeze(1).expand(-1, 3, -1, -1)
     batch = np.stack([lb(image=to_rgb(im)) for im in images])
-    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
+    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).contiguous()
