@@ -5,7 +5,8 @@
 # It stops after the warm-up, printing the reason, if fields fail there (a missing package, say).
 # On a normal GPU machine with the project installed, the same command works without .whl.
 # A lent machine takes at most 64 MiB of working tree plus carried paths: the tracked tree (about 37 MB)
-# and .whl (about 49 MB) only fit with weights/big.pt moved aside for the call (the benchmark uses small.pt).
+# and .whl (about 49 MB) only fit with weights/big.pt moved aside for the call (the benchmark uses small.pt);
+# put it back before committing anything, or `git add -A` records its deletion.
 # Output is unbuffered and the pipeline prints fields/s every 10 s, so a run cut short still reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
