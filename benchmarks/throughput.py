@@ -154,15 +154,12 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
 
 
 def ray_run(plate: Path, out: Path, model: str, imgsz: int, conf: float, max_det: int, batch: int,
-            backend: str = "torch", io_tasks: int | None = None, object_store_mb: int | None = None,
-            io_worker_max_fields: int | None = 2000):
+            backend: str = "torch", io_tasks: int | None = None, io_worker_max_fields: int | None = 2000):
     from livecell_ray import pipeline
     from livecell_ray.config import InferenceConfig, SegmentConfig
 
-    extra = {"object_store_budget_mb": object_store_mb} if object_store_mb else {}
-    extra["io_worker_max_fields"] = io_worker_max_fields or None
     cfg = SegmentConfig(source=str(plate), out=str(out), model=model, batch_size=batch, trust_weights=True,
-                        io_tasks=io_tasks, **extra,
+                        io_tasks=io_tasks, io_worker_max_fields=io_worker_max_fields or None,
                         inference=InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend))
     return pipeline.run(cfg)
 

@@ -122,7 +122,7 @@ def convex_areas(labels: np.ndarray, k: int) -> np.ndarray:
     minorant of the left ends and the concave majorant of the right ends, so its area is the integral
     of their difference, for all cells at once.
     """
-    h, w = labels.shape
+    w = labels.shape[1]
     flat = labels.ravel()
     change = np.ones(flat.size, bool)
     change[1:] = flat[1:] != flat[:-1]
@@ -170,7 +170,7 @@ def measure_cells(labels: np.ndarray, intensity: np.ndarray, class_ids: np.ndarr
     if len(area) != k or (area == 0).any():
         present = np.flatnonzero(np.bincount(flat)[1:]) + 1
         raise ValueError(f"label image holds labels {present[:5]}... but {k} instances were painted")
-    h, w = labels.shape
+    w = labels.shape[1]
     fg = flat != 0
     lab = flat[fg]
     idx = np.flatnonzero(fg)

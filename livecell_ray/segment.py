@@ -42,8 +42,9 @@ class Segmenter:
         self.cfg = inference or InferenceConfig()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.half = self.cfg.half if self.cfg.half is not None else self.device.startswith("cuda")
-        self.paint_on_device = (self.cfg.paint_on_device if self.cfg.paint_on_device is not None
-                                else self.device.startswith("cuda"))
+        # ONNX Runtime hands back host arrays: its masks are always painted box-local.
+        self.paint_on_device = self.cfg.backend == "torch" and (
+            self.cfg.paint_on_device if self.cfg.paint_on_device is not None else self.device.startswith("cuda"))
         self.nets = {}
         if self.cfg.backend == "onnx":
             self.device, self.half = "cpu", False
@@ -104,7 +105,7 @@ class Segmenter:
             boxes = ops.scale_boxes(x.shape[2:], det[:, :4].clone(), (h, w))
             conf = det[:, 4].cpu().numpy()
             cls = det[:, 5].cpu().numpy().astype(np.int16)
-            if self.paint_on_device and self.cfg.backend == "torch":
+            if self.paint_on_device:
                 lab_t, kept = labels_mod.paint_torch(proto, det[:, 6:], boxes, det[:, 4], (h, w),
                                                      self.cfg.mask_threshold)
                 lab = lab_t.cpu().numpy().astype(np.uint32)

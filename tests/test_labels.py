@@ -20,6 +20,15 @@ def _instances(rng, h, w, mh, mw, n):
     return protos, coeffs, boxes, conf
 
 
+def _assert_same_labels(fast, kept, ref, kept_ref):
+    """Same instances kept in the same order, each with IoU >= 0.99 (in practice identical)."""
+    assert np.array_equal(kept, kept_ref)
+    for k in range(1, int(ref.max()) + 1):
+        a, b = fast == k, ref == k
+        assert (a & b).sum() / (a | b).sum() >= 0.99
+    assert (fast != ref).mean() < 1e-4
+
+
 @pytest.mark.parametrize("h,w,ih,iw", [(520, 704, 544, 704), (1022, 1024, 704, 704), (300, 200, 704, 480),
                                        (97, 1203, 64, 704)])
 def test_paint_equals_dense_retina_masks(h, w, ih, iw):
@@ -31,12 +40,7 @@ def test_paint_equals_dense_retina_masks(h, w, ih, iw):
     dense, kept_d = L.paint_dense(torch.from_numpy(protos), torch.from_numpy(coeffs), torch.from_numpy(boxes),
                                   conf, (h, w))
     assert fast.max() > 50
-    assert np.array_equal(kept, kept_d)
-    # Per instance IoU >= 0.99 (in practice identical).
-    for k in range(1, int(dense.max()) + 1):
-        a, b = fast == k, dense == k
-        assert (a & b).sum() / (a | b).sum() >= 0.99
-    assert (fast != dense).mean() < 1e-4
+    _assert_same_labels(fast, kept, dense, kept_d)
 
 
 def test_labels_are_compact_and_follow_confidence():
@@ -79,13 +83,8 @@ def test_paint_on_device_equals_box_local_paint(h, w, ih, iw, chunk):
     fast, kept = L.paint(protos, coeffs, boxes, conf, (h, w), L.axis_weights((mh, mw), (h, w)))
     dev, kept_d = L.paint_torch(torch.from_numpy(protos), torch.from_numpy(coeffs), torch.from_numpy(boxes),
                                 torch.from_numpy(conf), (h, w), chunk=chunk)
-    dev = dev.numpy()
     assert fast.max() > 100
-    assert np.array_equal(kept, kept_d)
-    for k in range(1, int(fast.max()) + 1):
-        a, b = fast == k, dev == k
-        assert (a & b).sum() / (a | b).sum() >= 0.99
-    assert (fast != dev).mean() < 1e-4
+    _assert_same_labels(fast, kept, dev.numpy(), kept_d)
     empty, none = L.paint_torch(torch.from_numpy(protos), torch.zeros((0, 32)), torch.zeros((0, 4)),
                                 torch.zeros(0), (h, w))
     assert empty.shape == (h, w) and int(empty.max()) == 0 and len(none) == 0
