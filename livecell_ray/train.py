@@ -81,6 +81,9 @@ def _read_results_csv(trainer: Any) -> dict[str, list]:
 
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
     """Train (or resume the stopped run at project/name/weights/last.pt); returns best.pt's path."""
+    # Validation every epoch runs ultralytics' NMS, which takes torchvision's kernel only when torchvision is
+    # already imported, else a Python loop that synchronises the GPU at every step (as in segment.Segmenter).
+    import torchvision  # noqa: F401
     from ultralytics import YOLO
     from ultralytics.engine import trainer as ul_trainer
 
