@@ -168,8 +168,13 @@ def main() -> None:
                 print(f"{s.fields_failed} fields FAILED ({dict(stages)}); first errors:", flush=True)
                 for f in s.failures[:3]:
                     print(f"  [{f['stage']}] {f['error']}", flush=True)
+            steady = (s.fields_done - 1) / max(1e-9, s.seconds - (s.time_to_first_field or 0.0))
+            runs[-1].update(steady_fields_per_s=steady, time_to_first_field=s.time_to_first_field,
+                            stage_seconds=s.stage_seconds)
             print(f"end-to-end livecell-ray segment: {e2e:.1f} fields/s ({s.fields_done} fields, {s.cells} cells, "
-                  f"batch {batch}, {replicas} replica(s) sharing the GPU, io_tasks {io_tasks})", flush=True)
+                  f"batch {batch}, {replicas} replica(s) sharing the GPU, io_tasks {io_tasks}); "
+                  f"{steady:.1f} fields/s after the first field", flush=True)
+            print(f"  {s.stage_report()}", flush=True)
         best = max(runs, key=lambda r: r["fields_per_s"])
         print(f"forward-only limit (best batch {limit['best_batch']}): {limit['best']:.1f} fields/s; model side "
               f"{model_side:.1f} fields/s per replica")

@@ -270,6 +270,7 @@ def main() -> None:
         print(f"(a) seed-style loop : {fa:.2f} fields/s, {cells_a} cells, peak RSS {m_seed.peak / 2**20:.0f} MiB")
         print(f"(b) livecell-ray    : {fb:.2f} fields/s, {s.cells} cells, peak RSS {m_ray.peak / 2**20:.0f} MiB "
               f"(driver + Ray processes; includes Ray startup)")
+        print(f"    {s.stage_report()}")
         print(f"throughput ratio (b)/(a): {fb / fa:.2f} (target >= 1.5)")
         if a.onnx:
             t = time.perf_counter()

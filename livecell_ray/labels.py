@@ -149,20 +149,21 @@ def paint_dense(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
 
 def paint_torch(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, conf: torch.Tensor,
                 shape: tuple[int, int], threshold: float = 0.5, chunk: int = 128
-                ) -> tuple[torch.Tensor, np.ndarray]:
-    """:func:`paint` on the tensors' own device (the GPU, where there is one), as a uint32-valued int32 tensor.
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paint` on the tensors' own device (the GPU, where there is one): an int32 label tensor and
+    the kept instances' indices, both left on the device for the caller to bring back once per batch.
 
     On a GPU the dense upsampling that is too slow on a CPU costs well under a millisecond, while
     box-local painting would keep a CPU core busy per model replica. Instances go in descending
     confidence, ``chunk`` at a time: within a chunk the most confident covering instance takes each
-    free pixel, exactly the claim order of :func:`paint`. Only the finished label image leaves the device.
+    free pixel, exactly the claim order of :func:`paint`.
     """
     h, w = shape
     dev = protos.device
     owner = torch.zeros((h, w), dtype=torch.int32, device=dev)  # rank + 1 of the instance owning a pixel
     n = len(conf)
     if n == 0:
-        return owner, np.zeros(0, np.int64)
+        return owner, torch.zeros(0, dtype=torch.int64, device=dev)
     thr = math.log(threshold / (1 - threshold))
     c, mh, mw = protos.shape
     order = torch.argsort(-conf.float(), stable=True)
@@ -185,4 +186,4 @@ def paint_torch(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
     owns = torch.bincount(owner.view(-1), minlength=n + 1)[1:] > 0
     new_label = torch.zeros(n + 1, dtype=torch.int32, device=dev)
     new_label[1:] = torch.cumsum(owns.int(), 0) * owns
-    return new_label[owner.long()], order[owns].cpu().numpy().astype(np.int64)
+    return new_label[owner.long()], order[owns]

@@ -21,7 +21,6 @@ import json
 import re
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -198,11 +197,19 @@ def fields_in_plate(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | None,
                 provenance: dict[str, Any]) -> None:
-    """Write the HCS plate, well, image and label group metadata (NGFF 0.5) before any field runs."""
+    """Write the HCS plate, well, image and label group metadata (NGFF 0.5) before any field runs.
+
+    A plate of thousands of fields has three groups per field: they are created together, concurrently,
+    by one ``zarr.create_hierarchy`` (2,000 fields: about 1 s, where one group at a time took 30 s), and
+    only where missing, so a rerun does not rewrite what is there.
+    """
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_plate_metadata, write_well_metadata
+    from zarr.core.group import GroupMetadata
 
     fmt = FormatV05()
+    # ome-zarr writes the well metadata (so it stays the authority on its form) into this scratch group.
+    scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     for plate, series in fields_in_plate(manifest).items():
         store = outputs.zarr_store(plate)
         root = zarr.open_group(store, mode="a", zarr_format=3)
@@ -213,24 +220,40 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
         write_plate_metadata(root, rows, [str(c) for c in cols], [f"{r}/{c}" for r, c in wells],
                              fmt=fmt, field_count=int(series.groupby("well").size().max()), name=plate)
         root.attrs["livecell_ray"] = provenance
+        have = _existing_groups(outputs, plate)
+        nodes: dict[str, GroupMetadata] = {}
+        for (r, c), sites in series.groupby(["row", "column"])["site"]:
+            well = f"{r}/{c}"
+            new = [s for s in sites if f"{well}/{s}/labels/cells" not in have]
+            if not new:
+                continue
+            write_well_metadata(scratch, [{"path": s, "acquisition": 0} for s in sorted(sites, key=int)], fmt=fmt)
+            if well in have:  # a well that gains sites: its metadata in place
+                zarr.open_group(store, path=well, mode="r+", zarr_format=3).attrs.put(scratch.attrs.asdict())
+            else:
+                nodes[well] = GroupMetadata(attributes=scratch.attrs.asdict())
+            for s in new:
+                label = {"version": "0.5", "multiscales": [_multiscales("cells", pixel_size)],
+                         "image-label": {"version": "0.5", "source": {"image": "../../"}}}
+                wanted = {f"{well}/{s}": {"version": "0.5", "multiscales": [_multiscales(f"{r}{c}/{s}", pixel_size)]},
+                          f"{well}/{s}/labels": {"version": "0.5", "labels": ["cells"]},
+                          f"{well}/{s}/labels/cells": label}
+                nodes.update({k: GroupMetadata(attributes={"ome": v}) for k, v in wanted.items() if k not in have})
+        if nodes:
+            # Implicit parents (row groups) are added where missing; existing ones are left as they are.
+            retry(lambda nodes=nodes, store=store: list(zarr.create_hierarchy(store=store, nodes=nodes)))
 
-        def init_well(rc: tuple[str, int], root=root, series=series) -> None:
-            r, c = rc
-            wg = root.require_group(f"{r}/{c}")
-            sites = series[(series["row"] == r) & (series["column"] == c)]
-            write_well_metadata(wg, [{"path": s, "acquisition": 0} for s in sorted(sites["site"], key=int)],
-                                fmt=fmt)
-            for s in sites["site"]:
-                ig = wg.require_group(s)
-                ig.attrs["ome"] = {"version": "0.5", "multiscales": [_multiscales(f"{r}{c}/{s}", pixel_size)]}
-                lg = ig.require_group("labels")
-                lg.attrs["ome"] = {"version": "0.5", "labels": ["cells"]}
-                cg = lg.require_group("cells")
-                cg.attrs["ome"] = {"version": "0.5", "multiscales": [_multiscales("cells", pixel_size)],
-                                   "image-label": {"version": "0.5", "source": {"image": "../../"}}}
 
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(init_well, wells))
+def _existing_groups(outputs: Outputs, plate: str) -> set[str]:
+    """Paths of the plate's well, image, labels and labels/cells groups that exist (one listing each)."""
+    base = join(outputs.root, "masks", f"{safe(plate)}.zarr")
+    if not outputs.fs.exists(base):
+        return set()
+    found: set[str] = set()
+    for pattern in ("*/*", "*/*/*", "*/*/*/labels", "*/*/*/labels/cells"):
+        for hit in outputs.fs.glob(join(base, pattern, "zarr.json")):
+            found.add(hit.rstrip("/")[len(base.rstrip("/")) + 1:-len("/zarr.json")])
+    return found
 
 
 def _multiscales(name: str, pixel_size: float | None) -> dict[str, Any]:
@@ -243,39 +266,41 @@ def _multiscales(name: str, pixel_size: float | None) -> dict[str, Any]:
             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, s, s]}]}]}
 
 
-def _require_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any) -> zarr.Array:
+def _require_array(store: Any, path: str, shape: tuple[int, ...], dtype: Any) -> zarr.Array:
     """Open or create a (t, y, x) array chunked one field-timepoint per chunk.
 
-    Several writers may race to create the same array; they create identical metadata, and the
-    loser opens what the winner made.
+    Opened by its path (one metadata read), not through its parent groups. Several writers may race
+    to create the same array; they create identical metadata, and the loser opens what the winner made.
     """
     try:
-        arr = group[name]
-    except KeyError:
+        arr = retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
+    except FileNotFoundError:
         try:
-            arr = group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
-                                     fill_value=0, dimension_names=("t", "y", "x"))
-        except Exception:
-            arr = group[name]
+            arr = retry(zarr.create_array, store, name=path, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
+                        fill_value=0, dimension_names=("t", "y", "x"))
+        except zarr.errors.ContainsArrayError:
+            arr = retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
     if tuple(arr.shape) != tuple(shape):
-        raise ValueError(f"array {group.path}/{name} has shape {arr.shape}, this field needs {shape} "
+        raise ValueError(f"array {path} has shape {arr.shape}, this field needs {shape} "
                          f"(all timepoints of a field must have one size)")
     return arr
 
 
 def write_masks(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int,
                 n_timepoints: int, image: np.ndarray, labels: np.ndarray) -> str:
-    """Write one field-timepoint's image and labels into their own chunk; returns the zarr path."""
+    """Write one field-timepoint's image and labels into their own chunk; returns the zarr path.
+
+    The image and label groups exist (init_plates); only the two arrays are opened or created here.
+    """
     store = outputs.zarr_store(plate)
-    root = retry(zarr.open_group, store, mode="a", zarr_format=3)
-    ig = retry(root.require_group, f"{row}/{column}/{site}")
+    image_path = f"{row}/{column}/{site}"
     shape = (n_timepoints, *labels.shape)
-    img = _require_array(ig, "0", shape, np.uint8)
-    lab = _require_array(ig.require_group("labels/cells"), "0", shape, np.uint32)
+    img = _require_array(store, f"{image_path}/0", shape, np.uint8)
+    lab = _require_array(store, f"{image_path}/labels/cells/0", shape, np.uint32)
     # Each call writes exactly one whole chunk (t_index); a retry rewrites it whole.
     retry(img.__setitem__, t_index, image)
     retry(lab.__setitem__, t_index, labels)
-    return f"{row}/{column}/{site}"
+    return image_path
 
 
 def read_labels(outputs: Outputs, plate: str, zarr_path: str, t_index: int) -> np.ndarray:

@@ -41,11 +41,16 @@ def test_painting_on_the_device_matches_box_local_painting():
     w = models.resolve_map("small")
     cpu = Segmenter(w, InferenceConfig(paint_on_device=False))(imgs)
     dev = Segmenter(w, InferenceConfig(paint_on_device=True))(imgs)
-    for a, b in zip(cpu, dev):
-        assert a.labels.max() > 50 and a.labels.dtype == b.labels.dtype == np.uint32
-        assert a.labels.max() == b.labels.max()
+    # The device path brings a batch's labels back as uint16 (max_det < 2**15), uint32 beyond that.
+    wide = Segmenter(w, InferenceConfig(paint_on_device=True, max_det=40_000))(imgs)
+    for a, b, c in zip(cpu, dev, wide):
+        assert a.labels.max() > 50 and a.labels.dtype == c.labels.dtype == np.uint32
+        assert b.labels.dtype == np.uint16
+        assert a.labels.max() == b.labels.max() == c.labels.max()
         np.testing.assert_array_equal(a.confidences, b.confidences)
+        np.testing.assert_array_equal(a.class_ids, b.class_ids)
         assert (a.labels != b.labels).mean() < 1e-4
+        np.testing.assert_array_equal(b.labels, c.labels)
 
 
 def test_nms_runs_in_torchvision_not_the_python_loop():

@@ -84,7 +84,7 @@ def test_paint_on_device_equals_box_local_paint(h, w, ih, iw, chunk):
     dev, kept_d = L.paint_torch(torch.from_numpy(protos), torch.from_numpy(coeffs), torch.from_numpy(boxes),
                                 torch.from_numpy(conf), (h, w), chunk=chunk)
     assert fast.max() > 100
-    _assert_same_labels(fast, kept, dev.numpy(), kept_d)
+    _assert_same_labels(fast, kept, dev.numpy(), kept_d.numpy())
     empty, none = L.paint_torch(torch.from_numpy(protos), torch.zeros((0, 32)), torch.zeros((0, 4)),
                                 torch.zeros(0), (h, w))
     assert empty.shape == (h, w) and int(empty.max()) == 0 and len(none) == 0

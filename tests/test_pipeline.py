@@ -139,6 +139,12 @@ def test_run_json_provenance(result):
     cfg, summary, out, _ = result
     run = json.loads((out / "run.json").read_text())
     assert run["fields_done"] == 13 and run["last_run"]["cells"] == summary.cells
+    # Where the time went: every stage ran for every field, and the first field came before the end.
+    stages = run["last_run"]["stage_seconds"]
+    assert set(stages) == {"read", "model", "finish"} and min(stages.values()) > 0
+    assert stages == {k: round(v, 3) for k, v in summary.stage_seconds.items()}
+    assert 0 < run["last_run"]["time_to_first_field"] < run["last_run"]["seconds"]
+    assert "model replicas busy" in summary.stage_report()
     sha = run["provenance"]["models"]["*"]["sha256"]
     from livecell_ray.models import known_checksums
 

@@ -1,0 +1,67 @@
+"""The Zarr side of OUT: plate metadata created in one go, completed on reruns, never rewritten over data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from livecell_ray import manifest, store
+
+from .conftest import EXAMPLES
+
+A172 = EXAMPLES / "A172_Phase_A7_1_00d00h00m_1.tif"
+
+
+def _plate(tmp_path, names):
+    d = tmp_path / "plate"
+    d.mkdir(exist_ok=True)
+    for n in names:
+        shutil.copy(A172, d / n)
+    return manifest.scan(str(d)).fields
+
+
+def _ome(path):
+    return json.loads((path / "zarr.json").read_text())["attributes"]["ome"]
+
+
+def test_init_plates_adds_sites_and_wells_and_keeps_written_masks(tmp_path):
+    out = store.Outputs(str(tmp_path / "out"))
+    first = _plate(tmp_path, ["A172_Phase_A7_1_00d00h00m_1.tif", "A172_Phase_A7_1_00d04h00m_1.tif"])
+    store.init_plates(out, first, 0.5, {"run": 1})
+    root = tmp_path / "out" / "masks" / "A172.zarr"
+    assert [i["path"] for i in _ome(root / "A" / "7")["well"]["images"]] == ["0"]
+    assert _ome(root / "A" / "7" / "0" / "labels")["labels"] == ["cells"]
+    assert _ome(root / "A" / "7" / "0" / "labels" / "cells")["image-label"]["source"]["image"] == "../../"
+    assert _ome(root / "A" / "7" / "0")["multiscales"][0]["datasets"][0]["coordinateTransformations"][0][
+        "scale"] == [1.0, 0.5, 0.5]
+    labels = np.arange(520 * 704, dtype=np.uint32).reshape(520, 704) % 7
+    image = np.full((520, 704), 9, np.uint8)
+    store.write_masks(out, "A172", "A", 7, "0", 1, 2, image, labels)
+
+    # A second field in the same well and a new well: the well's image list grows, the data stays.
+    more = _plate(tmp_path, ["A172_Phase_A7_2_00d00h00m_1.tif", "A172_Phase_B1_1_00d00h00m_1.tif"])
+    store.init_plates(out, more, 0.5, {"run": 2})
+    assert [i["path"] for i in _ome(root / "A" / "7")["well"]["images"]] == ["0", "1"]
+    assert (root / "A" / "7" / "1" / "labels" / "cells" / "zarr.json").exists()
+    assert sorted(w["path"] for w in _ome(root)["plate"]["wells"]) == ["A/7", "B/1"]
+    np.testing.assert_array_equal(store.read_labels(out, "A172", "A/7/0", 1), labels)
+    np.testing.assert_array_equal(store.read_image(out, "A172", "A/7/0", 1), image)
+
+    # A rerun over the same manifest finds everything in place and writes no group again.
+    groups = [p for p in root.rglob("zarr.json")
+              if p != root / "zarr.json" and json.loads(p.read_text())["node_type"] == "group"]
+    stamps = {p: p.stat().st_mtime_ns for p in groups}
+    assert len(stamps) == 2 + 2 + 3 * 3  # rows A and B, wells A/7 and B/1, three groups per image
+    store.init_plates(out, more, 0.5, {"run": 3})
+    assert stamps and stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def test_a_field_of_another_size_in_the_same_series_is_refused(tmp_path):
+    out = store.Outputs(str(tmp_path / "out"))
+    store.init_plates(out, _plate(tmp_path, ["A172_Phase_A7_1_00d00h00m_1.tif"]), None, {})
+    store.write_masks(out, "A172", "A", 7, "0", 0, 2, np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint32))
+    with pytest.raises(ValueError, match=r"A/7/0/0 has shape \(2, 8, 8\), this field needs \(2, 9, 8\)"):
+        store.write_masks(out, "A172", "A", 7, "0", 1, 2, np.zeros((9, 8), np.uint8), np.zeros((9, 8), np.uint32))
