@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -93,6 +94,23 @@ def test_labels_and_cells_match_exactly_and_stats_recompute(result):
         assert (c["confidence"] >= cfg.inference.conf).all()
         assert np.all(np.diff(c["confidence"].to_numpy()) <= 1e-6)  # label order = confidence order
         assert (c["solidity"] <= 1 + 1e-9).all() and (c["eccentricity"].between(0, 1)).all()
+
+
+def test_large_batches_go_through_in_slices_with_the_same_results(result, ray_local, tmp_path):
+    """Batch 16: reads of 4 fields a task and the model's batch measured in slices of 4 (a repartition
+    after the model); batch 3 reads one field a task and measures a whole batch a task. Same outputs."""
+    cfg, _, out, _ = result
+    big = dataclasses.replace(cfg, out=str(tmp_path / "b16"), batch_size=16, io_worker_max_fields=4)
+    pids = []
+    s = pipeline.run(big, lambda res, done, total: pids.append(res["measure_pid"]))
+    assert s.fields_done == 13 and s.fields_failed == 0 and s.cells == result[1].cells
+    # Measure/write workers are replaced after 4 fields: one slice each, so the slices had 4 fields or fewer.
+    assert len(set(pids)) >= 13 // 4 and max(pids.count(p) for p in set(pids)) <= 4
+    key = ["field_id", "label"]
+    cols = ["field_id", "label", "area_px", "mean_intensity", "confidence", "perimeter_px", "solidity"]
+    a = store.Outputs(str(out)).read_table("cells")[cols].sort_values(key).reset_index(drop=True)
+    b = store.Outputs(big.out).read_table("cells")[cols].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5)
 
 
 def test_uint16_and_rgb_inputs_segment_like_uint8(result):
