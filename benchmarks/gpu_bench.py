@@ -90,7 +90,38 @@ def segmenter_limit(weights: str, batch: int, seconds: float = 5.0) -> float:
     rate = n / (time.perf_counter() - t0)
     print(f"model side (letterbox, forward, NMS, painting on {seg.device}), batch {batch}: {rate:.1f} fields/s "
           f"({cells} cells per batch)", flush=True)
+    print(f"  split per batch of {batch}: {model_side_split(seg, images)}", flush=True)
     return rate
+
+
+def model_side_split(seg, images: list, repeats: int = 5) -> str:
+    """Where the model side's time goes: letterbox + network + NMS, then painting and the copies back."""
+    import torch
+
+    from livecell_ray import models
+
+    def sync() -> None:
+        if seg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    h, w = images[0].shape
+    fwd = paint = 0.0
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        x, dets, protos = seg.forward(models.DEFAULT_KEY, images)
+        sync()
+        t1 = time.perf_counter()
+        if seg.paint_on_device:
+            seg._paint_on_device(x.shape[2:], dets, protos, (h, w))
+            sync()
+            spent = time.perf_counter() - t1
+        else:  # box-local painting on the host: the whole call, less its forward part
+            seg(images)
+            spent = time.perf_counter() - t1 - (t1 - t0)
+        fwd, paint = fwd + t1 - t0, paint + spent
+    return (f"letterbox + forward + NMS {1000 * fwd / repeats:.1f} ms, painting + copies to the host "
+            f"{1000 * paint / repeats:.1f} ms")
 
 
 class Progress:
