@@ -74,12 +74,12 @@ def segmenter_limit(weights: str, batch: int, seconds: float = 5.0) -> float:
     never held it up.
     """
     import numpy as np
+    from throughput import example_fields
 
     from livecell_ray import models
-    from livecell_ray.imaging import normalize, read_image
     from livecell_ray.segment import Segmenter
 
-    fields = [normalize(read_image(str(p))) for p in sorted((ROOT / "examples" / "livecell_plate").glob("*.tif"))]
+    fields = example_fields()
     images = [fields[i % len(fields)] for i in range(batch)]
     seg = Segmenter({models.DEFAULT_KEY: models.Weights("bench", weights, "")})
     seg(images)  # warm-up
@@ -199,7 +199,7 @@ def main() -> None:
                 print(f"{s.fields_failed} fields FAILED ({dict(stages)}); first errors:", flush=True)
                 for f in s.failures[:3]:
                     print(f"  [{f['stage']}] {f['error']}", flush=True)
-            steady = (s.fields_done - 1) / max(1e-9, s.seconds - (s.time_to_first_field or 0.0))
+            steady = s.steady_fields_per_second
             runs[-1].update(steady_fields_per_s=steady, time_to_first_field=s.time_to_first_field,
                             stage_seconds=s.stage_seconds)
             print(f"end-to-end livecell-ray segment: {e2e:.1f} fields/s ({s.fields_done} fields, {s.cells} cells, "

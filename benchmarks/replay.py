@@ -61,11 +61,12 @@ def install() -> None:
 
 def record(path: Path, model: str) -> int:
     """Run the real model once over the bundled fields and store its results; returns the mean cell count."""
+    from throughput import example_fields
+
     from livecell_ray import models
-    from livecell_ray.imaging import normalize, read_image
     from livecell_ray.segment import Segmenter
 
-    images = [normalize(read_image(str(p))) for p in sorted((ROOT / "examples" / "livecell_plate").glob("*.tif"))]
+    images = example_fields()
     res = Segmenter({models.DEFAULT_KEY: models.resolve(model, trust=True)})(images)
     arrays = {"keys": np.array([_key(im) for im in images])}
     for i, r in enumerate(res):
@@ -145,7 +146,7 @@ def main() -> None:
         t = time.perf_counter() - t0
         if s.fields_failed:
             raise SystemExit(f"{s.fields_failed} fields failed: {s.failures[:3]}")
-        steady = (s.fields_done - 1) / (s.seconds - s.time_to_first_field)
+        steady = s.steady_fields_per_second
         print(f"pipeline, model replayed: {s.fields_done / t:.1f} fields/s end to end ({t:.1f} s), "
               f"{steady:.1f} fields/s after the first field; batch {a.batch}, io_tasks {cfg.io_tasks or 'auto'}")
         print(f"  {s.stage_report()}")

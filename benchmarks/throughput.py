@@ -35,6 +35,15 @@ from livecell_ray import offline  # noqa: E402
 
 offline.configure()
 
+EXAMPLES = ROOT / "examples" / "livecell_plate"
+
+
+def example_fields() -> list[np.ndarray]:
+    """The bundled real LIVECell fields, read and normalised as the pipeline does."""
+    from livecell_ray.imaging import normalize, read_image
+
+    return [normalize(read_image(str(p))) for p in sorted(EXAMPLES.glob("*.tif"))]
+
 
 def _title(cmdline: list[str]) -> str:
     """ray::<what it runs> for a Ray worker, else the program (or Python script) name."""
@@ -82,7 +91,6 @@ class PeakRSS:
             out[title] = (n + 1, r0 + r, p0 + p)
         return out
 
-
     def __enter__(self):
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -101,7 +109,7 @@ class PeakRSS:
 
 def build_plate(n: int, dst: Path) -> Path:
     """N fields named as wells of 384-well plates, cycling through the real LIVECell examples."""
-    srcs = sorted((ROOT / "examples" / "livecell_plate").glob("*.tif"))
+    srcs = sorted(EXAMPLES.glob("*.tif"))
     dst.mkdir(parents=True, exist_ok=True)
     rows = "ABCDEFGHIJKLMNOP"
     for i in range(n):
@@ -189,7 +197,6 @@ def postprocess_ratio(weights_path: str, imgsz: int, conf: float, max_det: int, 
 
     from livecell_ray import labels as L
     from livecell_ray import models
-    from livecell_ray.imaging import normalize, read_image
     from livecell_ray.segment import Segmenter
 
     seg = Segmenter({"*": models.Weights("bench", weights_path, "")},
@@ -198,8 +205,7 @@ def postprocess_ratio(weights_path: str, imgsz: int, conf: float, max_det: int, 
     t_dense = t_fast = 0.0
     n_inst = 0
     ious = []
-    for p in sorted((ROOT / "examples" / "livecell_plate").glob("*.tif")):
-        img = normalize(read_image(str(p)))
+    for img in example_fields():
         x, dets, protos = seg.forward("*", [img])
         det, proto = dets[0].float(), protos[0].float()
         h, w = img.shape

@@ -56,6 +56,13 @@ class RunSummary:
     def fields_per_second(self) -> float:
         return self.fields_done / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_fields_per_second(self) -> float:
+        """Fields/s after the first one came out: the rate without Ray's and the model's start-up."""
+        if self.time_to_first_field is None or self.seconds <= self.time_to_first_field:
+            return 0.0
+        return max(0, self.fields_done - 1) / (self.seconds - self.time_to_first_field)
+
     def stage_report(self) -> str:
         """Per-field time of each stage and how busy the model replicas were (for benchmarks and tuning)."""
         n = max(1, self.fields_done + self.fields_failed)

@@ -210,6 +210,8 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
     fmt = FormatV05()
     # ome-zarr writes the well metadata (so it stays the authority on its form) into this scratch group.
     scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    label = {"version": "0.5", "multiscales": [_multiscales("cells", pixel_size)],
+             "image-label": {"version": "0.5", "source": {"image": "../../"}}}
     for plate, series in fields_in_plate(manifest).items():
         store = outputs.zarr_store(plate)
         root = zarr.open_group(store, mode="a", zarr_format=3)
@@ -233,8 +235,6 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
             else:
                 nodes[well] = GroupMetadata(attributes=scratch.attrs.asdict())
             for s in new:
-                label = {"version": "0.5", "multiscales": [_multiscales("cells", pixel_size)],
-                         "image-label": {"version": "0.5", "source": {"image": "../../"}}}
                 wanted = {f"{well}/{s}": {"version": "0.5", "multiscales": [_multiscales(f"{r}{c}/{s}", pixel_size)]},
                           f"{well}/{s}/labels": {"version": "0.5", "labels": ["cells"]},
                           f"{well}/{s}/labels/cells": label}

@@ -163,6 +163,8 @@ def test_run_json_provenance(result):
     assert stages == {k: round(v, 3) for k, v in summary.stage_seconds.items()}
     assert 0 < run["last_run"]["time_to_first_field"] < run["last_run"]["seconds"]
     assert "model replicas busy" in summary.stage_report()
+    after_first = (summary.fields_done - 1) / (summary.seconds - summary.time_to_first_field)
+    assert summary.steady_fields_per_second == pytest.approx(after_first) and after_first > 0
     sha = run["provenance"]["models"]["*"]["sha256"]
     from livecell_ray.models import known_checksums
 
