@@ -43,6 +43,27 @@ def test_normalize_percentiles_and_constant_image():
     assert np.all(normalize(np.full((50, 50), 7, np.uint16)) == 0)
 
 
+@pytest.mark.parametrize("dtype,top,shape", [(np.uint8, 255, (520, 704)), (np.uint16, 4095, (300, 200)),
+                                               (np.uint16, 65535, (1100, 1000)), (np.uint8, 40, (1024, 1030))])
+def test_integer_images_take_the_histogram_path_with_the_float_path_s_result(dtype, top, shape):
+    """The lookup-table path (integer images) gives exactly the per-pixel float scaling, percentiles
+    included, also where percentiles come from a subsample (over a million pixels) that misses the maximum."""
+    from livecell_ray.config import NormalizeConfig
+
+    rng = np.random.default_rng(7)
+    img = rng.gamma(2.0, top / 8, shape).clip(0, top).astype(dtype)
+    img[1, 1] = top  # off the ::4 subsample: must still map like the float path (to 255)
+    for cfg in (NormalizeConfig(), NormalizeConfig(0.0, 100.0), NormalizeConfig(5.0, 95.0)):
+        fast, reference = normalize(img, cfg), normalize(img.astype(np.float32), cfg)
+        assert fast.dtype == np.uint8 and fast.shape == img.shape
+        assert np.array_equal(fast, reference), cfg
+    lo, hi = np.percentile(img.astype(np.float64), [1.0, 99.8]) if img.size <= 1_000_000 else (None, None)
+    if lo is not None:  # against numpy directly, not only against ourselves
+        expect = np.clip((img.astype(np.float64) - lo) * (255.0 / (hi - lo)), 0, 255) + 0.5
+        assert np.array_equal(normalize(img), expect.astype(np.uint8))
+    assert normalize(img)[1, 1] == 255
+
+
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty file"),
     (b"this is text, not an image", "cannot decode"),
