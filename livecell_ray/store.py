@@ -16,6 +16,7 @@ masks and the cells, which makes a rerun resume without duplicates.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -103,7 +104,10 @@ class Outputs:
             table = table.replace_schema_metadata(meta)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        data = buf.getvalue()
+        self.write_bytes(path, buf.getvalue())
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a file whole or not at all: a reader never sees half of it."""
         if not is_local(self.url):
             # Object stores publish a PUT whole or not at all: no temporary name needed.
             retry(self.fs.pipe_file, path, data)
@@ -267,20 +271,41 @@ def _multiscales(name: str, pixel_size: float | None) -> dict[str, Any]:
             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, s, s]}]}]}
 
 
-def _require_array(store: Any, path: str, shape: tuple[int, ...], dtype: Any) -> zarr.Array:
+#: Chunks are compressed with zstd level 1: the same size as zarr's default (level 3) on label and
+#: phase-contrast planes, at two thirds of the CPU time (2.5 vs 3.4 ms a label chunk).
+CHUNK_CODEC = {"id": "zstd", "level": 1}
+
+
+@functools.lru_cache(maxsize=32)
+def array_document(shape: tuple[int, ...], dtype: str) -> bytes:
+    """The zarr.json of a (t, y, x) array chunked one field-timepoint per chunk, written by zarr itself.
+
+    Made once per shape and reused: creating each field's arrays through zarr (existence checks of the
+    path and its parents, then the write) cost 2 x 2.3 ms a field, a tenth of measuring and writing it.
+    """
+    from zarr.codecs import ZstdCodec
+    from zarr.core.buffer import default_buffer_prototype
+
+    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
+                            fill_value=0, dimension_names=("t", "y", "x"),
+                            compressors=ZstdCodec(level=CHUNK_CODEC["level"]))
+    return arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+def _require_array(outputs: Outputs, plate: str, store: Any, path: str, shape: tuple[int, ...],
+                   dtype: Any) -> zarr.Array:
     """Open or create a (t, y, x) array chunked one field-timepoint per chunk.
 
-    Opened by its path (one metadata read), not through its parent groups. Several writers may race
-    to create the same array; they create identical metadata, and the loser opens what the winner made.
+    Opened by its path (one metadata read), not through its parent groups; its groups exist
+    (init_plates), so creating it is writing its zarr.json. Several writers may race to create the
+    same array (timepoints of one series): they write identical bytes, each atomically.
     """
     try:
         arr = retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
     except FileNotFoundError:
-        try:
-            arr = retry(zarr.create_array, store, name=path, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
-                        fill_value=0, dimension_names=("t", "y", "x"))
-        except zarr.errors.ContainsArrayError:
-            arr = retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
+        doc = join(outputs.root, "masks", f"{safe(plate)}.zarr", path, "zarr.json")
+        retry(outputs.write_bytes, doc, array_document(tuple(shape), np.dtype(dtype).str))
+        arr = retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"array {path} has shape {arr.shape}, this field needs {shape} "
                          f"(all timepoints of a field must have one size)")
@@ -296,8 +321,8 @@ def write_masks(outputs: Outputs, plate: str, row: str, column: int, site: str, 
     store = outputs.zarr_store(plate)
     image_path = f"{row}/{column}/{site}"
     shape = (n_timepoints, *labels.shape)
-    img = _require_array(store, f"{image_path}/0", shape, np.uint8)
-    lab = _require_array(store, f"{image_path}/labels/cells/0", shape, np.uint32)
+    img = _require_array(outputs, plate, store, f"{image_path}/0", shape, np.uint8)
+    lab = _require_array(outputs, plate, store, f"{image_path}/labels/cells/0", shape, np.uint32)
     # Each call writes exactly one whole chunk (t_index); a retry rewrites it whole.
     retry(img.__setitem__, t_index, image)
     retry(lab.__setitem__, t_index, labels)

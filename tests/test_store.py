@@ -65,3 +65,29 @@ def test_a_field_of_another_size_in_the_same_series_is_refused(tmp_path):
     store.write_masks(out, "A172", "A", 7, "0", 0, 2, np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint32))
     with pytest.raises(ValueError, match=r"A/7/0/0 has shape \(2, 8, 8\), this field needs \(2, 9, 8\)"):
         store.write_masks(out, "A172", "A", 7, "0", 1, 2, np.zeros((9, 8), np.uint8), np.zeros((9, 8), np.uint32))
+
+
+def test_arrays_are_zarr_s_own_one_chunk_per_timepoint_and_survive_racing_writers(tmp_path):
+    """write_masks writes each array's zarr.json from zarr's own metadata; writers of one series' timepoints
+    race to create it, in threads here, and every timepoint lands in its own chunk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
+
+    out = store.Outputs(str(tmp_path / "out"))
+    store.init_plates(out, _plate(tmp_path, ["A172_Phase_A7_1_00d00h00m_1.tif"]), None, {})
+    planes = [np.full((20, 30), t + 1, np.uint32) for t in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda t: store.write_masks(out, "A172", "A", 7, "0", t, 6, planes[t].astype(np.uint8),
+                                                  planes[t]), range(6)))
+    root = tmp_path / "out" / "masks" / "A172.zarr"
+    for path, dtype in (("A/7/0/0", np.uint8), ("A/7/0/labels/cells/0", np.uint32)):
+        arr = zarr.open_array(zarr.storage.LocalStore(root), path=path, mode="r")
+        assert arr.shape == (6, 20, 30) and arr.chunks == (1, 20, 30) and arr.dtype == dtype
+        assert arr.metadata.dimension_names == ("t", "y", "x") and arr.fill_value == 0
+        assert [c.to_dict() for c in arr.compressors] == [{"name": "zstd",
+                                                             "configuration": {"level": 1, "checksum": False}}]
+        np.testing.assert_array_equal(arr[:], np.stack(planes).astype(dtype))
+        assert sorted(p.relative_to(root / path).as_posix() for p in (root / path / "c").rglob("*")
+                      if p.is_file()) == [f"c/{t}/0/0" for t in range(6)]
+    assert not list(root.rglob("*.tmp"))
