@@ -99,20 +99,44 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
     if len(dup):
         a, b = dup["path"].iloc[0], dup["path"].iloc[1]
         raise ManifestError(f"{a} and {b} describe the same plate/well/field/timepoint")
-    # NGFF image path inside a well: one per (field, crop) series, numbered in sorted order.
-    sites = df[["plate", "well", "field", "crop"]].drop_duplicates()
-    sites = sites.sort_values(["plate", "well", "field", "crop"],
-                              key=lambda s: s.map(_natural) if s.name == "field" else s)
-    sites["site"] = sites.groupby(["plate", "well"]).cumcount().astype(str)
-    df = df.merge(sites, on=["plate", "well", "field", "crop"], how="left")
-    # The time axis is the plate's: t_index counts the plate's distinct timepoints, so every image of a
-    # plate has the same (t, y, x) shape, as NGFF plate viewers expect. A field not imaged at some
-    # timepoint keeps empty (zero) planes there.
-    times = df.groupby("plate")["timepoint"]
-    df["t_index"] = times.rank(method="dense").astype(int) - 1
-    df["n_timepoints"] = times.transform("nunique").astype(int)
-    df = df.sort_values(["plate", "row", "column", "site", "t_index"]).reset_index(drop=True)
-    return df[COLUMNS]
+    df, _ = apply_layout(df, {})
+    return df
+
+
+def apply_layout(fields: pd.DataFrame, known: dict[str, dict[str, Any]]
+                 ) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """NGFF site names and time indices, keeping every one that OUT already uses.
+
+    ``known`` maps a plate to its layout from an earlier run: ``timepoints`` (hours; position = t index)
+    and ``sites`` (well -> "field|crop" -> site name). Series and timepoints already there keep their
+    place; new series take the next site numbers in each well (in natural order of field, then crop),
+    new timepoints the next t indices (in time order). So a plate that grows between runs (new
+    timepoints every few hours, a field added) never moves or overwrites what was written, and
+    ``n_timepoints`` is the length of the plate's whole time axis. Returns the fields and the layouts.
+    """
+    parts, layouts = [], {}
+    for plate, g in fields.groupby("plate", sort=False):
+        lay = known.get(str(plate)) or {}
+        times = [float(t) for t in lay.get("timepoints", [])]
+        times += sorted(set(g["timepoint"].astype(float)) - set(times))
+        sites = {str(w): dict(s) for w, s in lay.get("sites", {}).items()}
+        series = g[["well", "field", "crop"]].drop_duplicates()
+        series = series.sort_values(["well", "field", "crop"],
+                                    key=lambda c: c.map(_natural) if c.name == "field" else c)
+        for w, f, c in zip(series["well"], series["field"], series["crop"]):
+            in_well = sites.setdefault(str(w), {})
+            key = f"{f}|{int(c)}"
+            if key not in in_well:
+                in_well[key] = str(max((int(v) for v in in_well.values()), default=-1) + 1)
+        t_index = {t: i for i, t in enumerate(times)}
+        parts.append(g.assign(
+            site=[sites[str(w)][f"{f}|{int(c)}"] for w, f, c in zip(g["well"], g["field"], g["crop"])],
+            t_index=[t_index[float(t)] for t in g["timepoint"]], n_timepoints=len(times)))
+        layouts[str(plate)] = {"timepoints": times, "sites": sites}
+    df = pd.concat(parts) if parts else fields.assign(site=[], t_index=[], n_timepoints=[])
+    df = df.sort_values(["plate", "row", "column", "site", "t_index"],
+                        key=lambda c: c.astype(int) if c.name == "site" else c).reset_index(drop=True)
+    return df[COLUMNS], layouts
 
 
 def _natural(v: Any) -> Any:

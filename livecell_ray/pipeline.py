@@ -305,7 +305,11 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
                 outputs.fs.rm(p, recursive=True)
         previous = None
     outputs.clean_temporary()
-    store.retry(store.init_plates, outputs, man.fields, cfg.pixel_size, prov)
+    # Sites and time indices around what OUT already holds: a plate imaged since the last run grows.
+    known = store.retry(store.read_layouts, outputs, man.fields["plate"].unique())
+    fields, layouts = manifest_mod.apply_layout(man.fields, known)
+    man = manifest_mod.Manifest(fields, man.unmatched)
+    store.retry(store.init_plates, outputs, man.fields, cfg.pixel_size, prov, layouts)
     done = outputs.done_field_ids()
     todo = man.fields[~man.fields["field_id"].isin(done)]
     summary = RunSummary(out=outputs.url, fields_total=len(man.fields), fields_skipped=len(man.fields) - len(todo),

@@ -199,8 +199,30 @@ def fields_in_plate(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {p: g for p, g in series.groupby("plate")}
 
 
+#: Plate group attribute holding each plate's site and time layout (see manifest.apply_layout).
+LAYOUT_KEY = "livecell_ray_layout"
+
+
+def read_layouts(outputs: Outputs, plates: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The site and time layout each plate already has in OUT; plates not there yet are left out.
+
+    A rerun lays its fields out around these (manifest.apply_layout), so that new timepoints and new
+    fields go to new places and what was written stays where it is.
+    """
+    out = {}
+    for plate in plates:
+        try:
+            root = zarr.open_group(outputs.zarr_store(plate), mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            continue
+        layout = root.attrs.get(LAYOUT_KEY)
+        if layout:
+            out[str(plate)] = layout
+    return out
+
+
 def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | None,
-                provenance: dict[str, Any]) -> None:
+                provenance: dict[str, Any], layouts: dict[str, dict[str, Any]] | None = None) -> None:
     """Write the HCS plate, well, image and label group metadata (NGFF 0.5) before any field runs.
 
     A plate of thousands of fields has three groups per field: they are created together, concurrently,
@@ -216,24 +238,38 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
     scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     label = {"version": "0.5", "multiscales": [_multiscales("cells", pixel_size)],
              "image-label": {"version": "0.5", "source": {"image": "../../"}}}
+    from livecell_ray.manifest import apply_layout, parse_well
+
+    layouts = layouts if layouts is not None else apply_layout(manifest, {})[1]
     for plate, series in fields_in_plate(manifest).items():
         store = outputs.zarr_store(plate)
         root = zarr.open_group(store, mode="a", zarr_format=3)
-        rows = sorted(series["row"].unique(), key=lambda r: (len(r), r))
-        cols = sorted(series["column"].unique())
-        wells = sorted({(r, c) for r, c in zip(series["row"], series["column"])},
-                       key=lambda rc: (rows.index(rc[0]), rc[1]))
+        # Wells and sites: every one the plate has, from earlier runs too, not only this manifest's.
+        layout = layouts[plate]
+        all_sites = {w: sorted(s.values(), key=int) for w, s in layout["sites"].items()}
+        where = {w: parse_well(w) for w in all_sites}
+        rows = sorted({r for r, _ in where.values()}, key=lambda r: (len(r), r))
+        cols = sorted({c for _, c in where.values()})
+        wells = sorted(where.values(), key=lambda rc: (rows.index(rc[0]), rc[1]))
         write_plate_metadata(root, rows, [str(c) for c in cols], [f"{r}/{c}" for r, c in wells],
-                             fmt=fmt, field_count=int(series.groupby("well").size().max()), name=plate)
+                             fmt=fmt, field_count=max(len(s) for s in all_sites.values()), name=plate)
+        before = root.attrs.get(LAYOUT_KEY) or {}
         root.attrs["livecell_ray"] = provenance
+        root.attrs[LAYOUT_KEY] = layout
         have = _existing_groups(outputs, plate)
+        if len(before.get("timepoints", [])) < len(layout["timepoints"]):
+            # The time axis grew: every series gets its new (empty) planes, also those with no image at the
+            # new timepoints, so the plate's images keep one (t, y, x) shape as NGFF viewers expect.
+            images = [p[: -len("/labels/cells")] for p in have if p.endswith("/labels/cells")]
+            _grow_time_axis(store, [f"{i}/{a}" for i in images for a in ("0", "labels/cells/0")],
+                            len(layout["timepoints"]))
         nodes: dict[str, GroupMetadata] = {}
-        for (r, c), sites in series.groupby(["row", "column"])["site"]:
+        for (well_name, r, c), sites in series.groupby(["well", "row", "column"])["site"]:
             well = f"{r}/{c}"
             new = [s for s in sites if f"{well}/{s}/labels/cells" not in have]
             if not new:
                 continue
-            write_well_metadata(scratch, [{"path": s, "acquisition": 0} for s in sorted(sites, key=int)], fmt=fmt)
+            write_well_metadata(scratch, [{"path": s, "acquisition": 0} for s in all_sites[well_name]], fmt=fmt)
             if well in have:  # a well that gains sites: its metadata in place
                 zarr.open_group(store, path=well, mode="r+", zarr_format=3).attrs.put(scratch.attrs.asdict())
             else:
@@ -246,6 +282,22 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
         if nodes:
             # Implicit parents (row groups) are added where missing; existing ones are left as they are.
             retry(lambda nodes=nodes, store=store: list(zarr.create_hierarchy(store=store, nodes=nodes)))
+
+
+def _grow_time_axis(store: Any, paths: list[str], n: int) -> None:
+    """Lengthen the t axis of these arrays (where they exist and are shorter) to n, concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def grow(path: str) -> None:
+        try:
+            arr = retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
+        except FileNotFoundError:
+            return  # a site whose first field has not been written yet
+        if arr.shape[0] < n:
+            retry(arr.resize, (n, *arr.shape[1:]))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(grow, paths))
 
 
 def _existing_groups(outputs: Outputs, plate: str) -> set[str]:
@@ -306,9 +358,13 @@ def _require_array(outputs: Outputs, plate: str, store: Any, path: str, shape: t
         doc = join(outputs.root, "masks", f"{safe(plate)}.zarr", path, "zarr.json")
         retry(outputs.write_bytes, doc, array_document(tuple(shape), np.dtype(dtype).str))
         arr = retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
-    if tuple(arr.shape) != tuple(shape):
+    if tuple(arr.shape[1:]) != tuple(shape[1:]):
         raise ValueError(f"array {path} has shape {arr.shape}, this field needs {shape} "
                          f"(all timepoints of a field must have one size)")
+    if arr.shape[0] < shape[0]:
+        # The plate's time axis grew since the array was made (a time-lapse processed as it is imaged):
+        # only the shape in zarr.json changes; writers racing here all grow it to the same length.
+        retry(arr.resize, (shape[0], *arr.shape[1:]))
     return arr
 
 

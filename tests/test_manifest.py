@@ -84,6 +84,29 @@ def test_time_axis_is_shared_by_the_plate(tmp_path):
     assert f.loc["A1", "t_index"] == 0 and f.loc["A1", "n_timepoints"] == 1
 
 
+def test_layout_keeps_known_sites_and_times_and_numbers_new_ones_after_them(tmp_path):
+    names = ["A172_Phase_A7_1_00d08h00m_1.tif", "A172_Phase_A7_2_00d08h00m_1.tif",
+             "A172_Phase_A7_10_00d02h00m_1.tif", "A172_Phase_B1_1_00d08h00m_1.tif"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    fields = m.scan(str(tmp_path)).fields
+    # On its own: sites in natural field order (10 after 2), times in order.
+    alone = {(w, f): (s, t) for w, f, s, t in fields[["well", "field", "site", "t_index"]].itertuples(index=False)}
+    assert alone[("A7", "1")] == ("0", 1) and alone[("A7", "2")] == ("1", 1) and alone[("A7", "10")] == ("2", 0)
+    # OUT already holds A7 field 2 as site 0 at hours 0 and 4: it keeps them, the rest comes after.
+    known = {"A172": {"timepoints": [0.0, 4.0], "sites": {"A7": {"2|1": "0"}}}}
+    laid, layouts = m.apply_layout(fields, known)
+    got = {(w, f): (s, t) for w, f, s, t in laid[["well", "field", "site", "t_index"]].itertuples(index=False)}
+    assert got == {("A7", "2"): ("0", 3), ("A7", "1"): ("1", 3), ("A7", "10"): ("2", 2), ("B1", "1"): ("0", 3)}
+    assert set(laid["n_timepoints"]) == {4}
+    assert layouts["A172"] == {"timepoints": [0.0, 4.0, 2.0, 8.0],
+                               "sites": {"A7": {"2|1": "0", "1|1": "1", "10|1": "2"}, "B1": {"1|1": "0"}}}
+    # Applying the layout it returned changes nothing: a rerun of the same files is stable.
+    again, same = m.apply_layout(fields, layouts)
+    pd.testing.assert_frame_equal(again, laid)
+    assert same == layouts
+
+
 def test_scan_memory_filesystem():
     fs = fsspec.filesystem("memory")
     fs.pipe("/plate1/sub/A172_Phase_B2_1_00d00h00m_1.png", b"x")

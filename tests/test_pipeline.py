@@ -186,3 +186,46 @@ def test_other_parameters_refuse_without_overwrite(result, tmp_path):
     other = SegmentConfig(source=cfg.source, out=cfg.out, inference=InferenceConfig(conf=0.5))
     with pytest.raises(pipeline.RunError, match="another model or other parameters"):
         pipeline.run(other)
+
+
+def test_a_plate_imaged_between_runs_grows_in_place(ray_local, tmp_path):
+    """A time-lapse processed as it is acquired: each rerun brings new timepoints (and here a field that
+    sorts before the first one). Written planes stay where they are, new ones go to new t indices and
+    new sites, the arrays' time axis grows; a rerun over a folder holding only the newest images too."""
+    plate = tmp_path / "plate"
+    plate.mkdir()
+    for t in ("00d00h00m", "00d04h00m"):
+        shutil.copy(A172, plate / f"A172_Phase_A7_2_{t}_1.tif")
+    out = tmp_path / "out"
+    cfg = SegmentConfig(source=str(plate), out=str(out), batch_size=2)
+    assert pipeline.run(cfg).fields_done == 2
+    outputs = store.Outputs(str(out))
+    first = [store.read_labels(outputs, "A172", "A/7/0", t) for t in (0, 1)]
+    assert all(p.max() > 0 for p in first)
+
+    shutil.copy(MCF7, plate / "A172_Phase_A7_2_00d08h00m_1.tif")
+    shutil.copy(MCF7, plate / "A172_Phase_A7_1_00d08h00m_1.tif")  # field 1 sorts before field 2
+    again = pipeline.run(cfg)
+    assert (again.fields_skipped, again.fields_done, again.fields_failed) == (2, 2, 0), again.failures
+
+    # The third run sees only the newest image: it must not renumber the time axis from its own files.
+    newest = tmp_path / "newest"
+    newest.mkdir()
+    shutil.copy(A172, newest / "A172_Phase_A7_2_00d12h00m_1.tif")
+    third = pipeline.run(dataclasses.replace(cfg, source=str(newest)))
+    assert (third.fields_done, third.fields_failed) == (1, 0), third.failures
+
+    fields = outputs.read_table("fields").sort_values(["field", "timepoint"])
+    assert list(zip(fields["field"], fields["timepoint"], fields["t_index"], fields["site"])) == [
+        ("1", 8.0, 2, "1"), ("2", 0.0, 0, "0"), ("2", 4.0, 1, "0"), ("2", 8.0, 2, "0"), ("2", 12.0, 3, "0")]
+    for t, plane in enumerate(first):  # untouched by three runs
+        np.testing.assert_array_equal(store.read_labels(outputs, "A172", "A/7/0", t), plane)
+    np.testing.assert_array_equal(store.read_labels(outputs, "A172", "A/7/0", 3), first[0])  # same image
+    assert store.read_labels(outputs, "A172", "A/7/0", 2).max() > 0
+    site1 = [store.read_labels(outputs, "A172", "A/7/1", t) for t in range(4)]
+    assert [int(p.max() > 0) for p in site1] == [0, 0, 1, 0]
+    root = out / "masks" / "A172.zarr"
+    assert [i["path"] for i in json.loads((root / "A" / "7" / "zarr.json").read_text())["attributes"]["ome"][
+        "well"]["images"]] == ["0", "1"]
+    labels_meta = json.loads((root / "A" / "7" / "0" / "labels" / "cells" / "0" / "zarr.json").read_text())
+    assert labels_meta["shape"] == [4, 520, 704]
