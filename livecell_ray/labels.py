@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,21 @@ class AxisWeights:
     y_hi: np.ndarray
     x_lo: np.ndarray
     x_hi: np.ndarray
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A pass over the field's mirror image (test-time augmentation), matched to the field's instances.
+
+    ``coeffs[i]`` are the mask coefficients of the mirrored pass's twin of instance ``i`` (meaningful
+    where ``matched[i]``), over that pass's own prototypes; ``axis`` 1 mirrors left-right, 0 top-bottom.
+    Where an instance has twins, its mask is the mean of the passes' logits, mirrored back.
+    """
+
+    protos: Any
+    coeffs: Any
+    matched: Any
+    axis: int
 
 
 def _dense_upsample(coeffs: torch.Tensor, mh: int, mw: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -90,19 +106,31 @@ def box_pixels(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return b
 
 
+def _box_logits(protos: np.ndarray, coeff: np.ndarray, y0: int, y1: int, x0: int, x1: int,
+                weights: AxisWeights) -> np.ndarray | None:
+    """One instance's upsampled mask logits inside pixels [y0, y1) x [x0, x1); None if no prototype reaches."""
+    py0, py1 = weights.y_lo[y0], weights.y_hi[y1 - 1]
+    px0, px1 = weights.x_lo[x0], weights.x_hi[x1 - 1]
+    if py1 <= py0 or px1 <= px0:
+        return None
+    c = protos.shape[0]
+    logit = (coeff @ protos[:, py0:py1, px0:px1].reshape(c, -1)).reshape(py1 - py0, px1 - px0)
+    return weights.wy[y0:y1, py0:py1] @ logit @ weights.wx[x0:x1, px0:px1].T
+
+
 def paint(protos: np.ndarray, coeffs: np.ndarray, boxes: np.ndarray, conf: np.ndarray,
-          shape: tuple[int, int], weights: AxisWeights, threshold: float = 0.5
-          ) -> tuple[np.ndarray, np.ndarray]:
+          shape: tuple[int, int], weights: AxisWeights, threshold: float = 0.5,
+          mirrors: tuple[Mirror, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Label image (uint32) and, for labels 1..K, the index of the instance each came from.
 
     protos: (C, mh, mw) prototypes; coeffs: (N, C); boxes: (N, 4) xyxy in image pixels; conf: (N,).
+    mirrors: passes over mirror images whose logits are averaged in (see :class:`Mirror`).
     """
     h, w = shape
     labels = np.zeros((h, w), np.uint32)
     if len(conf) == 0:
         return labels, np.zeros(0, np.int64)
     thr = math.log(threshold / (1 - threshold))
-    c, mh, mw = protos.shape
     order = np.argsort(-np.asarray(conf), kind="stable")
     pix = box_pixels(boxes, shape)
     kept = []
@@ -111,13 +139,21 @@ def paint(protos: np.ndarray, coeffs: np.ndarray, boxes: np.ndarray, conf: np.nd
         x0, y0, x1, y1 = pix[i]
         if x1 <= x0 or y1 <= y0:
             continue
-        py0, py1 = weights.y_lo[y0], weights.y_hi[y1 - 1]
-        px0, px1 = weights.x_lo[x0], weights.x_hi[x1 - 1]
-        if py1 <= py0 or px1 <= px0:
+        up = _box_logits(protos, coeffs[i], y0, y1, x0, x1, weights)
+        if up is None:
             continue
-        crop = protos[:, py0:py1, px0:px1].reshape(c, -1)
-        logit = (coeffs[i] @ crop).reshape(py1 - py0, px1 - px0)
-        up = weights.wy[y0:y1, py0:py1] @ logit @ weights.wx[x0:x1, px0:px1].T
+        passes = 1
+        for m in mirrors:
+            if not m.matched[i]:
+                continue
+            # The same pixels in the mirror image, then mirrored back onto the field.
+            box = (y0, y1, w - x1, w - x0) if m.axis == 1 else (h - y1, h - y0, x0, x1)
+            twin = _box_logits(m.protos, m.coeffs[i], *box, weights)
+            if twin is not None:
+                up = up + np.flip(twin, axis=m.axis)
+                passes += 1
+        if passes > 1:
+            up = up / passes  # the mean of the passes' logits
         region = labels[y0:y1, x0:x1]
         claim = (up > thr) & (region == 0)
         if claim.any():
@@ -148,8 +184,8 @@ def paint_dense(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
 
 
 def paint_torch(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, conf: torch.Tensor,
-                shape: tuple[int, int], threshold: float = 0.5, chunk: int = 128
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                shape: tuple[int, int], threshold: float = 0.5, chunk: int = 128,
+                mirrors: tuple[Mirror, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`paint` on the tensors' own device (the GPU, where there is one): an int32 label tensor and
     the kept instances' indices, both left on the device for the caller to bring back once per batch.
 
@@ -177,6 +213,14 @@ def paint_torch(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
     for r0 in range(0, n, chunk):
         idx = order[r0:r0 + chunk]
         up = _dense_upsample(coeffs[idx].float() @ flat, mh, mw, shape)
+        if mirrors:
+            passes = torch.ones(len(idx), device=dev)
+            for m in mirrors:
+                ok = m.matched[idx].float()
+                twin = _dense_upsample(m.coeffs[idx].float() @ m.protos.float().reshape(c, -1), mh, mw, shape)
+                up = up + twin.flip(1 + m.axis) * ok.view(-1, 1, 1)
+                passes = passes + ok
+            up = up / passes.view(-1, 1, 1)
         b = pix[idx].view(-1, 4, 1, 1)
         inside = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])
         rank = torch.arange(r0 + 1, r0 + 1 + len(idx), device=dev, dtype=torch.int32).view(-1, 1, 1)

@@ -98,36 +98,64 @@ class Segmenter:
         from ultralytics.utils import ops
 
         h, w = images[0].shape
+        n = len(images)
+        if self.cfg.tta:  # the mirror images go through the network in the same batch
+            images = [*images, *(np.ascontiguousarray(im[:, ::-1]) for im in images),
+                      *(np.ascontiguousarray(im[::-1]) for im in images)]
         x, dets, protos = self.forward(key, images)
+        boxes = [ops.scale_boxes(x.shape[2:], d[:, :4].float().clone(), (h, w)) for d in dets]
+        mirrors = [self._mirrors(i, n, boxes, dets, protos, (h, w)) for i in range(n)]
         if self.paint_on_device:
-            return self._paint_on_device(x.shape[2:], dets, protos, (h, w))
+            return self._paint_on_device(dets[:n], boxes[:n], protos[:n], mirrors, (h, w))
         results = []
-        for det, proto in zip(dets, protos):
-            det = det.float()
-            boxes = ops.scale_boxes(x.shape[2:], det[:, :4].clone(), (h, w))
-            conf = det[:, 4].cpu().numpy()
+        for det, box, proto, mir in zip(dets[:n], boxes[:n], protos[:n], mirrors):
+            conf = det[:, 4].float().cpu().numpy()
             cls = det[:, 5].cpu().numpy().astype(np.int16)
             proto_np = proto.float().cpu().numpy()
             axis = self.axis_weights(proto_np.shape[1:], (h, w))
-            lab, kept = labels_mod.paint(proto_np, det[:, 6:].cpu().numpy(), boxes.cpu().numpy(), conf, (h, w),
-                                         axis, self.cfg.mask_threshold)
+            mir = tuple(labels_mod.Mirror(m.protos.float().cpu().numpy(), m.coeffs.float().cpu().numpy(),
+                                          m.matched.cpu().numpy(), m.axis) for m in mir)
+            lab, kept = labels_mod.paint(proto_np, det[:, 6:].float().cpu().numpy(), box.cpu().numpy(), conf,
+                                         (h, w), axis, self.cfg.mask_threshold, mir)
             results.append(Instances(lab, cls[kept], conf[kept].astype(np.float32)))
         return results
 
-    def _paint_on_device(self, input_hw, dets, protos, shape: tuple[int, int]) -> list[Instances]:
+    def _mirrors(self, i: int, n: int, boxes: list, dets: list, protos: list,
+                 shape: tuple[int, int]) -> tuple[labels_mod.Mirror, ...]:
+        """Field i's mirrored passes (TTA), each instance matched to its twin by box IoU; () without TTA."""
+        import torch
+        from torchvision.ops import box_iou
+
+        if not self.cfg.tta:
+            return ()
+        h, w = shape
+        out = []
+        for axis, j in ((1, n + i), (0, 2 * n + i)):
+            b = boxes[j]
+            back = (torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1) if axis == 1
+                    else torch.stack([b[:, 0], h - b[:, 3], b[:, 2], h - b[:, 1]], 1))
+            coeffs = torch.zeros_like(dets[i][:, 6:])
+            matched = torch.zeros(len(dets[i]), dtype=torch.bool, device=coeffs.device)
+            if len(back) and len(dets[i]):
+                best, twin = box_iou(boxes[i], back).max(1)
+                matched = best >= self.cfg.tta_match_iou
+                coeffs = dets[j][twin, 6:]
+            out.append(labels_mod.Mirror(protos[j], coeffs, matched, axis))
+        return tuple(out)
+
+    def _paint_on_device(self, dets, boxes, protos, mirrors, shape: tuple[int, int]) -> list[Instances]:
         """Paint every field of the batch on the device, then bring the batch back in one copy per array.
 
         Each copy to the host waits for the GPU: once a batch, not four times a field. Labels come back
         as uint16 when max_det allows (half the bytes; int16 on the device, the same bits).
         """
         import torch
-        from ultralytics.utils import ops
 
         labs, conf, cls = [], [], []
-        for det, proto in zip(dets, protos):
+        for det, box, proto, mir in zip(dets, boxes, protos, mirrors):
             det = det.float()
-            boxes = ops.scale_boxes(input_hw, det[:, :4].clone(), shape)
-            lab, kept = labels_mod.paint_torch(proto, det[:, 6:], boxes, det[:, 4], shape, self.cfg.mask_threshold)
+            lab, kept = labels_mod.paint_torch(proto, det[:, 6:], box, det[:, 4], shape, self.cfg.mask_threshold,
+                                               mirrors=mir)
             labs.append(lab)
             conf.append(det[kept, 4])
             cls.append(det[kept, 5])

@@ -35,6 +35,29 @@ def test_unknown_backend():
         Segmenter(models.resolve_map("small"), InferenceConfig(backend="tpu"))
 
 
+def test_test_time_augmentation_refines_masks_of_the_same_cells():
+    """--tta keeps the original pass's detections and averages each cell's mask with its twins from the
+    mirror images; with no twin matched it is the plain result."""
+    imgs = [normalize(read_image(str(p))) for p in sorted(EXAMPLES.glob("*.tif"))[:2]]
+    w = models.resolve_map("small")
+    plain_seg = Segmenter(w, InferenceConfig())
+    plain = plain_seg(imgs)
+    _, dets, _ = plain_seg.forward(models.DEFAULT_KEY, imgs)
+    tta = Segmenter(w, InferenceConfig(tta=True))(imgs)
+    unmatched = Segmenter(w, InferenceConfig(tta=True, tta_match_iou=1.01))(imgs)
+    on_device = Segmenter(w, InferenceConfig(tta=True, paint_on_device=True))(imgs)
+    for p, t, u, d, det in zip(plain, tta, unmatched, on_device, dets):
+        np.testing.assert_array_equal(u.labels, p.labels)
+        assert p.labels.max() > 20
+        # Every cell is one of the original pass's detections (a batch three times as large may move a
+        # confidence in the 4th decimal); a few more or fewer end up with pixels of their own.
+        assert np.abs(t.confidences[:, None] - det[:, 4].numpy()[None, :]).min(1).max() < 1e-3
+        assert abs(int(t.labels.max()) - int(p.labels.max())) <= max(3, 0.03 * p.labels.max())
+        changed = (t.labels > 0) != (p.labels > 0)
+        assert 0.001 < changed.mean() < 0.1
+        assert ((d.labels > 0) == (t.labels > 0)).mean() > 0.999  # the GPU painter agrees
+
+
 def test_painting_on_the_device_matches_box_local_painting():
     """The GPU's painting path (forced here on the CPU) gives the box-local painter's labels."""
     imgs = [normalize(read_image(str(p))) for p in sorted(EXAMPLES.glob("*.tif"))[:2]]

@@ -88,3 +88,50 @@ def test_paint_on_device_equals_box_local_paint(h, w, ih, iw, chunk):
     empty, none = L.paint_torch(torch.from_numpy(protos), torch.zeros((0, 32)), torch.zeros((0, 4)),
                                 torch.zeros(0), (h, w))
     assert empty.shape == (h, w) and int(empty.max()) == 0 and len(none) == 0
+
+
+def _mirror_reference(protos, coeffs, boxes, conf, shape, mirrors):
+    """Test-time augmentation the slow, obvious way: every pass's dense logits over the whole image
+    (ultralytics' upsampling), mirrored back, averaged where an instance has a twin, cut to its box."""
+    from ultralytics.utils import ops
+
+    h, w = shape
+    c, mh, mw = protos.shape
+    total = L._dense_upsample(torch.from_numpy(coeffs @ protos.reshape(c, -1)), mh, mw, shape).numpy()
+    passes = np.ones(len(conf))
+    for m in mirrors:
+        up = L._dense_upsample(torch.from_numpy(m.coeffs @ m.protos.reshape(c, -1)), mh, mw, shape).numpy()
+        total += np.flip(up, axis=1 + m.axis) * m.matched[:, None, None]
+        passes += m.matched
+    masks = ops.crop_mask(torch.from_numpy((total / passes[:, None, None] > 0).astype(np.float32)),
+                          torch.from_numpy(boxes)).numpy().astype(bool)
+    labels = np.zeros(shape, np.uint32)
+    kept = []
+    for i in np.argsort(-conf, kind="stable"):
+        claim = masks[i] & (labels == 0)
+        if claim.any():
+            labels[claim] = len(kept) + 1
+            kept.append(i)
+    return labels, np.asarray(kept)
+
+
+@pytest.mark.parametrize("h,w,ih,iw", [(520, 704, 544, 704), (300, 200, 704, 480)])
+def test_mirrored_passes_average_like_the_dense_reference_on_cpu_and_device(h, w, ih, iw):
+    rng = np.random.default_rng(h + 2 * w)
+    mh, mw = ih // 4, iw // 4
+    protos, coeffs, boxes, conf = _instances(rng, h, w, mh, mw, 200)
+    mirrors = []
+    for axis in (1, 0):
+        twin_protos, twin_coeffs, _, _ = _instances(rng, h, w, mh, mw, 200)
+        mirrors.append(L.Mirror(twin_protos, twin_coeffs, rng.uniform(size=200) < 0.8, axis))
+    ref, kept_ref = _mirror_reference(protos, coeffs, boxes, conf, (h, w), mirrors)
+    fast, kept = L.paint(protos, coeffs, boxes, conf, (h, w), L.axis_weights((mh, mw), (h, w)), mirrors=tuple(mirrors))
+    assert fast.max() > 50
+    _assert_same_labels(fast, kept, ref, kept_ref)
+    plain, _ = L.paint(protos, coeffs, boxes, conf, (h, w), L.axis_weights((mh, mw), (h, w)))
+    assert (plain != fast).mean() > 0.01  # the mirrored passes changed the masks
+    on_device = tuple(L.Mirror(torch.from_numpy(m.protos), torch.from_numpy(m.coeffs), torch.from_numpy(m.matched),
+                               m.axis) for m in mirrors)
+    dev, kept_d = L.paint_torch(torch.from_numpy(protos), torch.from_numpy(coeffs), torch.from_numpy(boxes),
+                                torch.from_numpy(conf), (h, w), chunk=64, mirrors=on_device)
+    _assert_same_labels(dev.numpy(), kept_d.numpy(), ref, kept_ref)
