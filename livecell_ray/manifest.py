@@ -111,8 +111,10 @@ def apply_layout(fields: pd.DataFrame, known: dict[str, dict[str, Any]]
     and ``sites`` (well -> "field|crop" -> site name). Series and timepoints already there keep their
     place; new series take the next site numbers in each well (in natural order of field, then crop),
     new timepoints the next t indices (in time order). So a plate that grows between runs (new
-    timepoints every few hours, a field added) never moves or overwrites what was written, and
-    ``n_timepoints`` is the length of the plate's whole time axis. Returns the fields and the layouts.
+    timepoints every few hours, a field added) never moves or overwrites what was written. The time
+    axis is the plate's: ``n_timepoints`` is its whole length, so every image of a plate has the same
+    (t, y, x) shape, as NGFF plate viewers expect (a field not imaged at some timepoint keeps empty
+    planes there). Returns the fields and the layouts.
     """
     parts, layouts = [], {}
     for plate, g in fields.groupby("plate", sort=False):
