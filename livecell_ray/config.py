@@ -107,7 +107,7 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels",
               "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
               "io_worker_max_fields": "io_worker_max_fields"}
-_INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta"}
+_INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend"}
 
 
 def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> SegmentConfig:
@@ -126,20 +126,26 @@ def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> S
             inference[key] = value
         else:
             raise SpecError(f"{where}: unknown key '{key}'")
-    types = {f.name: f.type for f in dataclasses.fields(SegmentConfig)}
-    for name, value in kwargs.items():
-        t = str(types[name])
+    _check_types(where, SegmentConfig, kwargs)
+    _check_types(where, InferenceConfig, inference)
+    at_least_one = [kwargs.get(k) for k in ("replicas", "batch_size", "io_tasks", "io_worker_max_fields")]
+    if any(v is not None and v < 1 for v in at_least_one):
+        raise SpecError(f"{where}: replicas, batch_size, io_tasks and io_worker_max_fields must be at least 1")
+    try:
+        kwargs["inference"] = InferenceConfig(**inference)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: {exc}") from exc
+    return SegmentConfig(**kwargs)
+
+
+def _check_types(where: str, cls: type, values: dict[str, Any]) -> None:
+    """Each value has its dataclass field's type (YAML gives strings, numbers, booleans, mappings)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        t = types[name]
         ok = (("int" in t and isinstance(value, int) and not isinstance(value, bool))
               or ("float" in t and isinstance(value, (int, float)) and not isinstance(value, bool))
               or ("str" in t and isinstance(value, str)) or ("bool" in t and isinstance(value, bool))
               or ("dict" in t and isinstance(value, dict)) or (value is None and "None" in t))
         if not ok:
             raise SpecError(f"{where}: key '{name}' should be {t}, got {type(value).__name__} {value!r}")
-    at_least_one = [kwargs.get(k) for k in ("replicas", "batch_size", "io_tasks", "io_worker_max_fields")]
-    if any(v is not None and v < 1 for v in at_least_one):
-        raise SpecError(f"{where}: replicas, batch_size, io_tasks and io_worker_max_fields must be at least 1")
-    try:
-        kwargs["inference"] = InferenceConfig(**inference)
-    except TypeError as exc:
-        raise SpecError(f"{where}: {exc}") from exc
-    return SegmentConfig(**kwargs)

@@ -177,6 +177,15 @@ def test_example_spec_parses_and_io_tasks_is_checked():
     assert segment_config_from_spec({**spec, "io_worker_max_fields": None}).io_worker_max_fields is None
     with pytest.raises(SpecError, match="'io_tasks' should be"):
         segment_config_from_spec({**spec, "io_tasks": "many"})
+    # Inference keys are checked the same way, and the backend can be chosen per job.
+    assert not cfg.inference.tta and segment_config_from_spec({**spec, "tta": True}).inference.tta
+    assert segment_config_from_spec({**spec, "backend": "onnx"}).inference.backend == "onnx"
+    with pytest.raises(SpecError, match="unknown backend 'tpu'"):
+        segment_config_from_spec({**spec, "backend": "tpu"})
+    with pytest.raises(SpecError, match="'tta' should be bool"):
+        segment_config_from_spec({**spec, "tta": "yes"})
+    with pytest.raises(SpecError, match="'conf' should be float"):
+        segment_config_from_spec({**spec, "conf": "high"})
 
 
 # --------------------------------------------------------------------------- S3 through moto's server
