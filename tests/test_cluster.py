@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,6 +234,16 @@ def test_s3_in_and_out(s3, tmp_path, ray_local):
     again = pipeline.run(cfg)
     assert again.fields_skipped == len(FEW) and again.fields_done == 0
     assert len(o.read_table("cells")) == len(cells)
+    # The plate is imaged again: the new timepoint grows the arrays on the object store in place.
+    first = fields.sort_values("path").iloc[0]
+    zpath = first.zarr_path.split(".zarr/", 1)[1]
+    before = store.read_labels(o, first.plate, zpath, 0)
+    later = re.sub(r"_\d+d\d+h\d+m_", "_09d00h00m_", first.path.rsplit("/", 1)[-1])
+    fs.copy(first.path.removeprefix("s3://"), f"plates/exp1/{later}")
+    grown = pipeline.run(cfg)
+    assert (grown.fields_done, grown.fields_failed) == (1, 0), grown.failures
+    np.testing.assert_array_equal(store.read_labels(o, first.plate, zpath, 0), before)
+    np.testing.assert_array_equal(store.read_labels(o, first.plate, zpath, 1), before)  # the same image
 
 
 # --------------------------------------------------------------------------- interrupted job resumes
