@@ -35,7 +35,8 @@ ENV = "LIVECELL_RAY_REPLAY"
 
 
 def _key(image: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+    """Which recorded field this is: a hash of every 16th pixel (the whole field cost the actor 0.8 ms)."""
+    return hashlib.blake2b(np.ascontiguousarray(image[::16, ::16]).tobytes(), digest_size=16).hexdigest()
 
 
 class ReplaySegmenter:
