@@ -147,7 +147,11 @@ class SegmentActor:
         out["model_node"] = np.array([self.node_id] * n)
         out["model_pid"] = np.full(n, os.getpid())
         out["model_s"] = np.full(n, (time.perf_counter() - t0) / n)
-        out.update(labels=_ragged(label_out), class_ids=np.array(cls_out, dtype=object),
+        # One (n, H, W) array when the batch's label images share a shape (nearly always): Ray Data then
+        # wraps it as it is instead of concatenating n separate arrays into a variable-shaped column.
+        same = len({(a.shape, a.dtype) for a in label_out}) == 1
+        out.update(labels=np.stack(label_out) if same else _ragged(label_out),
+                   class_ids=np.array(cls_out, dtype=object),
                    confidences=np.array(conf_out, dtype=object), status=np.array(status),
                    stage=np.array(stage), error=np.array(error))
         return out
