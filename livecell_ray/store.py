@@ -257,7 +257,6 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
                              fmt=fmt, field_count=max(len(s) for s in all_sites.values()), name=plate)
         before = root.attrs.get(LAYOUT_KEY) or {}
         root.attrs["livecell_ray"] = provenance
-        root.attrs[LAYOUT_KEY] = layout
         have = _existing_groups(outputs, plate)
         if len(before.get("timepoints", [])) < len(layout["timepoints"]):
             # The time axis grew: every series gets its new (empty) planes, also those with no image at the
@@ -284,6 +283,9 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
         if nodes:
             # Implicit parents (row groups) are added where missing; existing ones are left as they are.
             retry(lambda nodes=nodes, store=store: list(zarr.create_hierarchy(store=store, nodes=nodes)))
+        # The layout last: a call cut short before this point (and retried, or rerun) still sees the old
+        # layout, so it grows the arrays again rather than skipping them.
+        root.attrs[LAYOUT_KEY] = layout
 
 
 def _grow_time_axis(store: Any, paths: list[str], n: int) -> None:

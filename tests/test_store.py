@@ -91,3 +91,34 @@ def test_arrays_are_zarr_s_own_one_chunk_per_timepoint_and_survive_racing_writer
         assert sorted(p.relative_to(root / path).as_posix() for p in (root / path / "c").rglob("*")
                       if p.is_file()) == [f"c/{t}/0/0" for t in range(6)]
     assert not list(root.rglob("*.tmp"))
+
+
+def test_plate_metadata_cut_short_while_growing_is_completed_by_the_retry(tmp_path, monkeypatch):
+    """The plate's layout is recorded last: if growing the time axis fails part-way, the retry (store.retry
+    or the next run) still sees the old layout and grows every array."""
+    out = store.Outputs(str(tmp_path / "out"))
+    first = _plate(tmp_path, ["A172_Phase_A7_1_00d00h00m_1.tif"])
+    store.init_plates(out, first, None, {})
+    store.write_masks(out, "A172", "A", 7, "0", 0, 1, np.zeros((8, 8), np.uint8), np.ones((8, 8), np.uint32))
+    grown = _plate(tmp_path, ["A172_Phase_A7_1_00d04h00m_1.tif"])
+    fields, layouts = manifest.apply_layout(grown, store.read_layouts(out, ["A172"]))
+    assert layouts["A172"]["timepoints"] == [0.0, 4.0]
+    real, calls = store._grow_time_axis, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError("connection reset")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_grow_time_axis", flaky)
+    with pytest.raises(OSError):
+        store.init_plates(out, fields, None, {}, layouts)
+    store.init_plates(out, fields, None, {}, layouts)
+    assert len(calls) == 2
+    import zarr
+
+    arr = zarr.open_array(zarr.storage.LocalStore(tmp_path / "out" / "masks" / "A172.zarr"),
+                          path="A/7/0/labels/cells/0", mode="r")
+    assert arr.shape == (2, 8, 8) and arr[0].min() == 1 and arr[1].max() == 0
+    assert store.read_layouts(out, ["A172"])["A172"] == layouts["A172"]
