@@ -104,21 +104,16 @@ def model_side_split(seg, images: list, repeats: int = 5) -> str:
         if seg.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    h, w = images[0].shape
     fwd = paint = 0.0
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        x, dets, protos = seg.forward(models.DEFAULT_KEY, images)
+        x, dets, protos = seg.forward(models.DEFAULT_KEY, seg.network_batch(images))
         sync()
         t1 = time.perf_counter()
-        if seg.paint_on_device:
-            seg._paint_on_device(x.shape[2:], dets, protos, (h, w))
-            sync()
-            spent = time.perf_counter() - t1
-        else:  # box-local painting on the host: the whole call, less its forward part
-            seg(images)
-            spent = time.perf_counter() - t1 - (t1 - t0)
+        seg.paint(x.shape[2:], dets, protos, len(images), images[0].shape)
+        sync()
+        spent = time.perf_counter() - t1
         fwd, paint = fwd + t1 - t0, paint + spent
     return (f"letterbox + forward + NMS {1000 * fwd / repeats:.1f} ms, painting + copies to the host "
             f"{1000 * paint / repeats:.1f} ms")

@@ -210,14 +210,15 @@ def paint_torch(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
     xs = torch.arange(w, device=dev).view(1, 1, w)
     none = torch.iinfo(torch.int32).max
     flat = protos.float().reshape(c, -1)
+    mirror_flats = [m.protos.float().reshape(c, -1) for m in mirrors]
     for r0 in range(0, n, chunk):
         idx = order[r0:r0 + chunk]
         up = _dense_upsample(coeffs[idx].float() @ flat, mh, mw, shape)
         if mirrors:
             passes = torch.ones(len(idx), device=dev)
-            for m in mirrors:
+            for m, m_flat in zip(mirrors, mirror_flats):
                 ok = m.matched[idx].float()
-                twin = _dense_upsample(m.coeffs[idx].float() @ m.protos.float().reshape(c, -1), mh, mw, shape)
+                twin = _dense_upsample(m.coeffs[idx].float() @ m_flat, mh, mw, shape)
                 up = up + twin.flip(1 + m.axis) * ok.view(-1, 1, 1)
                 passes = passes + ok
             up = up / passes.view(-1, 1, 1)

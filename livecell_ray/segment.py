@@ -95,15 +95,24 @@ class Segmenter:
         return x, dets, protos
 
     def _predict_same_size(self, key: str, images: list[np.ndarray]) -> list[Instances]:
+        x, dets, protos = self.forward(key, self.network_batch(images))
+        return self.paint(x.shape[2:], dets, protos, len(images), images[0].shape)
+
+    def network_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """What the network sees for these fields: the fields, then with TTA their left-right and
+        top-bottom mirror images, in the same batch."""
+        if not self.cfg.tta:
+            return images
+        return [*images, *(np.ascontiguousarray(im[:, ::-1]) for im in images),
+                *(np.ascontiguousarray(im[::-1]) for im in images)]
+
+    def paint(self, input_hw, dets, protos, n: int, shape: tuple[int, int]) -> list[Instances]:
+        """Label images of the batch's first n fields from :meth:`forward`'s output (with TTA, the rest of
+        the batch are their mirror images); on the device or box-local, as configured."""
         from ultralytics.utils import ops
 
-        h, w = images[0].shape
-        n = len(images)
-        if self.cfg.tta:  # the mirror images go through the network in the same batch
-            images = [*images, *(np.ascontiguousarray(im[:, ::-1]) for im in images),
-                      *(np.ascontiguousarray(im[::-1]) for im in images)]
-        x, dets, protos = self.forward(key, images)
-        boxes = [ops.scale_boxes(x.shape[2:], d[:, :4].float().clone(), (h, w)) for d in dets]
+        h, w = shape
+        boxes = [ops.scale_boxes(input_hw, d[:, :4].float().clone(), (h, w)) for d in dets]
         mirrors = [self._mirrors(i, n, boxes, dets, protos, (h, w)) for i in range(n)]
         if self.paint_on_device:
             return self._paint_on_device(dets[:n], boxes[:n], protos[:n], mirrors, (h, w))

@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from livecell_ray.manifest import apply_layout, parse_well
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -89,6 +91,10 @@ class Outputs:
     # ---------- paths ----------
     def plate_url(self, plate: str) -> str:
         return join(self.url, "masks", f"{safe(plate)}.zarr")
+
+    def plate_path(self, plate: str) -> str:
+        """The plate's Zarr root as a path on ``self.fs`` (for listings and direct writes)."""
+        return join(self.root, "masks", f"{safe(plate)}.zarr")
 
     def table_path(self, table: str, plate: str | None, well: str | None, key: str) -> str:
         if plate is None:
@@ -240,8 +246,6 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
     scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     label = {"version": "0.5", "multiscales": [_multiscales("cells", pixel_size)],
              "image-label": {"version": "0.5", "source": {"image": "../../"}}}
-    from livecell_ray.manifest import apply_layout, parse_well
-
     layouts = layouts if layouts is not None else apply_layout(manifest, {})[1]
     for plate, series in fields_in_plate(manifest).items():
         store = outputs.zarr_store(plate)
@@ -306,7 +310,7 @@ def _grow_time_axis(store: Any, paths: list[str], n: int) -> None:
 
 def _existing_groups(outputs: Outputs, plate: str) -> set[str]:
     """Paths of the plate's well, image, labels and labels/cells groups that exist (one listing each)."""
-    base = join(outputs.root, "masks", f"{safe(plate)}.zarr")
+    base = outputs.plate_path(plate)
     outputs.fs.invalidate_cache()  # object stores' listings are cached per filesystem instance: list afresh
     if not outputs.fs.exists(base):
         return set()
@@ -359,7 +363,7 @@ def _require_array(outputs: Outputs, plate: str, store: Any, path: str, shape: t
     try:
         arr = retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
     except FileNotFoundError:
-        doc = join(outputs.root, "masks", f"{safe(plate)}.zarr", path, "zarr.json")
+        doc = join(outputs.plate_path(plate), path, "zarr.json")
         retry(outputs.write_bytes, doc, array_document(tuple(shape), np.dtype(dtype).str))
         arr = retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
     if tuple(arr.shape[1:]) != tuple(shape[1:]):
