@@ -150,6 +150,8 @@ def train(
     project: str = typer.Option("runs/train"),
     name: str = typer.Option("small"),
     time_hours: float | None = typer.Option(None, help="Wall-time budget; the LR schedule fits it"),
+    lr0: float | None = typer.Option(None, min=0.0, help="AdamW starting learning rate (default: ultralytics' "
+                                     "choice); lower it to fine-tune trained weights"),
     resume: bool = typer.Option(True, help="Continue project/name/weights/last.pt when present"),
 ) -> None:
     """Train a YOLOv8-seg model offline (resumable), optionally with copy-paste expansion."""
@@ -166,7 +168,7 @@ def train(
             fail(str(exc))
     cfg = train_mod.TrainConfig(data=str(data_yaml), model=model, epochs=epochs, imgsz=imgsz, batch=batch,
                                 device=device, project=project, name=name, seed=seed, recipe=recipe,
-                                time_hours=time_hours, workers=workers)
+                                time_hours=time_hours, workers=workers, lr0=lr0)
     best = train_mod.train(cfg, resume=resume)
     out_console.print(f"best weights: {best}")
 

@@ -50,6 +50,7 @@ class TrainConfig:
     recipe: bool = True
     cache: bool = True
     time_hours: float | None = None  # stop after this wall time (ultralytics' `time`)
+    lr0: float | None = None  # AdamW's starting learning rate; None: ultralytics' automatic choice
 
 
 def _device(requested: str | None) -> str:
@@ -98,10 +99,24 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     if resume and last.exists():
         if _finished(last):  # ultralytics strips the optimizer from last.pt when a run completes
             return run_dir / "weights" / "best.pt"
-        YOLO(str(last)).train(resume=True, plots=False)
-        return run_dir / "weights" / "best.pt"
-    YOLO(cfg.model).train(**train_args(cfg))
+        model, args = YOLO(str(last)), {"resume": True, "plots": False}
+    else:
+        model, args = YOLO(cfg.model), train_args(cfg)
+    model.add_callback("on_pretrain_routine_start", _use_every_core)
+    model.add_callback("on_val_start", _use_every_core)  # the final validation selects its device again
+    model.train(**args)
     return run_dir / "weights" / "best.pt"
+
+
+def _use_every_core(trainer: Any) -> None:  # a trainer or a validator
+    """Train on every CPU core: ultralytics keeps one core back for data loading (NUM_THREADS is cores - 1)
+    but then loads data in the main process on a CPU (workers=0), so a 2-core machine trained on one."""
+    if trainer.device.type == "cpu":
+        import os
+
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
 def train_args(cfg: TrainConfig) -> dict[str, Any]:
@@ -129,6 +144,12 @@ def train_args(cfg: TrainConfig) -> dict[str, Any]:
     }
     if cfg.time_hours:
         args["time"] = cfg.time_hours
+    if cfg.lr0 is not None:
+        args.update(optimizer="AdamW", lr0=cfg.lr0)
+    if args["pretrained"]:
+        # Warm-up starts the biases at a learning rate of 0.1 and ramps the rest up over three epochs: right
+        # from random weights, but on trained ones it undoes part of what a fine-tune is meant to continue.
+        args["warmup_epochs"] = 0.0
     if cfg.recipe:
         args.update(RECIPE)
         # ultralytics accumulates gradients up to a nominal batch of 64: with 40 fields and batch 8 that

@@ -128,8 +128,11 @@ def test_offline_training_stops_and_resumes_from_last(tmp_path):
     proc.wait()
     done_before = len(results.read_text().splitlines()) - 1
     assert 1 <= done_before < 6, "training must be stopped mid-run"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    threads = "; import torch; print('threads', torch.get_num_threads())"
+    p = subprocess.run([sys.executable, "-c", code + threads], capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
+    # ultralytics trains a CPU on cores - 1 threads (and loads data in the same process): we use every core.
+    assert f"threads {len(os.sched_getaffinity(0))}" in p.stdout.splitlines(), p.stdout[-500:]
     epochs = [int(float(line.split(",")[0])) for line in results.read_text().splitlines()[1:]]
     assert epochs == list(range(1, 7)), epochs  # continued where it stopped, each epoch once
     assert (tmp_path / "cfg" / "Ultralytics" / "Arial.ttf").stat().st_size > 0  # bundled font, no download
@@ -180,3 +183,7 @@ def test_train_args_fine_tune_from_pt_and_recipe_steps_every_batch():
     assert scratch["nbs"] == 8 and scratch["degrees"] == RECIPE["degrees"]
     assert "nbs" not in plain and "degrees" not in plain  # ultralytics' own defaults
     assert scratch["amp"] is False and scratch["plots"] is False
+    # A fine-tune continues from trained weights: no warm-up (bias LR 0.1); a learning rate makes it AdamW's.
+    assert tuned["warmup_epochs"] == 0.0 and "warmup_epochs" not in scratch
+    slow = train_args(TrainConfig(data="d.yaml", model="weights/big.pt", device="cpu", lr0=5e-4))
+    assert slow["optimizer"] == "AdamW" and slow["lr0"] == 5e-4 and "lr0" not in tuned
