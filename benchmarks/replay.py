@@ -101,9 +101,8 @@ def stage_costs(plate: Path, recorded: Path, out: Path, repeats: int = 20) -> di
     read = [pipeline.read_field(r, {}, 10**9, NormalizeConfig()) for r in rows]
     costs = {"read + decode + normalise": (time.perf_counter() - t) / len(rows)}
     for r in read:
-        x = rep([r["image"]])[0]
-        r.update(labels=x.labels.astype(np.uint16), class_ids=x.class_ids.astype(np.int16).tobytes(),
-                 confidences=x.confidences.astype(np.float32).tobytes(), model_node="", model_pid=0,
+        labels, cls, conf = pipeline.encode_instances(rep([r["image"]])[0])
+        r.update(labels=labels, class_ids=cls, confidences=conf, model_node="", model_pid=0,
                  column=int(r["column"]), crop=int(r["crop"]))
     outputs = store.Outputs(str(out))
     store.init_plates(outputs, manifest.scan(str(plate)).fields, None, {})

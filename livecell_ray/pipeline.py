@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,9 @@ from livecell_ray import models, offline, store
 from livecell_ray.config import InferenceConfig, NormalizeConfig, SegmentConfig
 from livecell_ray.imaging import ImageError, normalize, read_image
 from livecell_ray.measure import measure_cells, measure_field
+
+if TYPE_CHECKING:  # segment imports torch, which the reading and measuring workers never need
+    from livecell_ray.segment import Instances
 
 
 class RunError(RuntimeError):
@@ -134,11 +137,7 @@ class SegmentActor:
             try:
                 res = self.segmenter([batch["image"][i] for i in ok], [str(batch["cell_type"][i]) for i in ok])
                 for i, r in zip(ok, res):
-                    # Labels travel as uint16 when they fit (nearly always): half the object-store traffic.
-                    small = r.labels.dtype == np.uint16 or r.labels.max(initial=0) < 2**16
-                    label_out[i] = r.labels.astype(np.uint16, copy=False) if small else r.labels
-                    cls_out[i] = r.class_ids.astype(np.int16).tobytes()
-                    conf_out[i] = r.confidences.astype(np.float32).tobytes()
+                    label_out[i], cls_out[i], conf_out[i] = encode_instances(r)
             except Exception as exc:
                 for i in ok:
                     status[i], stage[i] = "failed", "segment"
@@ -155,6 +154,16 @@ class SegmentActor:
                    confidences=np.array(conf_out, dtype=object), status=np.array(status),
                    stage=np.array(stage), error=np.array(error))
         return out
+
+
+def encode_instances(result: Instances) -> tuple[np.ndarray, bytes, bytes]:
+    """A field's segmentation as it travels from the model replica to the measuring task.
+
+    Labels go as uint16 when they fit (nearly always): half the object-store traffic of uint32.
+    """
+    small = result.labels.dtype == np.uint16 or result.labels.max(initial=0) < 2**16
+    labels = result.labels.astype(np.uint16, copy=False) if small else result.labels
+    return labels, result.class_ids.astype(np.int16).tobytes(), result.confidences.astype(np.float32).tobytes()
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:

@@ -93,6 +93,28 @@ def test_arrays_are_zarr_s_own_one_chunk_per_timepoint_and_survive_racing_writer
     assert not list(root.rglob("*.tmp"))
 
 
+def test_arrays_made_elsewhere_are_written_through_zarr_and_any_byte_order_is_stored_little_endian(tmp_path):
+    """Chunks are encoded directly only for arrays laid out as ours; one made by another tool (other codecs)
+    is written through zarr, so what is read back is the field either way."""
+    import zarr
+    from zarr.codecs import GzipCodec
+
+    out = store.Outputs(str(tmp_path / "out"))
+    store.init_plates(out, _plate(tmp_path, ["A172_Phase_A7_1_00d00h00m_1.tif"]), None, {})
+    root = zarr.storage.LocalStore(tmp_path / "out" / "masks" / "A172.zarr")
+    zarr.create_array(root, name="A/7/0/labels/cells/0", shape=(2, 6, 5), chunks=(1, 3, 5), dtype=np.uint32,
+                      fill_value=0, compressors=GzipCodec(level=5))
+    labels = np.arange(30, dtype=">u4").reshape(6, 5)  # big-endian input
+    image = np.arange(30, dtype=np.uint8).reshape(6, 5)
+    store.write_masks(out, "A172", "A", 7, "0", 1, 2, image, labels)
+    theirs = zarr.open_array(root, path="A/7/0/labels/cells/0", mode="r")
+    assert [c.to_dict()["name"] for c in theirs.compressors] == ["gzip"]  # left as it was made
+    np.testing.assert_array_equal(theirs[1], labels)
+    ours = zarr.open_array(root, path="A/7/0/0", mode="r")
+    np.testing.assert_array_equal(ours[1], image)
+    assert not ours[0].any()  # the other timepoint is still the fill value
+
+
 def test_plate_metadata_cut_short_while_growing_is_completed_by_the_retry(tmp_path, monkeypatch):
     """The plate's layout is recorded last: if growing the time axis fails part-way, the retry (store.retry
     or the next run) still sees the old layout and grows every array."""
