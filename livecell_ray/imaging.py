@@ -50,7 +50,22 @@ def _decode_tiff(data: bytes, path: str, max_pixels: int) -> np.ndarray:
         n = int(np.prod(page.shape))
         if n > max_pixels * 4:
             raise ImageError(f"{path}: image of {n} values exceeds the limit of {max_pixels} pixels")
+        if len(tif.pages) == 1:
+            # One image (the usual microscope export): libtiff decodes it in half tifffile's time (1.25 vs
+            # 2.7 ms a LIVECell field); its answer is kept only when it is the series tifffile describes.
+            try:
+                arr = _libtiff_decode(data)
+            except Exception:
+                arr = None
+            if arr is not None and arr.shape == tuple(page.shape) and arr.dtype == page.dtype:
+                return arr
         return page.asarray()
+
+
+def _libtiff_decode(data: bytes) -> np.ndarray:
+    import imagecodecs
+
+    return imagecodecs.tiff_decode(data)
 
 
 def _decode_pil(data: bytes, path: str, max_pixels: int) -> np.ndarray:

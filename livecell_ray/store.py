@@ -121,7 +121,8 @@ class Outputs:
             retry(self.fs.pipe_file, path, data)
             return
         tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if not getattr(self.fs, "auto_mkdir", False):  # else opening the file makes its folder
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
         _before_rename(tmp, path)

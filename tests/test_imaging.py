@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from livecell_ray import imaging
 from livecell_ray.imaging import ImageError, decode, normalize, read_image
 
 from .conftest import EXAMPLES
@@ -109,7 +110,30 @@ def test_lzw_tiff_reads_without_imagecodecs(monkeypatch):
         raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
 
     monkeypatch.setattr(tifffile.TiffPage, "asarray", no_codecs)
+    monkeypatch.setattr(imaging, "_libtiff_decode", no_codecs)
     assert np.array_equal(decode(data, "a172.tif"), ref)
     # A TIFF neither decoder can read still names the file and tifffile's reason.
     with pytest.raises(ImageError, match=r"^broken\.tif: cannot decode image \(IndexError"):
         decode(data[:4000], "broken.tif")
+
+
+@pytest.mark.parametrize("kind", ["livecell_lzw", "uint16_deflate", "float32", "rgb", "big_endian", "tiled"])
+def test_tiff_decodes_to_tifffile_s_pixels(kind):
+    """Single-image TIFFs go through libtiff (faster), others through tifffile: the pixels are the same."""
+    rng = np.random.default_rng(1)
+    if kind == "livecell_lzw":
+        data = A172.read_bytes()
+    else:
+        img = {"uint16_deflate": rng.integers(0, 65535, (37, 53), dtype=np.uint16),
+               "float32": rng.normal(size=(37, 53)).astype(np.float32),
+               "rgb": rng.integers(0, 255, (37, 53, 3), dtype=np.uint8),
+               "big_endian": rng.integers(0, 65535, (37, 53)).astype(">u2"),
+               "tiled": rng.integers(0, 65535, (70, 90), dtype=np.uint16)}[kind]
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, img, compression="zlib" if kind == "uint16_deflate" else None,
+                         tile=(32, 32) if kind == "tiled" else None, byteorder=">" if kind == "big_endian" else None)
+        data = buf.getvalue()
+    ref = tifffile.imread(io.BytesIO(data))
+    got = imaging._decode_tiff(data, "x.tif", 10**8)
+    assert got.shape == ref.shape and got.dtype.kind == ref.dtype.kind and got.dtype.itemsize == ref.dtype.itemsize
+    np.testing.assert_array_equal(got, ref)
