@@ -8,6 +8,8 @@ fields (copy-paste of instances, max_det far above 300).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,13 +88,6 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     # already imported, else a Python loop that synchronises the GPU at every step (as in segment.Segmenter).
     import torchvision  # noqa: F401
     from ultralytics import YOLO
-    from ultralytics.engine import trainer as ul_trainer
-
-    ul_trainer.check_amp = _offline_amp_check
-    try:
-        import polars  # noqa: F401  (ultralytics reads results.csv with it when saving checkpoints)
-    except ImportError:
-        ul_trainer.BaseTrainer.read_results_csv = _read_results_csv
 
     run_dir = Path(cfg.project) / cfg.name
     last = run_dir / "weights" / "last.pt"
@@ -104,8 +99,26 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         model, args = YOLO(cfg.model), train_args(cfg)
     model.add_callback("on_pretrain_routine_start", _use_every_core)
     model.add_callback("on_val_start", _use_every_core)  # the final validation selects its device again
-    model.train(**args)
+    with _offline_trainer():
+        model.train(**args)
     return run_dir / "weights" / "best.pt"
+
+
+@contextlib.contextmanager
+def _offline_trainer() -> Iterator[None]:
+    """ultralytics' trainer without its network needs, for the length of one training run only."""
+    from ultralytics.engine import trainer as ul_trainer
+
+    saved = ul_trainer.check_amp, ul_trainer.BaseTrainer.read_results_csv
+    ul_trainer.check_amp = _offline_amp_check
+    try:
+        import polars  # noqa: F401  (ultralytics reads results.csv with it when saving checkpoints)
+    except ImportError:
+        ul_trainer.BaseTrainer.read_results_csv = _read_results_csv
+    try:
+        yield
+    finally:
+        ul_trainer.check_amp, ul_trainer.BaseTrainer.read_results_csv = saved
 
 
 def _use_every_core(trainer: Any) -> None:  # a trainer or a validator

@@ -128,11 +128,13 @@ def test_offline_training_stops_and_resumes_from_last(tmp_path):
     proc.wait()
     done_before = len(results.read_text().splitlines()) - 1
     assert 1 <= done_before < 6, "training must be stopped mid-run"
-    threads = "; import torch; print('threads', torch.get_num_threads())"
+    threads = ("; import torch; print('threads', torch.get_num_threads()); from ultralytics.engine import trainer; "
+               "from ultralytics.utils.checks import check_amp; print('restored', trainer.check_amp is check_amp)")
     p = subprocess.run([sys.executable, "-c", code + threads], capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     # ultralytics trains a CPU on cores - 1 threads (and loads data in the same process): we use every core.
     assert f"threads {len(os.sched_getaffinity(0))}" in p.stdout.splitlines(), p.stdout[-500:]
+    assert "restored True" in p.stdout.splitlines()  # the offline patches last one run, not the process
     epochs = [int(float(line.split(",")[0])) for line in results.read_text().splitlines()[1:]]
     assert epochs == list(range(1, 7)), epochs  # continued where it stopped, each epoch once
     assert (tmp_path / "cfg" / "Ultralytics" / "Arial.ttf").stat().st_size > 0  # bundled font, no download
