@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from livecell_ray import labels as labels_mod
 from livecell_ray import models
 from livecell_ray.config import InferenceConfig
 from livecell_ray.imaging import to_rgb
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -106,7 +110,8 @@ class Segmenter:
         return [*images, *(np.ascontiguousarray(im[:, ::-1]) for im in images),
                 *(np.ascontiguousarray(im[::-1]) for im in images)]
 
-    def paint(self, input_hw, dets, protos, n: int, shape: tuple[int, int]) -> list[Instances]:
+    def paint(self, input_hw: tuple[int, int], dets: list[torch.Tensor], protos: torch.Tensor, n: int,
+              shape: tuple[int, int]) -> list[Instances]:
         """Label images of the batch's first n fields from :meth:`forward`'s output (with TTA, the rest of
         the batch are their mirror images); on the device or box-local, as configured."""
         from ultralytics.utils import ops

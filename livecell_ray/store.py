@@ -299,7 +299,7 @@ def _grow_time_axis(store: Any, paths: list[str], n: int) -> None:
 
     def grow(path: str) -> None:
         try:
-            _lengthen_time_axis(retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3), n)
+            _lengthen_time_axis(_open_array(store, path), n)
         except FileNotFoundError:
             return  # a site whose first field has not been written yet
 
@@ -371,8 +371,7 @@ def _require_array(outputs: Outputs, plate: str, path: str, shape: tuple[int, ..
                          f"(all timepoints of a field must have one size)")
     if have[0] < shape[0]:
         # The plate's time axis grew since the array was made (a time-lapse processed as it is imaged).
-        arr = retry(zarr.open_array, outputs.zarr_store(plate), path=path, mode="r+", zarr_format=3)
-        _lengthen_time_axis(arr, shape[0])
+        _lengthen_time_axis(_open_array(outputs.zarr_store(plate), path), shape[0])
     ours = json.loads(array_document(have, dtype.str))
     return all(meta.get(k) == ours[k] for k in ours if k not in ("shape", "attributes"))
 
@@ -383,6 +382,11 @@ def _encode_chunk(plane: np.ndarray) -> bytes:
 
     little = np.ascontiguousarray(plane, dtype=plane.dtype.newbyteorder("<"))
     return numcodecs.Zstd(level=CHUNK_ZSTD_LEVEL, checksum=False).encode(little)
+
+
+def _open_array(store: Any, path: str) -> zarr.Array:
+    """An existing array of the plate, for writing (its path known: one metadata read)."""
+    return retry(zarr.open_array, store, path=path, mode="r+", zarr_format=3)
 
 
 def _lengthen_time_axis(arr: zarr.Array, n: int) -> zarr.Array:
@@ -410,8 +414,7 @@ def write_masks(outputs: Outputs, plate: str, row: str, column: int, site: str, 
             # The default chunk key encoding, "/" separated: c/<t>/0/0 holds timepoint t.
             outputs.write_bytes(join(base, path, "c", str(t_index), "0", "0"), _encode_chunk(plane))
         else:
-            arr = retry(zarr.open_array, outputs.zarr_store(plate), path=path, mode="r+", zarr_format=3)
-            retry(arr.__setitem__, t_index, plane)
+            retry(_open_array(outputs.zarr_store(plate), path).__setitem__, t_index, plane)
     return image_path
 
 
