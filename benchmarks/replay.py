@@ -8,8 +8,9 @@ that part of `livecell-ray segment` on this machine's CPUs: every Ray worker get
 swaps the Segmenter for one returning the real results that small.pt computed beforehand for each of
 the bundled LIVECell fields (same labels, classes, confidences). Nothing else differs, so fields/s
 here is the ceiling the CPUs put on a GPU node of this many cores, and its per-field time splits into
-the stage costs printed first (each measured alone, in this process). The driver's CPU use after the
-first field (Ray Data's executor and the summary loop, one process) is printed last.
+the stage costs printed first (each measured alone, in this process). The CPU use of this process
+after the first field (it watches the execution and walks the summaries; Ray Data's executor runs in
+the pipeline's StreamDriver actor) is printed last.
 
 A diagnostic for benchmarks only: the product never runs without its model.
 """
@@ -168,10 +169,10 @@ def main() -> None:
               f"{steady:.1f} fields/s after the first field; batch {a.batch}, io_tasks {cfg.io_tasks or 'auto'}")
         print(f"  {s.stage_report()}")
         print(f"  after the first field: {steady * total / (1000 * cpus):.2f} of the CPU-bound ceiling above")
-        # The driver (Ray Data's streaming executor and the summary loop) is one process: if its CPU time
-        # grew with the fields it would bound a node's fields/s. Compare runs of different rates (--io-tasks).
+        # The job's process (the watcher and the summary loop; Ray Data's executor runs in the StreamDriver
+        # actor): if its CPU time grew with the fields it would bound a node's fields/s.
         steady_wall = max(t - s.time_to_first_field, 1e-9)
-        print(f"  driver: {first[0] - c0:.1f} s of CPU before the first field (manifest, plate metadata, start), "
+        print(f"  this process: {first[0] - c0:.1f} s of CPU before the first field (manifest, plate metadata, start), "
               f"then {100 * (c1 - first[0]) / steady_wall:.0f}% of a core "
               f"({1000 * (c1 - first[0]) / max(1, s.fields_done - 1):.1f} ms a field)")
     finally:

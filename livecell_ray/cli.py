@@ -67,6 +67,8 @@ def segment(
     num_cpus: int | None = typer.Option(None, min=1, help="CPUs for a local Ray"),
     storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
     max_pixels: int = typer.Option(64_000_000, min=1, help="Fields larger than this fail (memory guard)"),
+    stall_timeout: float = typer.Option(1800.0, min=0.0, help="Seconds without a finished field before the "
+                                        "execution is started again over the fields left (0: wait forever)"),
     trust_weights: bool = typer.Option(False, help="Allow loading a .pt file that is not a shipped model"),
     overwrite: bool = typer.Option(False, help="Replace OUT made with another model or parameters"),
     strict: bool = typer.Option(False, help="Exit non-zero when any field failed"),
@@ -86,7 +88,7 @@ def segment(
                         replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                         io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
                         num_cpus=num_cpus, storage_options=opts, overwrite=overwrite, max_pixels=max_pixels,
-                        inference=inference)
+                        stall_timeout_s=stall_timeout or None, inference=inference)
     try:
         import re
 
@@ -123,6 +125,8 @@ def _print_summary(s: Any) -> None:
     t.add_row("files not matching the pattern", str(s.unmatched))
     t.add_row("cells", str(s.cells))
     t.add_row("time", f"{s.seconds:.1f} s ({s.fields_per_second:.2f} fields/s)")
+    for why in s.restarts:
+        t.add_row("restarted", why)
     t.add_row("masks (OME-Zarr)", f"{s.out}/masks/")
     t.add_row("cells (Parquet)", f"{s.out}/cells/")
     t.add_row("fields (Parquet)", f"{s.out}/fields/")

@@ -78,6 +78,12 @@ class SegmentConfig:
     # 70 KB a field that no call gives back, which over a 100,000-field run would be gigabytes per worker.
     # A fresh worker costs a second or two of start-up; None keeps workers for the whole run.
     io_worker_max_fields: int | None = 2000
+    # Ray Data can hang for good after a node or an actor is lost. When no field finishes for this long,
+    # the execution is thrown away and started again over the fields left, at most stall_restarts times.
+    # Generous by default: an autoscaled cluster may take many minutes to bring up its first GPU node.
+    # None: wait forever.
+    stall_timeout_s: float | None = 1800.0
+    stall_restarts: int = 2
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
@@ -87,7 +93,7 @@ class SegmentConfig:
         for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite",
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
                   "replica_resources", "max_pixels", "object_store_budget_mb", "io_tasks",
-                  "io_worker_max_fields"):
+                  "io_worker_max_fields", "stall_timeout_s", "stall_restarts"):
             d.pop(k, None)
         if not self.inference.tta:  # as before TTA existed, so earlier outputs still resume
             d["inference"].pop("tta")
@@ -106,7 +112,8 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "pattern": "pattern", "manifest": "manifest", "trust_weights": "trust_weights",
               "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels",
               "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
-              "io_worker_max_fields": "io_worker_max_fields"}
+              "io_worker_max_fields": "io_worker_max_fields", "stall_timeout_s": "stall_timeout_s",
+              "stall_restarts": "stall_restarts"}
 _INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend"}
 
 
@@ -131,6 +138,10 @@ def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> S
     at_least_one = [kwargs.get(k) for k in ("replicas", "batch_size", "io_tasks", "io_worker_max_fields")]
     if any(v is not None and v < 1 for v in at_least_one):
         raise SpecError(f"{where}: replicas, batch_size, io_tasks and io_worker_max_fields must be at least 1")
+    if kwargs.get("stall_timeout_s") is not None and kwargs["stall_timeout_s"] <= 0:
+        raise SpecError(f"{where}: stall_timeout_s must be positive (or null: wait forever)")
+    if kwargs.get("stall_restarts", 0) < 0:
+        raise SpecError(f"{where}: stall_restarts must be 0 or more")
     try:
         kwargs["inference"] = InferenceConfig(**inference)
     except (TypeError, ValueError) as exc:

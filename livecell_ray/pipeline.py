@@ -7,14 +7,22 @@
 Reading, segmenting and writing overlap through Ray Data's streaming executor; the driver only
 walks the summaries to drive the progress bar. Every stage catches its own errors and passes the
 field on marked failed, so one bad file never stops the plate: it ends in failures/ instead.
+
+The execution itself runs in a small actor (:class:`StreamDriver`) beside the job's driver, watched
+from here: Ray Data can hang for good after a node or actor is lost (ray-project/ray#62746, #59518,
+#47606), and a plate run overnight must not. When no field finishes for ``stall_timeout_s``, the
+actor is killed, which ends every task and actor of that execution, and a new one streams the
+fields still to do: exactly once still holds, since a field counts as done only when its fields/ row
+is written.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -30,11 +38,16 @@ from livecell_ray.imaging import ImageError, normalize, read_image
 from livecell_ray.measure import measure_cells, measure_field
 
 if TYPE_CHECKING:  # segment imports torch, which the reading and measuring workers never need
+    import ray.data
+
     from livecell_ray.segment import Instances
 
 
+log = logging.getLogger(__name__)
+
+
 class RunError(RuntimeError):
-    """The run cannot start (bad output location, provenance mismatch...)."""
+    """The run cannot start (bad output location, provenance mismatch...) or cannot go on (stalled)."""
 
 
 @dataclass
@@ -54,6 +67,7 @@ class RunSummary:
     # has) they say which stage bounds the run. "model" is the replica's time on its batches.
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "model": 0.0, "finish": 0.0})
     time_to_first_field: float | None = None
+    restarts: list[str] = field(default_factory=list)  # why each stalled execution was thrown away
 
     @property
     def fields_per_second(self) -> float:
@@ -334,7 +348,7 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
     meta = {"livecell_ray": __import__("json").dumps(prov)}
     if len(todo):
         init_ray(cfg)
-        for res in _stream(cfg, todo, outputs, weights, meta):
+        for res in _results(cfg, todo, outputs.url, weights, meta, summary.restarts):
             if summary.time_to_first_field is None:
                 summary.time_to_first_field = time.time() - t0
             for stage in summary.stage_seconds:
@@ -355,6 +369,7 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
                      "seconds": round(summary.seconds, 3), "fields_processed": summary.fields_done,
                      "fields_failed": summary.fields_failed, "fields_skipped": summary.fields_skipped,
                      "cells": summary.cells, "time_to_first_field": summary.time_to_first_field,
+                     "restarts": summary.restarts,
                      "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()}},
         "source": cfg.source, "fields_in_manifest": summary.fields_total, "fields_done": fields_now,
         "unmatched_files": len(man.unmatched),
@@ -365,11 +380,66 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
     return summary
 
 
-def _stream(cfg: SegmentConfig, todo: pd.DataFrame, outputs: store.Outputs,
-            weights: dict[str, models.Weights], meta: dict[str, str]):
-    """Build the Ray Data pipeline over the fields to do and yield one summary per field."""
-    import logging
+def _results(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str, models.Weights],
+             meta: dict[str, str], restarts: list[str]) -> Iterator[dict[str, Any]]:
+    """One summary per field, from a watched execution that is started again if it stalls.
 
+    ``restarts`` gets one line per execution thrown away. After ``stall_restarts`` of them the run
+    stops with a RunError; what finished is kept, so the same command resumes.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Beside this process, on its node: the execution's owner must not vanish with a worker node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    driver_cls = ray.remote(StreamDriver).options(num_cpus=0, max_restarts=0, scheduling_strategy=here)
+    remaining = todo
+    while True:
+        driver = driver_cls.remote()
+        gen = driver.stream.remote(cfg, remaining, out, weights, meta)
+        finished: set[str] = set()
+        try:
+            while True:
+                ready, _ = ray.wait([gen], timeout=cfg.stall_timeout_s or None)
+                if not ready:
+                    reason = f"no field finished for {cfg.stall_timeout_s:g} s"
+                    break
+                try:
+                    rows = ray.get(next(gen))
+                except StopIteration:
+                    return
+                except ray.exceptions.ActorDiedError as exc:  # the driver's own process died (OOM, killed)
+                    reason = f"the pipeline's driver process died ({format_error(exc)})"
+                    break
+                for res in rows:
+                    finished.add(res["field_id"])
+                    yield res
+        finally:
+            ray.kill(driver)  # ends the execution's tasks and actors with it
+        remaining = remaining[~remaining["field_id"].isin(finished)]
+        restarts.append(f"{reason}; started again over the {len(remaining)} fields left")
+        if len(restarts) > cfg.stall_restarts:
+            n = len(restarts)
+            raise RunError(f"{out}: the pipeline stopped making progress {n} time{'s' * (n > 1)} (last: {reason}); "
+                           f"the fields finished are kept: run the same command again to resume, or raise "
+                           f"stall_timeout_s")
+        log.warning("%s: %s", out, restarts[-1])
+
+
+class StreamDriver:
+    """Holds one execution of the pipeline (made a Ray actor by :func:`_results`): killing it ends all of it."""
+
+    def stream(self, cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str, models.Weights],
+               meta: dict[str, str]) -> Iterator[list[dict[str, Any]]]:
+        """The summaries, one list per block of fields: one object for the watcher per block, not per field."""
+        for batch in _stream(cfg, todo, out, weights, meta).iter_batches(batch_size=None, batch_format="numpy"):
+            cols = {k: v.tolist() for k, v in batch.items()}
+            yield [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+
+def _stream(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str, models.Weights],
+            meta: dict[str, str]) -> ray.data.Dataset:
+    """The Ray Data pipeline over the fields to do: one summary row per field."""
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -408,10 +478,10 @@ def _stream(cfg: SegmentConfig, todo: pd.DataFrame, outputs: store.Outputs,
                         resources=cfg.replica_resources or None, zero_copy_batch=False)
     if finish_rows < cfg.batch_size:
         ds = ds.repartition(target_num_rows_per_block=finish_rows)
-    ds = ds.map(finish_field, fn_kwargs={"out": outputs.url, "storage_options": cfg.storage_options,
+    ds = ds.map(finish_field, fn_kwargs={"out": out, "storage_options": cfg.storage_options,
                                          "pixel_size": cfg.pixel_size, "provenance_meta": meta}, num_cpus=0.25,
                 compute=io_pool, **recycle_finish)
-    yield from ds.iter_rows()
+    return ds
 
 
 def format_error(exc: BaseException) -> str:

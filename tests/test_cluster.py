@@ -178,6 +178,13 @@ def test_example_spec_parses_and_io_tasks_is_checked():
     assert segment_config_from_spec({**spec, "io_worker_max_fields": None}).io_worker_max_fields is None
     with pytest.raises(SpecError, match="'io_tasks' should be"):
         segment_config_from_spec({**spec, "io_tasks": "many"})
+    # The stall watchdog: seconds, or null to wait forever; never zero or negative.
+    assert cfg.stall_timeout_s == 1800 and cfg.stall_restarts == 2
+    assert segment_config_from_spec({**spec, "stall_timeout_s": None}).stall_timeout_s is None
+    with pytest.raises(SpecError, match="stall_timeout_s must be positive"):
+        segment_config_from_spec({**spec, "stall_timeout_s": 0})
+    with pytest.raises(SpecError, match="stall_restarts must be 0 or more"):
+        segment_config_from_spec({**spec, "stall_restarts": -1})
     # Inference keys are checked the same way, and the backend can be chosen per job.
     assert not cfg.inference.tta and segment_config_from_spec({**spec, "tta": True}).inference.tta
     assert segment_config_from_spec({**spec, "backend": "onnx"}).inference.backend == "onnx"
