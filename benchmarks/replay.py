@@ -107,7 +107,7 @@ def stage_costs(plate: Path, recorded: Path, out: Path, repeats: int = 20) -> di
                  column=int(r["column"]), crop=int(r["crop"]))
     outputs = store.Outputs(str(out))
     store.init_plates(outputs, manifest.scan(str(plate)).fields, None, {})
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)  # finish_field asks for its node id
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # finish_field: node id
     try:
         t = time.perf_counter()
         for r in read:

@@ -212,9 +212,9 @@ def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any],
             summary.update(status="failed", stage="measure", error=f"{row['path']}: {type(exc).__name__}: {exc}")
         else:
             try:
-                zpath = store.write_masks(outputs, plate, str(row["row"]), int(row["column"]), str(row["site"]),
-                                          int(row["t_index"]), int(row["n_timepoints"]), np.asarray(row["image"]),
-                                          labels)
+                zpath, files = store.mask_files(outputs, plate, str(row["row"]), int(row["column"]),
+                                                str(row["site"]), int(row["t_index"]), int(row["n_timepoints"]),
+                                                np.asarray(row["image"]), labels)
                 meta = {k: str(row[k]) for k in ("field", "crop", "site", "timepoint", "t_index", "cell_type",
                                                  "path", "field_id")}
                 n = len(cells["label"])
@@ -222,8 +222,10 @@ def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any],
                               "field": [meta["field"]] * n, "crop": np.full(n, int(row["crop"]), np.int32),
                               "site": [meta["site"]] * n, "timepoint": np.full(n, float(row["timepoint"])),
                               "cell_type": [meta["cell_type"]] * n, "path": [meta["path"]] * n}
-                outputs.write_table(outputs.table_path("cells", plate, well, fid),
-                                    store.table_from_columns(cells_cols), provenance_meta)
+                files[outputs.table_path("cells", plate, well, fid)] = store.parquet_bytes(
+                    store.table_from_columns(cells_cols), provenance_meta)
+                # Masks and cells together (one concurrent batch on an object store), then the commit marker.
+                outputs.write_many(files)
                 field_cols = {
                     "field_id": [fid], "path": [meta["path"]], "field": [meta["field"]],
                     "crop": [int(row["crop"])], "site": [meta["site"]], "timepoint": [float(row["timepoint"])],
@@ -233,7 +235,8 @@ def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any],
                 }
                 outputs.write_table(outputs.table_path("fields", plate, well, fid),
                                     store.table_from_columns(field_cols), provenance_meta)
-                store.retry(outputs.remove, outputs.table_path("failures", None, None, fid))
+                if row.get("failed_before"):  # its failures/ row from an earlier run goes
+                    store.retry(outputs.remove, outputs.table_path("failures", None, None, fid))
                 summary["n_cells"] = n
             except Exception as exc:
                 summary.update(status="failed", stage="write",
@@ -450,9 +453,11 @@ def _stream(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str,
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=cfg.object_store_budget_mb * 2**20)
     rows = todo.to_dict("records")
+    failed_before = store.Outputs(out, cfg.storage_options).failure_keys()  # one listing, not a check a field
     for r in rows:
         r["column"] = int(r["column"])
         r["crop"] = int(r["crop"])
+        r["failed_before"] = r["field_id"] in failed_before
     # Reading and writing are light: fractional CPUs keep them running beside the model actors, which
     # on a 2-CPU laptop would otherwise take every slot and starve the read tasks.
     io_tasks = cfg.io_tasks or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,7 @@ class FaultyProxy:
         proxy = self
         self.count = 0
         self.injected = 0
+        self.log: list[tuple[str, str]] = []  # (method, path) in the order requests arrived
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -285,6 +287,7 @@ class FaultyProxy:
                 with proxy.lock:
                     proxy.count += 1
                     c = proxy.count
+                    proxy.log.append((self.command, urllib.parse.unquote(self.path)))
                 if proxy.fail_put and self.command == "PUT" and proxy.fail_put in self.path:
                     proxy.injected += 1
                     return self._fault(500, "InternalError")
@@ -398,6 +401,36 @@ def test_s3_throttling_and_5xx_are_retried(moto, tmp_path, ray_local):
         proxy.stop()
     o = store.Outputs(f"s3://{moto['bucket']}/out", _opts(moto["port"]))
     assert len(o.read_table("fields")) == 3 and o.read_table("failures").empty
+
+
+def test_s3_commit_marker_comes_last_and_requests_are_few(moto, tmp_path, ray_local):
+    """On an object store every request is tens of ms of latency: a field's masks and cells go as one
+    concurrent batch, then its fields/ commit marker, which must arrive after all of them (else a
+    crash could leave a field marked done without its outputs). A field that never failed sends
+    nothing under failures/."""
+    _upload(moto, GOOD[:3])
+    proxy = FaultyProxy(moto["port"])
+    out = f"s3://{moto['bucket']}/out"
+    try:
+        summary = pipeline.run(SegmentConfig(source=f"s3://{moto['bucket']}/plate", out=out,
+                                             storage_options=_opts(proxy.port)))
+        assert summary.fields_done == 3 and summary.fields_failed == 0
+    finally:
+        proxy.stop()
+    log = proxy.log
+    assert not [p for _, p in log if "/out/failures/" in p]
+    fields = store.Outputs(out, _opts(moto["port"])).read_table("fields")
+    for fid, zpath in zip(fields["field_id"], fields["zarr_path"]):
+        puts = [(i, p) for i, (m, p) in enumerate(log) if m == "PUT"]
+        marker = [i for i, p in puts if "/out/fields/" in p and p.endswith(f"/{fid}.parquet")]
+        outputs = [i for i, p in puts if ("/out/cells/" in p and p.endswith(f"/{fid}.parquet"))
+                   or (f"/out/{zpath}/" in p and "/c/" in p)]
+        assert len(marker) == 1 and len(outputs) == 3  # the cells file and the image and labels chunks
+        assert max(outputs) < marker[0]
+        # Its two array documents are read once each, by a GET (s3fs would add a HEAD and a LIST each).
+        docs = (f"/out/{zpath}/0/zarr.json", f"/out/{zpath}/labels/cells/0/zarr.json")
+        reads = [(m, p) for m, p in log if m != "PUT" and any(d[1:] in p for d in docs)]  # LISTs too
+        assert sorted(reads) == sorted(("GET", f"/{moto['bucket']}{d}") for d in docs), reads
 
 
 def test_field_whose_writes_keep_failing_goes_to_failures(moto, tmp_path, ray_local):

@@ -1,0 +1,162 @@
+"""How fast one measure/write task writes fields to an object store: requests and latency, not CPU.
+
+    python benchmarks/object_store.py [--fields 40] [--latency-ms 20]
+
+A field's outputs are a handful of small objects (two Zarr chunks, a cells file, the fields/ commit
+marker, and the arrays' zarr.json reads). On S3 each request costs tens of milliseconds of latency,
+so the number of requests one task waits for in turn, not its CPU, sets how many fields a second a
+measure/write task manages. This runs `finish_field` (the pipeline's measure-and-write stage, on the
+real results small.pt computed for the bundled LIVECell fields) against moto's S3 server on loopback,
+behind a proxy that holds every request for --latency-ms (S3 within a region: about 10-30 ms for
+small objects), and prints, per field: requests, round trips waited for one after the other, and
+milliseconds, with and without the added latency (without: the CPU's share, moto's included).
+Every field is a new site, so its two arrays' zarr.json are read (absent) and created, as for the
+first timepoint of a time-lapse. Run it in two checkouts to compare them. A diagnostic for
+benchmarks only, like replay.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import http.server
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+class LatencyProxy:
+    """An HTTP proxy on loopback that holds each request for a fixed time, counts requests, and tracks
+    how many were in flight at once (so round trips waited for in turn = time / latency)."""
+
+    def __init__(self, upstream_port: int, latency_s: float):
+        proxy = self
+        self.latency_s, self.count, self.lock = latency_s, 0, threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                with proxy.lock:
+                    proxy.count += 1
+                time.sleep(proxy.latency_s)
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = f"127.0.0.1:{upstream_port}"
+                conn.request(self.command, self.path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                length = r.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fields", type=int, default=40)
+    ap.add_argument("--latency-ms", type=float, default=20.0)
+    a = ap.parse_args()
+    import logging
+
+    from livecell_ray import offline
+
+    offline.configure()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+    from replay import ENV, ReplaySegmenter, record
+    from throughput import build_plate
+
+    from livecell_ray import manifest, pipeline, store
+    from livecell_ray.config import NormalizeConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix="lcr-objstore-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        moto_port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port)
+    server.start()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # finish_field: node id
+    try:
+        recorded = tmp / "recorded.npz"
+        record(recorded, "small")
+        os.environ[ENV] = str(recorded)
+        rep = ReplaySegmenter()
+        plate = build_plate(a.fields, tmp / "plate")
+        fields = manifest.scan(str(plate)).fields
+        rows = []
+        for r in fields.to_dict("records"):
+            r = pipeline.read_field(r, {}, 10**9, NormalizeConfig())
+            labels, cls, conf = pipeline.encode_instances(rep([r["image"]])[0])
+            r.update(labels=labels, class_ids=cls, confidences=conf, model_node="", model_pid=0,
+                     column=int(r["column"]), crop=int(r["crop"]))
+            rows.append(r)
+        print(f"{len(rows)} fields of 704x520 (small.pt's results replayed), one measure/write task, "
+              f"moto's S3 server on loopback")
+        ms: dict[float, float] = {}
+        for latency in (0.0, a.latency_ms):
+            proxy = LatencyProxy(moto_port, latency / 1000)
+            bucket = f"lab-{uuid.uuid4().hex[:10]}"
+            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", aws_access_key_id="testing",
+                         aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+            opts = {"key": "testing", "secret": "testing",
+                    "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}", "region_name": "us-east-1"}}
+            out = f"s3://{bucket}/out"
+            store.init_plates(store.Outputs(out, opts), fields, None, {})
+            pipeline.finish_field(rows[0], out, opts, None, {})  # connections and caches warm
+            before, t = proxy.count, time.perf_counter()
+            for r in rows[1:]:
+                res = pipeline.finish_field(r, out, opts, None, {})
+                if res["status"] != "ok":
+                    raise SystemExit(res["error"])
+            ms[latency] = 1000 * (time.perf_counter() - t) / (len(rows) - 1)
+            requests = (proxy.count - before) / (len(rows) - 1)
+            proxy.stop()
+            print(f"  {latency:4.0f} ms added to each request: {ms[latency]:6.1f} ms a field, "
+                  f"{requests:.1f} requests a field")
+        turns = (ms[a.latency_ms] - ms[0.0]) / a.latency_ms
+        print(f"  -> {turns:.1f} round trips a field waited for one after the other; at 20 ms each, one task "
+              f"writes at most {1000 / (20 * turns):.0f} fields/s to S3 whatever its CPU")
+    finally:
+        ray.shutdown()
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
