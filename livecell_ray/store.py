@@ -378,13 +378,19 @@ def array_document(shape: tuple[int, ...], dtype: str) -> bytes:
     return arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
+@functools.cache
+def _reads_in_pieces(fs_type: type) -> bool:
+    """Whether this filesystem's whole-file read takes max_concurrency (s3fs: size first, then pieces)."""
+    return "max_concurrency" in inspect.signature(getattr(fs_type, "_cat_file", fs_type.cat_file)).parameters
+
+
 def _read_documents(outputs: Outputs, docs: list[str]) -> list[bytes | None]:
     """Several small metadata files in one go (concurrent requests on an object store); None if absent."""
     # cat_ranges: concurrent GETs on an async filesystem, and no existence checks first (cat has them).
     # s3fs also asks for a file's size (a HEAD, and a LIST when absent) before a whole-file GET unless
     # told to read it in one piece: one round trip instead of two.
-    single = "max_concurrency" in inspect.signature(getattr(outputs.fs, "_cat_file", outputs.fs.cat_file)).parameters
-    got = outputs.fs.cat_ranges(docs, None, None, on_error="return", **({"max_concurrency": 1} if single else {}))
+    single = {"max_concurrency": 1} if _reads_in_pieces(type(outputs.fs)) else {}
+    got = outputs.fs.cat_ranges(docs, None, None, on_error="return", **single)
     out: list[bytes | None] = []
     for doc, value in zip(docs, got):
         if isinstance(value, FileNotFoundError):
