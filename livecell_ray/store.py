@@ -154,20 +154,20 @@ class Outputs:
         if self.fs.exists(path):
             self.fs.rm(path)
 
-    def failure_keys(self) -> set[str]:
-        """Keys of the failures/ rows (one listing): a rerun removes a field's row only where there is one."""
-        base = join(self.root, "failures")
+    def _keys(self, table: str) -> set[str]:
+        """The keys (file names less .parquet) of a table's files, from one listing."""
+        base = join(self.root, table)
         if not self.fs.exists(base):
             return set()
         return {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in self.fs.find(base) if p.endswith(".parquet")}
 
+    def failure_keys(self) -> set[str]:
+        """Keys of the failures/ rows: a rerun removes a field's row only where there is one."""
+        return self._keys("failures")
+
     def done_field_ids(self) -> set[str]:
         """field_ids whose commit marker (fields/ row) exists."""
-        base = join(self.root, "fields")
-        if not self.fs.exists(base):
-            return set()
-        return {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in self.fs.find(base)
-                if p.endswith(".parquet")}
+        return self._keys("fields")
 
     def read_table(self, table: str) -> pd.DataFrame:
         """A whole table (partition columns restored) as pandas; empty frame when absent."""
