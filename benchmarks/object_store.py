@@ -1,15 +1,16 @@
 """How fast one measure/write task writes fields to an object store: requests and latency, not CPU.
 
-    python benchmarks/object_store.py [--fields 40] [--latency-ms 20]
+    python benchmarks/object_store.py [--fields 41] [--latency-ms 20] [--block 16]
 
 A field's outputs are a handful of small objects (two Zarr chunks, a cells file, the fields/ commit
 marker, and the arrays' zarr.json reads). On S3 each request costs tens of milliseconds of latency,
 so the number of requests one task waits for in turn, not its CPU, sets how many fields a second a
-measure/write task manages. This runs `finish_field` (the pipeline's measure-and-write stage, on the
+measure/write task manages. This runs `finish_fields` (the pipeline's measure-and-write stage, on the
 real results small.pt computed for the bundled LIVECell fields) against moto's S3 server on loopback,
 behind a proxy that holds every request for --latency-ms (S3 within a region: about 10-30 ms for
 small objects), and prints, per field: requests, round trips waited for one after the other, and
-milliseconds, with and without the added latency (without: the CPU's share, moto's included).
+milliseconds, with and without the added latency (without: the CPU's share, moto's included),
+for fields written one at a time and in blocks as the pipeline's tasks take them.
 Every field is a new site, so its two arrays' zarr.json are read (absent) and created, as for the
 first timepoint of a time-lapse. Run it in two checkouts to compare them. A diagnostic for
 benchmarks only, like replay.py.
@@ -87,8 +88,10 @@ class LatencyProxy:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fields", type=int, default=40)
+    ap.add_argument("--fields", type=int, default=41)
     ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--block", type=int, default=16, help="fields a measure/write task takes at once "
+                    "(the pipeline's blocks: a quarter of --batch-size, at least 4)")
     a = ap.parse_args()
     import logging
 
@@ -128,30 +131,33 @@ def main() -> None:
             rows.append(r)
         print(f"{len(rows)} fields of 704x520 (small.pt's results replayed), one measure/write task, "
               f"moto's S3 server on loopback")
-        ms: dict[float, float] = {}
-        for latency in (0.0, a.latency_ms):
-            proxy = LatencyProxy(moto_port, latency / 1000)
-            bucket = f"lab-{uuid.uuid4().hex[:10]}"
-            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", aws_access_key_id="testing",
-                         aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
-            opts = {"key": "testing", "secret": "testing",
-                    "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}", "region_name": "us-east-1"}}
-            out = f"s3://{bucket}/out"
-            store.init_plates(store.Outputs(out, opts), fields, None, {})
-            pipeline.finish_field(rows[0], out, opts, None, {})  # connections and caches warm
-            before, t = proxy.count, time.perf_counter()
-            for r in rows[1:]:
-                res = pipeline.finish_field(r, out, opts, None, {})
-                if res["status"] != "ok":
-                    raise SystemExit(res["error"])
-            ms[latency] = 1000 * (time.perf_counter() - t) / (len(rows) - 1)
-            requests = (proxy.count - before) / (len(rows) - 1)
-            proxy.stop()
-            print(f"  {latency:4.0f} ms added to each request: {ms[latency]:6.1f} ms a field, "
-                  f"{requests:.1f} requests a field")
-        turns = (ms[a.latency_ms] - ms[0.0]) / a.latency_ms
-        print(f"  -> {turns:.1f} round trips a field waited for one after the other; at 20 ms each, one task "
-              f"writes at most {1000 / (20 * turns):.0f} fields/s to S3 whatever its CPU")
+        for block in (1, a.block):
+            ms: dict[float, float] = {}
+            for latency in (0.0, a.latency_ms):
+                proxy = LatencyProxy(moto_port, latency / 1000)
+                bucket = f"lab-{uuid.uuid4().hex[:10]}"
+                boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", aws_access_key_id="testing",
+                             aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+                opts = {"key": "testing", "secret": "testing",
+                        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}",
+                                          "region_name": "us-east-1"}}
+                out = f"s3://{bucket}/out"
+                store.init_plates(store.Outputs(out, opts), fields, None, {})
+                pipeline.finish_field(rows[0], out, opts, None, {})  # connections and caches warm
+                todo = rows[1:]
+                before, t = proxy.count, time.perf_counter()
+                for k in range(0, len(todo), block):
+                    for res in pipeline.finish_fields(todo[k: k + block], out, opts, None, {}):
+                        if res["status"] != "ok":
+                            raise SystemExit(res["error"])
+                ms[latency] = 1000 * (time.perf_counter() - t) / len(todo)
+                requests = (proxy.count - before) / len(todo)
+                proxy.stop()
+                print(f"  blocks of {block:2d} fields, {latency:4.0f} ms added to each request: "
+                      f"{ms[latency]:6.1f} ms a field, {requests:.1f} requests a field")
+            turns = (ms[a.latency_ms] - ms[0.0]) / a.latency_ms
+            print(f"  -> {turns:.2f} round trips a field waited for one after the other; at 20 ms each, one task "
+                  f"writes at most {1000 / (20 * turns):.0f} fields/s to S3 whatever its CPU")
     finally:
         ray.shutdown()
         server.stop()

@@ -384,7 +384,7 @@ def _reads_in_pieces(fs_type: type) -> bool:
     return "max_concurrency" in inspect.signature(getattr(fs_type, "_cat_file", fs_type.cat_file)).parameters
 
 
-def _read_documents(outputs: Outputs, docs: list[str]) -> list[bytes | None]:
+def read_documents(outputs: Outputs, docs: list[str]) -> list[bytes | None]:
     """Several small metadata files in one go (concurrent requests on an object store); None if absent."""
     # cat_ranges: concurrent GETs on an async filesystem, and no existence checks first (cat has them).
     # s3fs also asks for a file's size (a HEAD, and a LIST when absent) before a whole-file GET unless
@@ -451,22 +451,31 @@ def _lengthen_time_axis(arr: zarr.Array, n: int) -> zarr.Array:
     return arr
 
 
+def mask_documents(outputs: Outputs, plate: str, row: str, column: int, site: str) -> list[str]:
+    """The zarr.json of a field's image and labels arrays (what :func:`mask_files` needs read)."""
+    base = join(outputs.plate_path(plate), f"{row}/{column}/{site}")
+    return [join(base, "0", "zarr.json"), join(base, "labels", "cells", "0", "zarr.json")]
+
+
 def mask_files(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int,
-               n_timepoints: int, image: np.ndarray, labels: np.ndarray) -> tuple[str, dict[str, bytes]]:
+               n_timepoints: int, image: np.ndarray, labels: np.ndarray,
+               documents: list[bytes | None] | None = None) -> tuple[str, dict[str, bytes]]:
     """One field-timepoint's image and labels as the files to write: (zarr path, {path: bytes}).
 
     Each plane is one whole chunk, encoded here and written as a file (one atomic write, so a retry
     rewrites a chunk whole): through zarr's array API the two writes cost 7 ms a field, mostly its
     event loop and metadata handling, against 1.8 ms for the same bytes. zarr reads them
-    (``tests/test_store.py``). The two arrays' zarr.json are read together; an array laid out by
-    another tool is written through zarr here and has no files in the result.
+    (``tests/test_store.py``). ``documents``: the two arrays' zarr.json as :func:`read_documents` gave
+    them for :func:`mask_documents` (read here when None). An array laid out by another tool is
+    written through zarr here and has no files in the result.
     """
     image_path = f"{row}/{column}/{site}"
     shape = (n_timepoints, *labels.shape)
     base = outputs.plate_path(plate)
     planes = ((f"{image_path}/0", image.astype(np.uint8, copy=False)),
               (f"{image_path}/labels/cells/0", labels.astype(np.uint32, copy=False)))
-    documents = _read_documents(outputs, [join(base, path, "zarr.json") for path, _ in planes])
+    if documents is None:
+        documents = read_documents(outputs, mask_documents(outputs, plate, row, column, site))
     files: dict[str, bytes] = {}
     for (path, plane), document in zip(planes, documents):
         if _require_array(outputs, plate, path, shape, plane.dtype, document, files):
