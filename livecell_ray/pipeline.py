@@ -223,7 +223,10 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
     ok = [i for i, s in enumerate(summaries) if s["status"] == "ok"]
     docs = [store.mask_documents(outputs, str(rows[i]["plate"]), str(rows[i]["row"]), int(rows[i]["column"]),
                                  str(rows[i]["site"])) for i in ok]
-    read = store.read_documents(outputs, [d for pair in docs for d in pair]) if ok else []
+    try:
+        read = store.read_documents(outputs, [d for pair in docs for d in pair]) if ok else []
+    except Exception:  # the store keeps failing: each field reads its own below, and fails alone if it must
+        read = []
     pending: dict[int, tuple[dict[str, bytes], dict[str, bytes], int]] = {}  # files, commit marker, cells
     for k, i in enumerate(ok):
         row, summary = rows[i], summaries[i]
@@ -238,7 +241,8 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
             summary.update(status="failed", stage="measure", error=f"{row['path']}: {type(exc).__name__}: {exc}")
             continue
         try:
-            pending[i] = _field_files(outputs, row, labels, cells, fstats, read[2 * k: 2 * k + 2], provenance_meta)
+            pending[i] = _field_files(outputs, row, labels, cells, fstats, read[2 * k: 2 * k + 2] or None,
+                                      provenance_meta)
         except Exception as exc:
             summary.update(status="failed", stage="write",
                            error=f"{row['path']}: cannot write outputs ({type(exc).__name__}: {exc})")
@@ -257,7 +261,10 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
     for i, (_, _, n) in pending.items():
         summaries[i]["n_cells"] = n
         if rows[i].get("failed_before"):  # its failures/ row from an earlier run goes
-            store.retry(outputs.remove, outputs.table_path("failures", None, None, summaries[i]["field_id"]))
+            try:
+                store.retry(outputs.remove, outputs.table_path("failures", None, None, summaries[i]["field_id"]))
+            except Exception:
+                pass  # the field is committed; the next run removes rows of done fields (run)
     for row, s in zip(rows, summaries):
         if s["status"] != "ok":
             write_failure(outputs, s["field_id"], s["path"], s["field_id"], str(row["plate"]), str(row["well"]),
@@ -390,6 +397,8 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
     man = manifest_mod.Manifest(fields, man.unmatched)
     store.retry(store.init_plates, outputs, man.fields, cfg.pixel_size, prov, layouts)
     done = outputs.done_field_ids()
+    for key in outputs.failure_keys() & done:  # a field done since it failed (its removal itself failed)
+        store.retry(outputs.remove, outputs.table_path("failures", None, None, key))
     todo = man.fields[~man.fields["field_id"].isin(done)]
     summary = RunSummary(out=outputs.url, fields_total=len(man.fields), fields_skipped=len(man.fields) - len(todo),
                          unmatched=len(man.unmatched))
