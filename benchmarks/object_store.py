@@ -19,14 +19,11 @@ benchmarks only, like replay.py.
 from __future__ import annotations
 
 import argparse
-import http.client
-import http.server
 import os
 import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -34,56 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-class LatencyProxy:
-    """An HTTP proxy on loopback that holds each request for a fixed time, counts requests, and tracks
-    how many were in flight at once (so round trips waited for in turn = time / latency)."""
-
-    def __init__(self, upstream_port: int, latency_s: float):
-        proxy = self
-        self.latency_s, self.count, self.lock = latency_s, 0, threading.Lock()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def _any(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else None
-                with proxy.lock:
-                    proxy.count += 1
-                time.sleep(proxy.latency_s)
-                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                headers["Host"] = f"127.0.0.1:{upstream_port}"
-                conn.request(self.command, self.path, body=body, headers=headers)
-                r = conn.getresponse()
-                data = r.read()
-                self.send_response(r.status)
-                for k, v in r.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(k, v)
-                length = r.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
-                self.send_header("Content-Length", length or "0")
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def main() -> None:
@@ -107,6 +54,7 @@ def main() -> None:
 
     from livecell_ray import manifest, pipeline, store
     from livecell_ray.config import NormalizeConfig
+    from tests.s3proxy import FaultyProxy
 
     tmp = Path(tempfile.mkdtemp(prefix="lcr-objstore-"))
     with socket.socket() as s:
@@ -134,7 +82,7 @@ def main() -> None:
         for block in (1, a.block):
             ms: dict[float, float] = {}
             for latency in (0.0, a.latency_ms):
-                proxy = LatencyProxy(moto_port, latency / 1000)
+                proxy = FaultyProxy(moto_port, latency_s=latency / 1000)
                 bucket = f"lab-{uuid.uuid4().hex[:10]}"
                 boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", aws_access_key_id="testing",
                              aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)

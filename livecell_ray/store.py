@@ -294,7 +294,7 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
             # The time axis grew: every series gets its new (empty) planes, also those with no image at the
             # new timepoints, so the plate's images keep one (t, y, x) shape as NGFF viewers expect.
             images = [p[: -len("/labels/cells")] for p in have if p.endswith("/labels/cells")]
-            _grow_time_axis(store, [f"{i}/{a}" for i in images for a in ("0", "labels/cells/0")],
+            _grow_time_axis(store, [f"{i}/{a}" for i in images for a in _FIELD_ARRAYS],
                             len(layout["timepoints"]))
         nodes: dict[str, GroupMetadata] = {}
         for (well_name, r, c), sites in series.groupby(["well", "row", "column"])["site"]:
@@ -451,10 +451,19 @@ def _lengthen_time_axis(arr: zarr.Array, n: int) -> zarr.Array:
     return arr
 
 
+#: A field's two arrays under its image path: the image the model saw, and its instance labels.
+_FIELD_ARRAYS = ("0", "labels/cells/0")
+
+
+def _mask_arrays(row: str, column: int, site: str) -> tuple[str, str, str]:
+    """A field's image path in the plate, and its image and labels arrays under it (NGFF HCS layout)."""
+    image_path = f"{row}/{column}/{site}"
+    return image_path, *(f"{image_path}/{a}" for a in _FIELD_ARRAYS)
+
+
 def mask_documents(outputs: Outputs, plate: str, row: str, column: int, site: str) -> list[str]:
     """The zarr.json of a field's image and labels arrays (what :func:`mask_files` needs read)."""
-    base = join(outputs.plate_path(plate), f"{row}/{column}/{site}")
-    return [join(base, "0", "zarr.json"), join(base, "labels", "cells", "0", "zarr.json")]
+    return [join(outputs.plate_path(plate), path, "zarr.json") for path in _mask_arrays(row, column, site)[1:]]
 
 
 def mask_files(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int,
@@ -469,11 +478,10 @@ def mask_files(outputs: Outputs, plate: str, row: str, column: int, site: str, t
     them for :func:`mask_documents` (read here when None). An array laid out by another tool is
     written through zarr here and has no files in the result.
     """
-    image_path = f"{row}/{column}/{site}"
+    image_path, image_array, labels_array = _mask_arrays(row, column, site)
     shape = (n_timepoints, *labels.shape)
     base = outputs.plate_path(plate)
-    planes = ((f"{image_path}/0", image.astype(np.uint8, copy=False)),
-              (f"{image_path}/labels/cells/0", labels.astype(np.uint32, copy=False)))
+    planes = ((image_array, image.astype(np.uint8, copy=False)), (labels_array, labels.astype(np.uint32, copy=False)))
     if documents is None:
         documents = read_documents(outputs, mask_documents(outputs, plate, row, column, site))
     files: dict[str, bytes] = {}
