@@ -69,6 +69,8 @@ def segment(
     max_pixels: int = typer.Option(64_000_000, min=1, help="Fields larger than this fail (memory guard)"),
     stall_timeout: float = typer.Option(1800.0, min=0.0, help="Seconds without a finished field before the "
                                         "execution is started again over the fields left (0: wait forever)"),
+    compact: bool = typer.Option(True, help="Afterwards, merge each well's per-field Parquet files into one "
+                                 "part a table (fast queries; see 'livecell-ray compact')"),
     trust_weights: bool = typer.Option(False, help="Allow loading a .pt file that is not a shipped model"),
     overwrite: bool = typer.Option(False, help="Replace OUT made with another model or parameters"),
     strict: bool = typer.Option(False, help="Exit non-zero when any field failed"),
@@ -88,7 +90,7 @@ def segment(
                         replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                         io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
                         num_cpus=num_cpus, storage_options=opts, overwrite=overwrite, max_pixels=max_pixels,
-                        stall_timeout_s=stall_timeout or None, inference=inference)
+                        stall_timeout_s=stall_timeout or None, compact=compact, inference=inference)
     try:
         import re
 
@@ -127,6 +129,11 @@ def _print_summary(s: Any) -> None:
     t.add_row("time", f"{s.seconds:.1f} s ({s.fields_per_second:.2f} fields/s)")
     for why in s.restarts:
         t.add_row("restarted", why)
+    if s.compaction:
+        c = s.compaction
+        t.add_row("compacted", f"failed ({c['error']}); the fields stand, rerun to retry" if "error" in c else
+                  f"{c['wells_compacted']} of {c['wells']} wells: {c['files_before']} -> {c['files_after']} "
+                  f"table files ({c['seconds']:.1f} s)" + (f"; {len(c['errors'])} wells failed" if c["errors"] else ""))
     t.add_row("masks (OME-Zarr)", f"{s.out}/masks/")
     t.add_row("cells (Parquet)", f"{s.out}/cells/")
     t.add_row("fields (Parquet)", f"{s.out}/fields/")
@@ -305,6 +312,40 @@ def sql(
     except duckdb.Error as exc:
         fail(f"query failed: {str(exc).splitlines()[0]}")
     _emit(df, fmt, output)
+
+
+@app.command()
+def compact(
+    out: str = typer.Argument(..., help="A run's output location"),
+    storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
+    threads: int = typer.Option(8, min=1, help="Wells compacted at once"),
+) -> None:
+    """Merge each well's per-field Parquet files into one part a table (segment does it by default).
+
+    Safe to stop at any point and to rerun; a query never sees a row twice or misses one. Do not run
+    two compactions of one OUT at once; a segment run may write meanwhile.
+    """
+    from livecell_ray import compact as compact_mod
+    from livecell_ray import store
+
+    opts = parse_storage_options(storage_options)
+    o = store.Outputs(out, opts)
+    if not o.fs.exists(store.join(o.root, "fields")):
+        fail(f"{out}: no livecell-ray results here (no fields/)")
+    with Progress(TextColumn("[bold]compact"), BarColumn(), MofNCompleteColumn(), TextColumn("wells"),
+                  console=console, transient=False) as bar:
+        task = bar.add_task("wells", total=None)
+        s = compact_mod.compact(out, opts, threads=threads,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    t = Table(title="livecell-ray compact", show_header=False)
+    t.add_row("wells", str(s.wells))
+    t.add_row("wells merged", str(s.wells_compacted))
+    t.add_row("table files", f"{s.files_before} -> {s.files_after}")
+    for e in s.errors:
+        t.add_row("failed", e)
+    out_console.print(t)
+    if s.errors:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -84,6 +84,9 @@ class SegmentConfig:
     # None: wait forever.
     stall_timeout_s: float | None = 1800.0
     stall_restarts: int = 2
+    # After the fields, merge each well that got new ones into one Parquet part a table (compact.py): a
+    # query then opens a few files a well instead of two a field-timepoint.
+    compact: bool = True
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
@@ -93,7 +96,7 @@ class SegmentConfig:
         for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite",
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
                   "replica_resources", "max_pixels", "object_store_budget_mb", "io_tasks",
-                  "io_worker_max_fields", "stall_timeout_s", "stall_restarts"):
+                  "io_worker_max_fields", "stall_timeout_s", "stall_restarts", "compact"):
             d.pop(k, None)
         if not self.inference.tta:  # as before TTA existed, so earlier outputs still resume
             d["inference"].pop("tta")
@@ -113,7 +116,7 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels",
               "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
               "io_worker_max_fields": "io_worker_max_fields", "stall_timeout_s": "stall_timeout_s",
-              "stall_restarts": "stall_restarts"}
+              "stall_restarts": "stall_restarts", "compact": "compact"}
 _INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend"}
 
 

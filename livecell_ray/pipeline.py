@@ -68,6 +68,7 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "model": 0.0, "finish": 0.0})
     time_to_first_field: float | None = None
     restarts: list[str] = field(default_factory=list)  # why each stalled execution was thrown away
+    compaction: dict[str, Any] | None = None  # what compacting the wells did (None: not asked for)
 
     @property
     def fields_per_second(self) -> float:
@@ -422,6 +423,8 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
                 summary.failures.append({k: res[k] for k in ("path", "stage", "error")})
             if progress:
                 progress(res, summary.fields_done + summary.fields_failed, len(todo))
+    if cfg.compact:
+        summary.compaction = _compact(cfg, outputs, todo)
     summary.seconds = time.time() - t0
     fields_now = len(outputs.done_field_ids())
     outputs.write_run({
@@ -430,7 +433,7 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
                      "seconds": round(summary.seconds, 3), "fields_processed": summary.fields_done,
                      "fields_failed": summary.fields_failed, "fields_skipped": summary.fields_skipped,
                      "cells": summary.cells, "time_to_first_field": summary.time_to_first_field,
-                     "restarts": summary.restarts,
+                     "restarts": summary.restarts, "compaction": summary.compaction,
                      "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()}},
         "source": cfg.source, "fields_in_manifest": summary.fields_total, "fields_done": fields_now,
         "unmatched_files": len(man.unmatched),
@@ -439,6 +442,27 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
                       "address": cfg.address, "ray": ray.__version__ if ray.is_initialized() else None},
     })
     return summary
+
+
+def _compact(cfg: SegmentConfig, outputs: store.Outputs, todo: pd.DataFrame) -> dict[str, Any]:
+    """Compact the wells this run wrote to (or left unfinished compactions in); never fails the run.
+
+    The fields are committed already: a compaction that fails leaves them readable as they are, and
+    the next run (or ``livecell-ray compact``) tries again.
+    """
+    from livecell_ray import compact
+
+    t = time.time()
+    wells = {(p, w) for p, w in zip(todo["plate"], todo["well"])}
+    try:
+        c = compact.compact(outputs.url, cfg.storage_options, only=sorted(wells))
+    except Exception as exc:  # noqa: BLE001 - the run's results stand; say why and go on
+        log.warning("compaction failed: %s", format_error(exc))
+        return {"error": format_error(exc), "seconds": round(time.time() - t, 3)}
+    for e in c.errors:
+        log.warning("compaction: %s", e)
+    return {"wells": c.wells, "wells_compacted": c.wells_compacted, "files_before": c.files_before,
+            "files_after": c.files_after, "errors": c.errors, "seconds": round(time.time() - t, 3)}
 
 
 def _results(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str, models.Weights],

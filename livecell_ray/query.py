@@ -47,25 +47,15 @@ class Results:
         if not store.is_local(self.outputs.url):
             self.con.register_filesystem(self.outputs.fs)
             prefix = self.outputs.url.split("://", 1)[0] + "://"
-        root = prefix + self.outputs.root if prefix else self.outputs.root
         for table in ("cells", "fields", "failures"):
-            files = [f for f in self._files(table)]
+            # Only committed rows, each once: per-field files and compacted parts (store.Committed).
+            files = [prefix + p for p in self.outputs.table_files(table)]
             if files:
-                hive = "false" if table == "failures" else "true"
-                # An explicit list skips temporary files; a glob keeps huge plates' SQL short.
-                glob = f"'{root}/{table}/**/*.parquet'"
-                lst = ", ".join(f"'{prefix}{p}'" for p in files) if len(files) < 2000 else glob
-                self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{lst}], "
-                                 f"hive_partitioning={hive}, union_by_name=true)")
+                rel = self.con.read_parquet(files, hive_partitioning=table != "failures", union_by_name=True)
+                rel.create_view(table)
             else:
                 self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
         self.con.execute(f"CREATE VIEW wells AS {wells_sql(DEFAULT_METRICS, by_timepoint=True)}")
-
-    def _files(self, table: str) -> list[str]:
-        base = store.join(self.outputs.root, table)
-        if not self.outputs.fs.exists(base):
-            return []
-        return sorted(p for p in self.outputs.fs.find(base) if p.endswith(".parquet"))
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Any DuckDB SQL over the views."""

@@ -61,3 +61,29 @@ def example_plate(tmp_path: Path) -> Path:
     dst = tmp_path / "plate"
     shutil.copytree(EXAMPLES, dst, ignore=shutil.ignore_patterns("*.md"))
     return dst
+
+
+def s3_options(port: int) -> dict:
+    """fsspec options for moto's S3 server on loopback (few retries: faults show up quickly)."""
+    return {"key": "testing", "secret": "testing",
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
+            "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}}}
+
+
+@pytest.fixture()
+def moto():
+    """moto's S3 server on a loopback port, with a fresh bucket: {"server", "port", "bucket"}."""
+    import uuid
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    bucket = f"lab-{uuid.uuid4().hex[:10]}"  # moto keeps buckets per process: one fresh bucket per test
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+    box = {"server": server, "port": port, "bucket": bucket}
+    yield box
+    box["server"].stop()

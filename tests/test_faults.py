@@ -26,7 +26,7 @@ from PIL import Image
 from livecell_ray import pipeline, store
 from livecell_ray.config import SegmentConfig
 
-from .conftest import EXAMPLES, free_port
+from .conftest import EXAMPLES, s3_options
 from .s3proxy import FaultyProxy
 
 GOOD = sorted(EXAMPLES.glob("*.tif"))
@@ -251,34 +251,10 @@ def test_writer_killed_between_write_and_rename(tmp_path):
 
 
 # --------------------------------------------------------------------------- object-store faults
-@pytest.fixture()
-def moto():
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    import uuid
-
-    bucket = f"lab-{uuid.uuid4().hex[:10]}"  # moto keeps buckets per process: one fresh bucket per test
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
-    box = {"server": server, "port": port, "bucket": bucket}
-    yield box
-    box["server"].stop()
-
-
-def _opts(port: int) -> dict:
-    return {"key": "testing", "secret": "testing",
-            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
-            "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}}}
-
-
 def _upload(moto: dict, files) -> None:
     import s3fs
 
-    fs = s3fs.S3FileSystem(**_opts(moto["port"]))
+    fs = s3fs.S3FileSystem(**s3_options(moto["port"]))
     for p in files:
         fs.put(str(p), f"{moto['bucket']}/plate/{p.name}")
 
@@ -298,13 +274,13 @@ def test_s3_server_restarted_mid_run(moto, tmp_path, ray_local):
             restarted.append(done)
 
     cfg = SegmentConfig(source=f"s3://{moto['bucket']}/plate", out=f"s3://{moto['bucket']}/out",
-                        storage_options=_opts(moto["port"]),
+                        storage_options=s3_options(moto["port"]),
                         batch_size=1)
     t, box = _run_in_thread(cfg, on_result)
     t.join(600)
     assert not t.is_alive() and "error" not in box, box.get("error")
     assert restarted
-    o = store.Outputs(f"s3://{moto['bucket']}/out", _opts(moto["port"]))
+    o = store.Outputs(f"s3://{moto['bucket']}/out", s3_options(moto["port"]))
     fields, failures = o.read_table("fields"), o.read_table("failures")
     # The promise: each field segmented exactly once or recorded as failed, and a rerun finishes the job.
     assert len(fields) + len(failures) == len(GOOD) and fields["field_id"].is_unique
@@ -319,13 +295,13 @@ def test_s3_throttling_and_5xx_are_retried(moto, tmp_path, ray_local):
     proxy = FaultyProxy(moto["port"], throttle_every=5)
     try:
         cfg = SegmentConfig(source=f"s3://{moto['bucket']}/plate", out=f"s3://{moto['bucket']}/out",
-                            storage_options=_opts(proxy.port))
+                            storage_options=s3_options(proxy.port))
         summary = pipeline.run(cfg)
         assert proxy.injected >= 3, "the proxy must actually have injected faults"
         assert summary.fields_done == 3 and summary.fields_failed == 0
     finally:
         proxy.stop()
-    o = store.Outputs(f"s3://{moto['bucket']}/out", _opts(moto["port"]))
+    o = store.Outputs(f"s3://{moto['bucket']}/out", s3_options(moto["port"]))
     assert len(o.read_table("fields")) == 3 and o.read_table("failures").empty
 
 
@@ -339,13 +315,13 @@ def test_s3_commit_marker_comes_last_and_requests_are_few(moto, tmp_path, ray_lo
     out = f"s3://{moto['bucket']}/out"
     try:
         summary = pipeline.run(SegmentConfig(source=f"s3://{moto['bucket']}/plate", out=out,
-                                             storage_options=_opts(proxy.port)))
+                                             storage_options=s3_options(proxy.port)))
         assert summary.fields_done == 3 and summary.fields_failed == 0
     finally:
         proxy.stop()
     log = proxy.log
     assert not [p for _, p in log if "/out/failures/" in p]
-    fields = store.Outputs(out, _opts(moto["port"])).read_table("fields")
+    fields = store.Outputs(out, s3_options(moto["port"])).read_table("fields")
     for fid, zpath in zip(fields["field_id"], fields["zarr_path"]):
         puts = [(i, p) for i, (m, p) in enumerate(log) if m == "PUT"]
         marker = [i for i, p in puts if "/out/fields/" in p and p.endswith(f"/{fid}.parquet")]
@@ -365,16 +341,16 @@ def test_field_whose_writes_keep_failing_goes_to_failures(moto, tmp_path, ray_lo
     proxy = FaultyProxy(moto["port"], fail_put=f"well%3D{bad_well}/")
     try:
         cfg = SegmentConfig(source=f"s3://{moto['bucket']}/plate", out=f"s3://{moto['bucket']}/out",
-                            storage_options=_opts(proxy.port))
+                            storage_options=s3_options(proxy.port))
         summary = pipeline.run(cfg)
         assert summary.fields_done == 2 and summary.fields_failed == 1
     finally:
         proxy.stop()
-    o = store.Outputs(f"s3://{moto['bucket']}/out", _opts(moto["port"]))
+    o = store.Outputs(f"s3://{moto['bucket']}/out", s3_options(moto["port"]))
     fields, failures = o.read_table("fields"), o.read_table("failures")
     assert bad_well not in set(fields["well"].astype(str))
     assert len(failures) == 1 and failures["stage"].iloc[0] == "write" and GOOD[0].name in failures["path"].iloc[0]
     import s3fs
 
-    fs = s3fs.S3FileSystem(**_opts(moto["port"]))
+    fs = s3fs.S3FileSystem(**s3_options(moto["port"]))
     assert not fs.glob(f"{moto['bucket']}/out/cells/**/well={bad_well}/*")  # never half-written

@@ -221,6 +221,11 @@ def test_a_plate_imaged_between_runs_grows_in_place(ray_local, tmp_path):
     third = pipeline.run(dataclasses.replace(cfg, source=str(newest)))
     assert (third.fields_done, third.fields_failed) == (1, 0), third.failures
 
+    # Each run compacted the well: one part a table, the last one replacing the one before.
+    for table in ("cells", "fields"):
+        names = [p.name for p in (out / table / "plate=A172" / "well=A7").iterdir()]
+        assert len(names) == 1 and names[0].startswith(store.PART_PREFIX), names
+    assert json.loads((out / "run.json").read_text())["last_run"]["compaction"]["wells_compacted"] == 1
     fields = outputs.read_table("fields").sort_values(["field", "timepoint"])
     assert list(zip(fields["field"], fields["timepoint"], fields["t_index"], fields["site"])) == [
         ("1", 8.0, 2, "1"), ("2", 0.0, 0, "0"), ("2", 4.0, 1, "0"), ("2", 8.0, 2, "0"), ("2", 12.0, 3, "0")]
