@@ -322,8 +322,8 @@ def compact(
 ) -> None:
     """Merge each well's per-field Parquet files into one part a table (segment does it by default).
 
-    Safe to stop at any point and to rerun; a query never sees a row twice or misses one. Do not run
-    two compactions of one OUT at once; a segment run may write meanwhile.
+    Safe to stop at any point, to rerun, and to run while segment writes or another compaction runs:
+    a reader never sees a row twice or misses one.
     """
     from livecell_ray import compact as compact_mod
     from livecell_ray import store

@@ -5,14 +5,16 @@ field's commit atomic and a rerun exact. A plate of 96 wells x 9 fields x 48 tim
 83,000 files a table; every query opens each of them (on an object store, a request each, one
 after the other inside DuckDB). Compaction turns a well's files into one part a table.
 
-The protocol, per well (one compaction of a given OUT at a time; runs may write meanwhile):
+The protocol, per well (runs may write meanwhile, and compactions may overlap):
 1. list the well; take its live parts and the per-field files of committed fields not in a part;
 2. write the new cells part, every row of those inputs;
 3. write the new fields part: its existence commits the part, and its metadata names the parts it
    replaces (readers: :class:`livecell_ray.store.Committed`);
 4. remove what is now stale: replaced parts, per-field files now in the part, and cells parts whose
-   compaction was cut off before step 3.
+   compaction was cut off before step 3 (once an hour old: a younger one may be another's, at work).
 A crash anywhere leaves each row readable exactly once; the next compaction finishes the clean-up.
+Two compactions of a well at once both commit; readers take the larger part (it holds every field of
+the smaller one) and the next compaction removes the other.
 """
 
 from __future__ import annotations
@@ -51,30 +53,82 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), 9)
 
 
-def _concat(docs: list[bytes | None], paths: list[str], metadata: dict[bytes, bytes]) -> pa.Table:
-    missing = [p for p, d in zip(paths, docs) if d is None]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]}: removed while being compacted (is another compaction running?)")
-    tables = [pq.read_table(io.BytesIO(d)) for d in docs]  # type: ignore[arg-type]
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return table.replace_schema_metadata({**(tables[0].schema.metadata or {}), **metadata})
+#: A cells part no fields part committed is removed once this old: younger, its compaction may still run.
+ORPHAN_AGE_S = 3600.0
 
 
-def compact_well(outputs: store.Outputs, plate: str, well: str) -> tuple[int, int, int, int]:
+def _tables(docs: list[bytes | None], paths: list[str]) -> list[pa.Table]:
+    out = []
+    for path, doc in zip(paths, docs):
+        if doc is None:
+            raise FileNotFoundError(f"{path}: removed while being compacted (by another compaction?); "
+                                    "the well is left as it was")
+        try:
+            out.append(pq.read_table(io.BytesIO(doc)))
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{path}: not a readable Parquet file ({exc}); the well is left as it was") from exc
+    return out
+
+
+def _merge(cells: list[pa.Table], cell_paths: list[str], fields: list[pa.Table], field_paths: list[str],
+           replaced: list[str]) -> tuple[pa.Table, pa.Table]:
+    """The new part's two tables. Each field's rows come from one source: the first (by key) of the
+    fields sources that holds it, so parts that overlap (see :class:`store.Committed`) merge into one
+    copy."""
+    owner: dict[str, str] = {}
+    total = 0
+    for path, t in zip(field_paths, fields):
+        ids = t.column("field_id").to_pylist()
+        total += len(ids)
+        for f in ids:
+            owner.setdefault(f, store.file_key(path))
+    if total != len(owner):
+        def only_own(path: str, t: pa.Table) -> pa.Table:
+            key = store.file_key(path)
+            return t.filter(pa.array([owner.get(f) == key for f in t.column("field_id").to_pylist()]))
+
+        cells = [only_own(p, t) for p, t in zip(cell_paths, cells)]
+        fields = [only_own(p, t) for p, t in zip(field_paths, fields)]
+    meta = {store.SUPERSEDES_KEY.encode(): json.dumps(sorted(replaced)).encode()}
+    out = []
+    for tables, extra in ((cells, {}), (fields, meta)):
+        t = pa.concat_tables(tables, promote_options="permissive")
+        out.append(t.replace_schema_metadata({**(tables[0].schema.metadata or {}), **extra}))
+    return out[0], out[1]
+
+
+def _age_s(outputs: store.Outputs, path: str) -> float:
+    """Seconds since the file was last written (0 when that cannot be told: it is then kept)."""
+    from datetime import datetime, timezone
+
+    try:
+        modified = outputs.fs.modified(path)
+    except (OSError, NotImplementedError):
+        return 0.0
+    if modified.tzinfo is None:
+        modified = modified.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - modified).total_seconds()
+
+
+def compact_well(outputs: store.Outputs, plate: str, well: str,
+                 orphan_age_s: float = ORPHAN_AGE_S) -> tuple[int, int, int, int]:
     """Compact one well (see the module's protocol); returns (fields in the new part or 0 when nothing
     needed merging, files before, files after, files removed)."""
     c = outputs.committed(plate, well)
+    if not c.complete:
+        raise RuntimeError(f"plate {plate}, well {well} kept changing while listed (another compaction?); "
+                           "left for the next compaction")
     before = len(c.cells) + len(c.fields) + len(c.stale) + len(c.orphans)
     well_dir = (f"plate={store.safe(plate)}", f"well={store.safe(well)}")
     n = 0
-    # Orphaned cells parts go first, while no part of this compaction exists to be mistaken for one.
-    remove = list(c.orphans)
+    # Orphaned cells parts go first, while no part of this compaction exists to be mistaken for one;
+    # only old ones: a young one may be another compaction's, between its two writes.
+    remove = [p for p in c.orphans if _age_s(outputs, p) >= orphan_age_s]
     if len(c.fields) > 1:  # one live part alone, or one field alone: nothing to merge
         part = f"{store.PART_PREFIX}{uuid.uuid4().hex[:12]}.parquet"
         docs = store.read_documents(outputs, c.cells + c.fields)
-        cells = _concat(docs[: len(c.cells)], c.cells, {})
-        fields = _concat(docs[len(c.cells):], c.fields,
-                         {store.SUPERSEDES_KEY.encode(): json.dumps(sorted(c.parts)).encode()})
+        cells, fields = _merge(_tables(docs[: len(c.cells)], c.cells), c.cells,
+                               _tables(docs[len(c.cells):], c.fields), c.fields, list(c.parts))
         n = fields.num_rows
         outputs.write_bytes(store.join(outputs.root, "cells", *well_dir, part), store.parquet_bytes(cells))
         _crash_point("cells_part")
@@ -108,7 +162,8 @@ def wells(outputs: store.Outputs) -> list[tuple[str, str]]:
 
 def compact(out: str, storage_options: dict[str, Any] | None = None,
             only: list[tuple[str, str]] | None = None, threads: int = 8,
-            progress: Callable[[int, int], None] | None = None) -> CompactSummary:
+            progress: Callable[[int, int], None] | None = None, orphan_age_s: float = ORPHAN_AGE_S
+            ) -> CompactSummary:
     """Compact every well of OUT (or only the given (plate, well) pairs), a few wells at a time.
 
     Wells are independent, and their work is mostly waiting on storage, so threads overlap them. A
@@ -120,7 +175,7 @@ def compact(out: str, storage_options: dict[str, Any] | None = None,
 
     def one(pw: tuple[str, str]) -> tuple[tuple[str, str], Any]:
         try:
-            return pw, compact_well(outputs, *pw)
+            return pw, compact_well(outputs, *pw, orphan_age_s=orphan_age_s)
         except Exception as exc:  # noqa: BLE001 - reported per well, the rest carry on
             return pw, exc
 

@@ -22,6 +22,7 @@ import inspect
 import io
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -192,18 +193,20 @@ class Outputs:
     def committed(self, plate: str | None = None, well: str | None = None) -> Committed:
         """Which cells/ and fields/ files count, from one listing of each (see :class:`Committed`)."""
         parts = [f"plate={safe(plate)}"] + ([f"well={safe(well)}"] if well is not None else []) if plate else []
-        for _ in range(3):
+        for attempt in range(6):
             # Other processes write here (Ray workers, a compaction): s3fs's cached listings would be
             # stale, and readers that check a file first (pyarrow's datasets) would miss a file made since.
             self.fs.invalidate_cache()
             listed = {t: self.parquet_files(join(self.root, t, *parts)) for t in ("cells", "fields")}
             fields_parts = [p for p in listed["fields"] if is_part(p)]
             docs = read_documents(self, fields_parts) if fields_parts else []
-            if all(d is not None for d in docs):
-                break
-            # A part went between the listing and the read: a compaction replaced it with one this
-            # listing may not hold. List again rather than miss the fields both hold.
-        return Committed.resolve(listed["cells"], listed["fields"], dict(zip(fields_parts, docs)))
+            c = Committed.resolve(listed["cells"], listed["fields"], dict(zip(fields_parts, docs)))
+            if all(d is not None for d in docs) and c.complete:
+                return c
+            # A compaction committed or cleaned up between the two listings, or between the listing and
+            # the read: this view may lack a part's cells, or the fields a vanished part held. Again.
+            time.sleep(0.02 * 2**attempt)
+        return c
 
     def table_files(self, table: str) -> list[str]:
         """The files of a table that a reader should read: committed rows only, each exactly once."""
@@ -217,13 +220,20 @@ class Outputs:
         import pyarrow.dataset as ds
 
         base = join(self.root, table)
-        files = self.table_files(table)
-        if not files:
-            return pd.DataFrame()
-        part = None if table == "failures" else "hive"
-        dataset = ds.dataset(files, filesystem=self.fs, format="parquet", partitioning=part,
-                             partition_base_dir=base)
-        return dataset.to_table().to_pandas()
+        for attempt in range(6):
+            files = self.table_files(table)
+            if not files:
+                return pd.DataFrame()
+            part = None if table == "failures" else "hive"
+            try:
+                dataset = ds.dataset(files, filesystem=self.fs, format="parquet", partitioning=part,
+                                     partition_base_dir=base)
+                return dataset.to_table().to_pandas()
+            except FileNotFoundError:  # a compaction removed a file since the listing: list again
+                if attempt == 5:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
 
     # ---------- run.json ----------
     def read_run(self) -> dict[str, Any] | None:
@@ -272,18 +282,23 @@ class Committed:
 
     A field is committed by its per-field fields/ file, or by a row in a compacted fields/ part. A
     part is committed once its fields/ file exists (its cells/ file is written first); a committed part
-    lists in its metadata the older parts it replaces. So a reader takes: the parts not replaced, and
-    the per-field files of committed fields those parts do not hold. Whatever else is there (replaced
-    parts, per-field files already in a part, a cells part whose compaction never committed, the cells
-    of a field never committed) is ignored, and the next compaction removes what is stale.
+    lists in its metadata the older parts it replaces. So a reader takes: the parts not replaced (nor
+    holding only fields that a larger live part holds), and the per-field files of committed fields
+    those parts do not hold. Whatever else is there (replaced parts, per-field files already in a
+    part, a cells part whose compaction never committed, the cells of a field never committed) is
+    ignored, and the next compaction removes what is stale.
     """
 
     cells: list[str]
     fields: list[str]
     done: set[str]
     parts: dict[str, set[str]]  # live part id -> the field_ids it holds
-    stale: list[str]  # files a finished compaction leaves to remove (cells first, then fields)
-    orphans: list[str]  # cells parts that no fields part committed: a compaction cut off mid-way
+    stale: list[str]  # files a finished compaction leaves to remove
+    # cells parts that no fields part committed: a compaction cut off mid-way, or one still running
+    orphans: list[str]
+    # whether each source of field rows has its cells file in the listing (not so when a compaction
+    # changed the folder between the listings of cells/ and fields/)
+    complete: bool = True
 
     @classmethod
     def resolve(cls, cells: list[str], fields: list[str], part_docs: dict[str, bytes | None]) -> Committed:
@@ -297,17 +312,27 @@ class Committed:
             replaced.update(json.loads(meta.get(SUPERSEDES_KEY.encode(), b"[]")))
             held[file_key(path)] = set(t.column("field_id").to_pylist())
         live = {k: v for k, v in held.items() if k not in replaced}
-        in_parts = set().union(*live.values()) if live else set()
+        # Two compactions of a well that ran at once both commit, each replacing what it saw. The one
+        # that listed later saw every field the other did (fields only leave the view once a committed
+        # part holds them), so a part whose fields another live part also holds adds nothing: the
+        # larger one counts (the greater id when equal), and the smaller is as good as replaced.
+        kept: dict[str, set[str]] = {}
+        for k in sorted(live, key=lambda k: (len(live[k]), k), reverse=True):
+            if not any(live[k] <= v for v in kept.values()):
+                kept[k] = live[k]
+        gone = held.keys() - kept.keys()
+        in_parts = set().union(*kept.values()) if kept else set()
         markers = {file_key(p) for p in fields if not is_part(p)}
         own = markers - in_parts  # committed by their own file, not yet in a part
-        keep_fields = [p for p in fields if file_key(p) in live or file_key(p) in own]
-        keep_cells = [p for p in cells if file_key(p) in live or file_key(p) in own]
-        stale_cells = [p for p in cells if (is_part(p) and file_key(p) in held.keys() - live.keys())
-                       or (not is_part(p) and file_key(p) in in_parts)]
-        stale_fields = [p for p in fields if (is_part(p) and file_key(p) in replaced)
-                        or (not is_part(p) and file_key(p) in in_parts)]
+        keep_fields = [p for p in fields if file_key(p) in kept or file_key(p) in own]
+        keep_cells = [p for p in cells if file_key(p) in kept or file_key(p) in own]
+        stale = [p for p in cells + fields if (is_part(p) and file_key(p) in gone)
+                 or (not is_part(p) and file_key(p) in in_parts)]
         orphans = [p for p in cells if is_part(p) and file_key(p) not in held]
-        return cls(keep_cells, keep_fields, in_parts | own, live, stale_cells + stale_fields, orphans)
+        # Every committed source of field rows has its cells file (written before it) in the listing.
+        has_cells = {file_key(p) for p in keep_cells}
+        complete = all(k in has_cells for k in [*kept, *own])
+        return cls(keep_cells, keep_fields, in_parts | own, kept, stale, orphans, complete)
 
 
 def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:
