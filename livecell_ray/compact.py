@@ -116,8 +116,8 @@ def compact_well(outputs: store.Outputs, plate: str, well: str,
     needed merging, files before, files after, files removed)."""
     c = outputs.committed(plate, well)
     if not c.complete:
-        raise RuntimeError(f"plate {plate}, well {well} kept changing while listed (another compaction?); "
-                           "left for the next compaction")
+        raise FileNotFoundError(f"{c.lacking_cells[0]}: its cells file is missing (the well kept changing while "
+                                "listed, or a file was removed by hand); the well is left as it was")
     before = len(c.cells) + len(c.fields) + len(c.stale) + len(c.orphans)
     well_dir = (f"plate={store.safe(plate)}", f"well={store.safe(well)}")
     n = 0

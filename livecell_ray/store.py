@@ -296,9 +296,13 @@ class Committed:
     stale: list[str]  # files a finished compaction leaves to remove
     # cells parts that no fields part committed: a compaction cut off mid-way, or one still running
     orphans: list[str]
-    # whether each source of field rows has its cells file in the listing (not so when a compaction
-    # changed the folder between the listings of cells/ and fields/)
-    complete: bool = True
+    # fields/ files (parts or per-field) whose cells file, written before them, is not in the listing:
+    # a compaction changed the folder between the listings of cells/ and fields/ (or a file was deleted)
+    lacking_cells: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.lacking_cells
 
     @classmethod
     def resolve(cls, cells: list[str], fields: list[str], part_docs: dict[str, bytes | None]) -> Committed:
@@ -331,8 +335,8 @@ class Committed:
         orphans = [p for p in cells if is_part(p) and file_key(p) not in held]
         # Every committed source of field rows has its cells file (written before it) in the listing.
         has_cells = {file_key(p) for p in keep_cells}
-        complete = all(k in has_cells for k in [*kept, *own])
-        return cls(keep_cells, keep_fields, in_parts | own, kept, stale, orphans, complete)
+        lacking = [p for p in keep_fields if file_key(p) not in has_cells]
+        return cls(keep_cells, keep_fields, in_parts | own, kept, stale, orphans, lacking)
 
 
 def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:

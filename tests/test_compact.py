@@ -135,6 +135,15 @@ def test_a_well_that_cannot_be_read_is_reported_by_file_and_left_as_it_was(tmp_p
     assert len([f for f in files(o, "fields") if not f.startswith("part-")]) == 4  # B3 untouched
 
 
+def test_a_field_whose_cells_file_was_removed_is_named_and_its_well_left(tmp_path):
+    o = plate_out(str(tmp_path / "out"))
+    gone = o.table_path("cells", "P1", "A2", "01020000aaaaaaaa")
+    os.remove(gone)
+    s = compact.compact(o.url)
+    assert s.wells_compacted == 2 and len(s.errors) == 1
+    assert o.table_path("fields", "P1", "A2", "01020000aaaaaaaa") + ": its cells file is missing" in s.errors[0]
+
+
 def test_compaction_on_s3(moto):
     """Through s3fs against a real S3 server: listings, concurrent reads, commit order, clean-up."""
     from .conftest import s3_options
