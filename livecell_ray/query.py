@@ -42,7 +42,10 @@ class Results:
 
     def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
         self.outputs = store.Outputs(out, storage_options)
+        # DuckDB draws a progress bar on stdout for queries over 2 s, which would end up inside the
+        # CSV or JSON that `livecell-ray query` writes there.
         self.con = duckdb.connect()
+        self.con.execute("SET enable_progress_bar = false")
         prefix = ""
         if not store.is_local(self.outputs.url):
             self.con.register_filesystem(self.outputs.fs)

@@ -101,6 +101,8 @@ def test_query_cli_json_and_where(plate96):
 
 def test_cells_and_sql(plate96):
     res = open_results(str(plate96))
+    # DuckDB's progress bar (queries over 2 s) is drawn on stdout, where `query --format csv` writes.
+    assert res.sql("SELECT current_setting('enable_progress_bar')").fetchall() == [(False,)]
     n = res.sql("SELECT count(*) FROM cells WHERE well = 'A7'").fetchall()[0][0]
     assert n == int((_table(plate96, "cells")["well"].astype(str) == "A7").sum())
     p = subprocess.run([sys.executable, "-m", "livecell_ray.cli", "query", str(plate96), "cells", "--well", "A7",
