@@ -8,7 +8,8 @@ wells x 9 fields x 48 timepoints makes 83,000 of each. This segments the bundled
 wells (each copy with its own field_id), and times, side by side in this process, opening the results
 and computing the default per-well table (`livecell-ray query OUT`) before and after `livecell-ray
 compact`, which it also times; the answers must be equal. Then the same on S3: moto's server on
-loopback behind a proxy that holds each request --latency-ms, as an object store within a region does.
+loopback behind a proxy that holds each request --latency-ms, as an object store within a region does,
+each time with the tables read in place by DuckDB and copied first (open_results' default).
 """
 
 from __future__ import annotations
@@ -66,34 +67,48 @@ def plate_files(n: int, cells: list[bytes], fields: list[bytes]) -> dict[str, by
     return out
 
 
-def timed_query(out: str, opts: dict | None = None):
+def timed_query(out: str, opts: dict | None = None, copy_limit_mb: float = 1024):
     from livecell_ray import query
 
     t = time.perf_counter()
-    wells = query.open_results(out, opts).wells()
+    wells = query.open_results(out, opts, copy_limit_mb=copy_limit_mb).wells()
     return time.perf_counter() - t, wells
 
 
 def compare(label: str, out: str, opts: dict | None, n: int, count=None) -> None:
+    """Query times before and after compaction; on an object store also with the tables read in place
+    (copy_limit_mb=0) against the default local copy."""
     import pandas as pd
 
     from livecell_ray import compact
 
-    before, w0 = timed_query(out, opts)
-    r0 = count() if count else None
+    ways = {"": 1024} if count is None else {", read in place": 0, ", local copy": 1024}
+    times: dict[str, float] = {}
+    answers = []
+
+    def run(stage: str) -> None:
+        for way, limit in ways.items():
+            r0 = count() if count else 0
+            t, w = timed_query(out, opts, limit)
+            answers.append(w)
+            times[stage + way] = t
+            req = f"  ({count() - r0} requests)" if count else ""
+            print(f"  query over {stage + way:34s} {t:8.2f} s{req}")
+
+    print(f"{label}: {n} field-timepoints over 96 wells")
+    run("per-field files")
     t = time.perf_counter()
     s = compact.compact(out, opts)
     t_compact = time.perf_counter() - t
     if s.errors:
         raise SystemExit(f"compaction failed: {s.errors[:3]}")
-    r1 = count() if count else None
-    after, w1 = timed_query(out, opts)
-    pd.testing.assert_frame_equal(w0, w1)
-    print(f"{label}: {n} field-timepoints over {len(w0)} wells, {int(w0['cells'].sum())} cells")
-    print(f"  query over per-field files  {before:8.2f} s" + (f"  ({r0} requests)" if count else ""))
-    print(f"  compact                     {t_compact:8.2f} s  ({s.files_before} -> {s.files_after} table files)")
-    print(f"  query over compacted parts  {after:8.2f} s" + (f"  ({count() - r1} requests)" if count else ""))
-    print(f"  ratio                       {before / after:8.1f}x faster (same answers)")
+    print(f"  compact {'':34s}    {t_compact:8.2f} s  ({s.files_before} -> {s.files_after} table files)")
+    run("compacted parts")
+    for w in answers[1:]:
+        pd.testing.assert_frame_equal(answers[0], w)
+    first, last = list(times)[0], list(times)[-1]
+    print(f"  {first} -> {last}: {times[first] / times[last]:.1f}x faster, same answers "
+          f"({int(answers[0]['cells'].sum())} cells)")
 
 
 def main() -> None:

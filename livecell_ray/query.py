@@ -38,27 +38,55 @@ DEFAULT_METRICS = ("fields", "cells", "cells_per_field_mean", "cells_per_field_s
 
 
 class Results:
-    """A run's outputs as DuckDB relations (``cells``, ``fields``, ``failures``, ``wells``)."""
+    """A run's outputs as DuckDB relations (``cells``, ``fields``, ``failures``, ``wells``).
 
-    def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
+    On an object store the tables' files are first copied to a temporary folder, all at once, when
+    together they are at most ``copy_limit_mb``: DuckDB reads fsspec files one request after another
+    (three a file), so a plate's few hundred files would cost seconds of round trips on every query.
+    Larger tables are read where they are. The copy goes when this object does.
+    """
+
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None, copy_limit_mb: float = 1024):
         self.outputs = store.Outputs(out, storage_options)
         # DuckDB draws a progress bar on stdout for queries over 2 s, which would end up inside the
         # CSV or JSON that `livecell-ray query` writes there.
         self.con = duckdb.connect()
         self.con.execute("SET enable_progress_bar = false")
-        prefix = ""
+        tables = {t: self.outputs.table_files(t) for t in ("cells", "fields", "failures")}
+        self.copied = 0  # files read from a local copy
         if not store.is_local(self.outputs.url):
-            self.con.register_filesystem(self.outputs.fs)
-            prefix = self.outputs.url.split("://", 1)[0] + "://"
-        for table in ("cells", "fields", "failures"):
+            tables = self._local_copies(tables, copy_limit_mb)
+        for table, files in tables.items():
             # Only committed rows, each once: per-field files and compacted parts (store.Committed).
-            files = [prefix + p for p in self.outputs.table_files(table)]
             if files:
                 rel = self.con.read_parquet(files, hive_partitioning=table != "failures", union_by_name=True)
                 rel.create_view(table)
             else:
                 self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
         self.con.execute(f"CREATE VIEW wells AS {wells_sql(DEFAULT_METRICS, by_timepoint=True)}")
+
+    def _local_copies(self, tables: dict[str, list[str]], limit_mb: float) -> dict[str, list[str]]:
+        """The tables' files, copied to a temporary folder when small enough (else their URLs)."""
+        import os
+        import shutil
+        import tempfile
+        import weakref
+
+        fs, root = self.outputs.fs, self.outputs.root.rstrip("/")
+        paths = [p for files in tables.values() for p in files]
+        sizes = fs.sizes(paths) if paths else []  # concurrent HEADs on an async filesystem
+        if not paths or sum(sizes) > limit_mb * 2**20:
+            self.con.register_filesystem(fs)
+            prefix = self.outputs.url.split("://", 1)[0] + "://"
+            return {t: [prefix + p for p in files] for t, files in tables.items()}
+        tmp = tempfile.mkdtemp(prefix="livecell-ray-query-")
+        weakref.finalize(self, shutil.rmtree, tmp, True)
+        local = {p: os.path.join(tmp, p[len(root) + 1:]) for p in paths}  # hive folders kept
+        for d in {os.path.dirname(v) for v in local.values()}:
+            os.makedirs(d, exist_ok=True)
+        store.retry(fs.get, list(local), list(local.values()))  # concurrent GETs on an async filesystem
+        self.copied = len(local)
+        return {t: [local[p] for p in files] for t, files in tables.items()}
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Any DuckDB SQL over the views."""
@@ -126,6 +154,6 @@ def _metric_col(m: str) -> str:
     return f"{'fa' if m in FIELD_METRICS else 'ca'}.{m}"
 
 
-def open_results(out: str, storage_options: dict[str, Any] | None = None) -> Results:
+def open_results(out: str, storage_options: dict[str, Any] | None = None, copy_limit_mb: float = 1024) -> Results:
     """Open a run's OUT for querying: ``open_results('out').wells()``."""
-    return Results(out, storage_options)
+    return Results(out, storage_options, copy_limit_mb)

@@ -241,3 +241,22 @@ def test_two_compactions_at_once_leave_every_row_once(tmp_path):
     assert compact.compact(out).errors == []
     assert o.done_field_ids() == expected and len(files(o, "fields")) == 3
     assert len(o.read_table("cells")) == 25 * 66
+
+
+def test_s3_queries_read_a_local_copy_with_the_same_answers(moto, tmp_path):
+    """On S3, open_results copies the tables' files at once when small, else DuckDB reads them in place:
+    both give the answers the same files give on a local disk."""
+    from .conftest import s3_options
+
+    opts = s3_options(moto["port"])
+    out = f"s3://{moto['bucket']}/out"
+    plate_out(out, opts)
+    compact.compact(out, opts, only=[("P1", "A1")])  # one well in a part, the others per field
+    local = plate_out(str(tmp_path / "local"))
+    compact.compact(local.url, only=[("P1", "A1")])
+    want = query.open_results(local.url).wells()
+    copied = query.open_results(out, opts)
+    in_place = query.open_results(out, opts, copy_limit_mb=0)
+    assert copied.copied == 2 + 2 * 8 and in_place.copied == 0  # A1's two parts, 8 fields' two files
+    pd.testing.assert_frame_equal(copied.wells(), want)
+    pd.testing.assert_frame_equal(in_place.wells(), want)
