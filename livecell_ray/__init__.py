@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "open_results"]
 
 
-def open_results(out: str, storage_options: dict | None = None):
+def open_results(out: str, storage_options: dict | None = None, copy_limit_mb: float = 1024):
     """Open a run's OUT for querying (see :mod:`livecell_ray.query`)."""
     from livecell_ray.query import open_results as _open
 
-    return _open(out, storage_options)
+    return _open(out, storage_options, copy_limit_mb)

@@ -52,10 +52,11 @@ class Results:
         # CSV or JSON that `livecell-ray query` writes there.
         self.con = duckdb.connect()
         self.con.execute("SET enable_progress_bar = false")
-        tables = {t: self.outputs.table_files(t) for t in ("cells", "fields", "failures")}
+        c = self.outputs.committed()
+        tables = {"cells": c.cells, "fields": c.fields, "failures": self.outputs.table_files("failures")}
         self.copied = 0  # files read from a local copy
         if not store.is_local(self.outputs.url):
-            tables = self._local_copies(tables, copy_limit_mb)
+            tables = self._local_copies(tables, copy_limit_mb, c.part_docs)
         for table, files in tables.items():
             # Only committed rows, each once: per-field files and compacted parts (store.Committed).
             if files:
@@ -65,8 +66,10 @@ class Results:
                 self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
         self.con.execute(f"CREATE VIEW wells AS {wells_sql(DEFAULT_METRICS, by_timepoint=True)}")
 
-    def _local_copies(self, tables: dict[str, list[str]], limit_mb: float) -> dict[str, list[str]]:
-        """The tables' files, copied to a temporary folder when small enough (else their URLs)."""
+    def _local_copies(self, tables: dict[str, list[str]], limit_mb: float,
+                      have: dict[str, bytes]) -> dict[str, list[str]]:
+        """The tables' files, copied to a temporary folder when small enough (else their URLs); ``have``:
+        files already read (the fields parts, read to tell which rows count)."""
         import os
         import shutil
         import tempfile
@@ -74,8 +77,10 @@ class Results:
 
         fs, root = self.outputs.fs, self.outputs.root.rstrip("/")
         paths = [p for files in tables.values() for p in files]
-        sizes = fs.sizes(paths) if paths else []  # concurrent HEADs on an async filesystem
-        if not paths or sum(sizes) > limit_mb * 2**20:
+        known = self.outputs.listed_sizes  # the listings' sizes; a HEAD only for a file they missed
+        unknown = [p for p in paths if known.get(p) is None]
+        size = sum(known[p] or 0 for p in paths if p not in unknown) + sum(fs.sizes(unknown) if unknown else [])
+        if not paths or size > limit_mb * 2**20:
             self.con.register_filesystem(fs)
             prefix = self.outputs.url.split("://", 1)[0] + "://"
             return {t: [prefix + p for p in files] for t, files in tables.items()}
@@ -84,7 +89,13 @@ class Results:
         local = {p: os.path.join(tmp, p[len(root) + 1:]) for p in paths}  # hive folders kept
         for d in {os.path.dirname(v) for v in local.values()}:
             os.makedirs(d, exist_ok=True)
-        store.retry(fs.get, list(local), list(local.values()))  # concurrent GETs on an async filesystem
+        for p, doc in have.items():
+            if p in local:
+                with open(local[p], "wb") as f:
+                    f.write(doc)
+        fetch = [p for p in local if p not in have]
+        if fetch:  # concurrent GETs on an async filesystem
+            store.retry(fs.get, fetch, [local[p] for p in fetch])
         self.copied = len(local)
         return {t: [local[p] for p in files] for t, files in tables.items()}
 

@@ -90,6 +90,7 @@ class Outputs:
         self.url = out.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = filesystem(self.url, self.storage_options)
+        self.listed_sizes: dict[str, int | None] = {}  # object-store files' sizes, from the latest listings
 
     # ---------- paths ----------
     def plate_url(self, plate: str) -> str:
@@ -173,7 +174,11 @@ class Outputs:
         its new part in and removing the old one while this lists shows one or the other, never neither.
         """
         if not is_local(self.url):
-            return sorted(p for p in self.fs.find(base) if p.endswith(".parquet")) if self.fs.exists(base) else []
+            if not self.fs.exists(base):
+                return []
+            found = {p: d.get("size") for p, d in self.fs.find(base, detail=True).items() if p.endswith(".parquet")}
+            self.listed_sizes.update(found)
+            return sorted(found)
         import os
 
         return sorted(os.path.join(d, f) for d, _, names in os.walk(base) for f in names if f.endswith(".parquet"))
@@ -299,6 +304,7 @@ class Committed:
     # fields/ files (parts or per-field) whose cells file, written before them, is not in the listing:
     # a compaction changed the folder between the listings of cells/ and fields/ (or a file was deleted)
     lacking_cells: list[str] = dataclasses.field(default_factory=list)
+    part_docs: dict[str, bytes] = dataclasses.field(default_factory=dict)  # the live fields parts' bytes, as read
 
     @property
     def complete(self) -> bool:
@@ -336,7 +342,8 @@ class Committed:
         # Every committed source of field rows has its cells file (written before it) in the listing.
         has_cells = {file_key(p) for p in keep_cells}
         lacking = [p for p in keep_fields if file_key(p) not in has_cells]
-        return cls(keep_cells, keep_fields, in_parts | own, kept, stale, orphans, lacking)
+        docs = {p: d for p, d in part_docs.items() if d is not None and file_key(p) in kept}
+        return cls(keep_cells, keep_fields, in_parts | own, kept, stale, orphans, lacking, docs)
 
 
 def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:
