@@ -1,0 +1,65 @@
+"""Where a model's held-out mask AP goes: boundaries, the foreground as a whole, or the split of touching cells.
+
+    python weights/error_analysis.py big ../shared/data/usiigaci/train set41,set42,set43,set44,set45
+
+Predictions come from the same path as `livecell-ray evaluate` (and so `segment`). Printed: mask AP,
+AP50, AP75; the quantiles of each true cell's best IoU with a predicted cell; per field the IoU of
+the predicted foreground (all cells together) with the true one and their area ratio; and two
+oracles that say what fixing the foreground alone would be worth: the predictions clipped to the
+true foreground, and clipped after growing each predicted cell into it (so that only the split
+between cells and their count are the model's).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from livecell_ray import evaluate as ev
+from livecell_ray import models
+from livecell_ray.config import InferenceConfig
+from livecell_ray.segment import Segmenter
+
+
+def best_ious(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Each true cell's best IoU with any predicted cell."""
+    g, p = gt.ravel().astype(np.int64), pred.ravel().astype(np.int64)
+    ng, npred = int(g.max()), int(p.max())
+    gs, ps = np.bincount(g, minlength=ng + 1), np.bincount(p, minlength=npred + 1)
+    both = (g > 0) & (p > 0)
+    inter = np.bincount(g[both] * (npred + 1) + p[both], minlength=(ng + 1) * (npred + 1)).reshape(ng + 1, -1)
+    iou = inter / np.maximum(gs[:, None] + ps[None, :] - inter, 1)
+    return iou[1:, 1:].max(1)[gs[1:] > 0] if npred else np.zeros(int((gs[1:] > 0).sum()))
+
+
+def main() -> None:
+    from skimage.segmentation import expand_labels
+
+    model, data, sets = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    images = [i for i in ev.load_mask_folder(data) if i.name in set(sets)]
+    preds = ev.predict(images, Segmenter(models.resolve_map(model, True), InferenceConfig()))
+    m = ev.evaluate(images, preds)
+    print(f"{model} on {', '.join(sets)}: mask AP {m.mask['AP']:.3f}, AP50 {m.mask['AP50']:.3f}, "
+          f"AP75 {m.mask['AP75']:.3f}")
+    ious = np.concatenate([best_ious(i.gt, p.labels) for i, p in zip(images, preds)])
+    q = np.quantile(ious, [0.1, 0.25, 0.5, 0.75, 0.9])
+    print(f"true cells' best IoU: quantiles 10/25/50/75/90% {' '.join(f'{v:.3f}' for v in q)}; "
+          f">= 0.5 {np.mean(ious >= 0.5):.0%}, >= 0.75 {np.mean(ious >= 0.75):.0%}")
+    for im, p in zip(images, preds):
+        g, f = im.gt > 0, p.labels > 0
+        print(f"  {im.name}: foreground IoU {(g & f).sum() / (g | f).sum():.3f}, predicted / true foreground "
+              f"{f.sum() / g.sum():.3f}, cells true {len(np.unique(im.gt)) - 1} predicted {int(p.labels.max())}")
+    for name, fix in (("clipped to the true foreground", lambda lab: lab),
+                      ("grown into and clipped to the true foreground", lambda lab: expand_labels(lab, 20))):
+        oracle = []
+        for im, p in zip(images, preds):
+            lab = fix(p.labels.astype(np.int32))
+            lab[im.gt == 0] = 0
+            oracle.append(ev.Prediction(lab, p.scores))
+        o = ev.evaluate(images, oracle)
+        print(f"oracle, predictions {name}: mask AP {o.mask['AP']:.3f}, AP75 {o.mask['AP75']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
