@@ -261,11 +261,11 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
                                     error=f"{rows[i]['path']}: cannot write outputs ({type(exc).__name__}: {exc})")
     for i, (_, _, n) in pending.items():
         summaries[i]["n_cells"] = n
-        if rows[i].get("failed_before"):  # its failures/ row from an earlier run goes
-            try:
-                store.retry(outputs.remove, outputs.table_path("failures", None, None, summaries[i]["field_id"]))
-            except Exception:
-                pass  # the field is committed; the next run removes rows of done fields (run)
+    try:  # committed fields' failures/ rows from an earlier run go, in one request on an object store
+        outputs.remove_many([outputs.table_path("failures", None, None, summaries[i]["field_id"])
+                             for i in pending if rows[i].get("failed_before")])
+    except Exception:
+        pass  # the fields are committed; the next run removes rows of done fields (run)
     for row, s in zip(rows, summaries):
         if s["status"] != "ok":
             write_failure(outputs, s["field_id"], s["path"], s["field_id"], str(row["plate"]), str(row["well"]),
@@ -398,8 +398,8 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
     man = manifest_mod.Manifest(fields, man.unmatched)
     store.retry(store.init_plates, outputs, man.fields, cfg.pixel_size, prov, layouts)
     done = outputs.done_field_ids()
-    for key in outputs.failure_keys() & done:  # a field done since it failed (its removal itself failed)
-        store.retry(outputs.remove, outputs.table_path("failures", None, None, key))
+    # Fields done since they failed (their rows' removal itself failed).
+    outputs.remove_many([outputs.table_path("failures", None, None, key) for key in outputs.failure_keys() & done])
     todo = man.fields[~man.fields["field_id"].isin(done)]
     summary = RunSummary(out=outputs.url, fields_total=len(man.fields), fields_skipped=len(man.fields) - len(todo),
                          unmatched=len(man.unmatched))

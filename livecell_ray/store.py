@@ -148,8 +148,8 @@ class Outputs:
         return self.fs.exists(path)
 
     def remove(self, path: str) -> None:
-        if self.fs.exists(path):
-            self.fs.rm(path)
+        """Remove a file if it is there."""
+        self.remove_many([path])
 
     def remove_many(self, paths: list[str]) -> None:
         """Remove files, in order, absent ones included; on an object store in bulk requests (s3fs: 1,000

@@ -19,7 +19,7 @@ import yaml
 from livecell_ray import pipeline, store
 from livecell_ray.config import SegmentConfig
 
-from .conftest import EXAMPLES, ROOT, free_port
+from .conftest import EXAMPLES, ROOT, free_port, s3_options
 
 FEW = sorted(EXAMPLES.glob("*.tif"))[:4]
 
@@ -198,45 +198,34 @@ def test_example_spec_parses_and_io_tasks_is_checked():
 
 # --------------------------------------------------------------------------- S3 through moto's server
 @pytest.fixture()
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint,
-                                                                      "region_name": "us-east-1"}}
-    import boto3
+def s3(moto):
+    """(s3fs filesystem, storage options, bucket) on conftest's moto server."""
     import s3fs
 
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="plates")
-    fs = s3fs.S3FileSystem(**opts)
-    yield fs, opts
-    server.stop()
+    opts = s3_options(moto["port"])
+    return s3fs.S3FileSystem(**opts), opts, moto["bucket"]
 
 
 def test_s3_in_and_out(s3, tmp_path, ray_local):
     from livecell_ray import open_results
 
-    fs, opts = s3
+    fs, opts, b = s3
     for p in FEW:
-        fs.put(str(p), f"plates/exp1/{p.name}")
-    cfg = SegmentConfig(source="s3://plates/exp1", out="s3://plates/results/exp1", storage_options=opts)
+        fs.put(str(p), f"{b}/exp1/{p.name}")
+    cfg = SegmentConfig(source=f"s3://{b}/exp1", out=f"s3://{b}/results/exp1", storage_options=opts)
     summary = pipeline.run(cfg)
     assert summary.fields_done == len(FEW) and summary.fields_failed == 0
-    o = store.Outputs("s3://plates/results/exp1", opts)
+    o = store.Outputs(f"s3://{b}/results/exp1", opts)
     fields = o.read_table("fields")
-    assert len(fields) == len(FEW) and all(p.startswith("s3://plates/exp1/") for p in fields["path"])
+    assert len(fields) == len(FEW) and all(p.startswith(f"s3://{b}/exp1/") for p in fields["path"])
     cells = o.read_table("cells")
     for f in fields.itertuples():
         lab = store.read_labels(o, f.plate, f.zarr_path.split(".zarr/", 1)[1], f.t_index)
         assert lab.shape == (520, 704) and int(lab.max()) == f.n_cells
         assert (cells["field_id"] == f.field_id).sum() == f.n_cells
-    res = open_results("s3://plates/results/exp1", opts)
+    res = open_results(f"s3://{b}/results/exp1", opts)
     assert res.sql("SELECT count(*) FROM cells").fetchall()[0][0] == len(cells)
-    assert fs.exists("plates/results/exp1/run.json")
+    assert fs.exists(f"{b}/results/exp1/run.json")
     # Rerun resumes: nothing to do, nothing duplicated.
     again = pipeline.run(cfg)
     assert again.fields_skipped == len(FEW) and again.fields_done == 0
@@ -246,7 +235,7 @@ def test_s3_in_and_out(s3, tmp_path, ray_local):
     zpath = first.zarr_path.split(".zarr/", 1)[1]
     before = store.read_labels(o, first.plate, zpath, 0)
     later = re.sub(r"_\d+d\d+h\d+m_", "_09d00h00m_", first.path.rsplit("/", 1)[-1])
-    fs.copy(first.path.removeprefix("s3://"), f"plates/exp1/{later}")
+    fs.copy(first.path.removeprefix("s3://"), f"{b}/exp1/{later}")
     grown = pipeline.run(cfg)
     assert (grown.fields_done, grown.fields_failed) == (1, 0), grown.failures
     np.testing.assert_array_equal(store.read_labels(o, first.plate, zpath, 0), before)
