@@ -283,7 +283,7 @@ def query(
             conds = [c for c in (where, f"well = '{well}'" if well else None) if c]
             sql = f"SELECT * EXCLUDE (path), path FROM {what}" + (f" WHERE {' AND '.join(conds)}" if conds else "")
             sql += " ORDER BY plate, well, timepoint" + (", label" if what == "cells" else "")
-            df = res.sql(sql).df()
+            df = res.df(sql)
         else:
             fail(f"unknown table {what!r}: use wells, fields or cells")
     except ValueError as exc:
@@ -308,7 +308,7 @@ def sql(
 
     res = _open(out, storage_options)
     try:
-        df = res.sql(statement).df()
+        df = res.df(statement)
     except duckdb.Error as exc:
         fail(f"query failed: {str(exc).splitlines()[0]}")
     _emit(df, fmt, output)

@@ -7,7 +7,8 @@ Views: ``cells`` (one row per cell), ``fields`` (one row per field-timepoint), `
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import duckdb
 import pandas as pd
@@ -33,6 +34,10 @@ CELL_METRICS: dict[str, str] = {
 WELL_METRICS: dict[str, str] = {**FIELD_METRICS, **CELL_METRICS, "failed": "failures per well"}
 ALIASES = {"count": "cells", "n_cells": "cells", "area": "area_median", "eccentricity": "eccentricity_mean",
            "solidity": "solidity_mean", "intensity": "intensity_mean"}
+#: DuckDB's words for a file that was listed but is gone when read.
+_VANISHED = ("No files found that match", "No such file")
+_REOPEN_TRIES = 4
+T = TypeVar("T")
 DEFAULT_METRICS = ("fields", "cells", "cells_per_field_mean", "cells_per_field_sd", "confluence",
                    "area_median", "area_mean", "eccentricity_mean", "solidity_mean", "intensity_mean", "failed")
 
@@ -48,23 +53,48 @@ class Results:
 
     def __init__(self, out: str, storage_options: dict[str, Any] | None = None, copy_limit_mb: float = 1024):
         self.outputs = store.Outputs(out, storage_options)
+        self.copy_limit_mb = copy_limit_mb
         # DuckDB draws a progress bar on stdout for queries over 2 s, which would end up inside the
         # CSV or JSON that `livecell-ray query` writes there.
         self.con = duckdb.connect()
         self.con.execute("SET enable_progress_bar = false")
+        self.copied = 0  # files read from a local copy
+        self._tmp: Any = None  # the finalizer of the current local copy
+        for attempt in range(_REOPEN_TRIES):
+            try:
+                self._open()
+                break
+            except FileNotFoundError:  # a compaction removed a listed file before it was copied
+                if attempt == _REOPEN_TRIES - 1:
+                    raise
+
+    def _open(self) -> None:
+        """List the committed files and (re)make the views over them."""
         c = self.outputs.committed()
         tables = {"cells": c.cells, "fields": c.fields, "failures": self.outputs.table_files("failures")}
-        self.copied = 0  # files read from a local copy
         if not store.is_local(self.outputs.url):
-            tables = self._local_copies(tables, copy_limit_mb, c.part_docs)
+            tables = self._local_copies(tables, self.copy_limit_mb, c.part_docs)
         for table, files in tables.items():
             # Only committed rows, each once: per-field files and compacted parts (store.Committed).
             if files:
                 rel = self.con.read_parquet(files, hive_partitioning=table != "failures", union_by_name=True)
-                rel.create_view(table)
+                rel.create_view(table, replace=True)
             else:
-                self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
-        self.con.execute(f"CREATE VIEW wells AS {wells_sql(DEFAULT_METRICS, by_timepoint=True)}")
+                self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
+        self.con.execute(f"CREATE OR REPLACE VIEW wells AS {wells_sql(DEFAULT_METRICS, by_timepoint=True)}")
+
+    def _retry(self, run: Callable[[], T]) -> T:
+        """``run()``, listing the tables again when a file under the views has gone: a compaction
+        (`segment`'s at the end of a run, or `livecell-ray compact`) replaced it by a part that holds
+        the same rows, so the new listing answers the same question."""
+        for attempt in range(_REOPEN_TRIES):
+            try:
+                return run()
+            except duckdb.IOException as exc:
+                if attempt == _REOPEN_TRIES - 1 or not any(m in str(exc) for m in _VANISHED):
+                    raise
+                self._open()
+        raise AssertionError("unreachable")
 
     def _local_copies(self, tables: dict[str, list[str]], limit_mb: float,
                       have: dict[str, bytes]) -> dict[str, list[str]]:
@@ -85,7 +115,9 @@ class Results:
             prefix = self.outputs.url.split("://", 1)[0] + "://"
             return {t: [prefix + p for p in files] for t, files in tables.items()}
         tmp = tempfile.mkdtemp(prefix="livecell-ray-query-")
-        weakref.finalize(self, shutil.rmtree, tmp, True)
+        if self._tmp is not None:  # a reopen: the previous copy goes now
+            self._tmp()
+        self._tmp = weakref.finalize(self, shutil.rmtree, tmp, True)
         local = {p: os.path.join(tmp, p[len(root) + 1:]) for p in paths}  # hive folders kept
         for d in {os.path.dirname(v) for v in local.values()}:
             os.makedirs(d, exist_ok=True)
@@ -100,8 +132,12 @@ class Results:
         return {t: [local[p] for p in files] for t, files in tables.items()}
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
-        """Any DuckDB SQL over the views."""
+        """Any DuckDB SQL over the views, as a lazy relation (``df`` runs it and survives a compaction)."""
         return self.con.sql(query)
+
+    def df(self, query: str) -> pd.DataFrame:
+        """A query's result as pandas; lists the tables again if a compaction removed a file meanwhile."""
+        return self._retry(lambda: self.con.sql(query).df())
 
     @property
     def cells(self) -> duckdb.DuckDBPyRelation:
@@ -118,7 +154,8 @@ class Results:
     def wells(self, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS, by_timepoint: bool = False,
               where: str | None = None) -> pd.DataFrame:
         """Per-well (or per well x timepoint) aggregates as pandas."""
-        return self.con.sql(wells_sql(metrics, by_timepoint, where)).df()
+        sql = wells_sql(metrics, by_timepoint, where)
+        return self._retry(lambda: self.con.sql(sql).df())
 
 
 _EMPTY = {

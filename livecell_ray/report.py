@@ -134,11 +134,11 @@ def build(out: str, storage_options: dict[str, Any] | None = None, max_overlays:
     """The HTML text of the report for one run's OUT."""
     res = Results(out, storage_options)
     outputs = res.outputs
-    fields = res.fields.df()
-    cells = res.sql("SELECT plate, well, cell_type, area_px FROM cells").df()
+    fields = res.df("SELECT * FROM fields")
+    cells = res.df("SELECT plate, well, cell_type, area_px FROM cells")
     wells = res.wells(list(HEATMAP_METRICS) + ["cells", "fields", "failed"])
     per_time = res.wells(["cells_per_field_mean", "confluence"], by_timepoint=True)
-    failures = res.failures.df()
+    failures = res.df("SELECT * FROM failures")
     run = outputs.read_run() or {}
     parts = [f"<h1>livecell-ray plate report</h1><p>{html.escape(outputs.url)} &middot; generated "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} &middot; {len(fields)} fields, {len(cells)} cells, "

@@ -260,3 +260,18 @@ def test_s3_queries_read_a_local_copy_with_the_same_answers(moto, tmp_path):
     assert copied.copied == 2 + 2 * 8 and in_place.copied == 0  # A1's two parts, 8 fields' two files
     pd.testing.assert_frame_equal(copied.wells(), want)
     pd.testing.assert_frame_equal(in_place.wells(), want)
+
+
+def test_a_query_opened_before_a_compaction_answers_after_it(tmp_path):
+    """Views made before a compaction point at files it removes: the query lists again, same answers."""
+    o = plate_out(str(tmp_path / "out"))
+    res = query.open_results(o.url)
+    want_wells = res.wells()
+    want_cells = res.df("SELECT field_id, label, area_px FROM cells ORDER BY field_id, label")
+    assert compact.compact(o.url).wells_compacted == 3
+    assert not [f for f in files(o, "cells") if not f.startswith("part-")]  # the viewed files are gone
+    pd.testing.assert_frame_equal(res.wells(), want_wells)
+    pd.testing.assert_frame_equal(res.df("SELECT field_id, label, area_px FROM cells ORDER BY field_id, label"),
+                                  want_cells)
+    with pytest.raises(Exception, match="Binder Error"):  # other errors still reach the caller
+        res.df("SELECT no_such_column FROM cells")
