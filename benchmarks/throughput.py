@@ -191,7 +191,9 @@ def isolated_run(a: argparse.Namespace, plate: Path, out: Path) -> tuple[float, 
 
 
 def postprocess_ratio(weights_path: str, imgsz: int, conf: float, max_det: int, repeats: int = 3) -> None:
-    """ultralytics' dense retina-mask step vs box-local painting on the same real instances."""
+    """ultralytics' dense retina-mask step vs box-local painting on the same real instances: the CPU
+    path's (NumPy, instance by instance) and the GPU path's (torch, all instances at once; run here on
+    the CPU)."""
     import torch
     from ultralytics.utils import ops
 
@@ -202,9 +204,9 @@ def postprocess_ratio(weights_path: str, imgsz: int, conf: float, max_det: int, 
     seg = Segmenter({"*": models.Weights("bench", weights_path, "")},
                     __import__("livecell_ray.config", fromlist=["InferenceConfig"]).InferenceConfig(
                         imgsz=imgsz, conf=conf, max_det=max_det))
-    t_dense = t_fast = 0.0
+    t_dense = t_fast = t_batch = 0.0
     n_inst = 0
-    ious = []
+    ious, batch_ious = [], []
     for img in example_fields():
         x, dets, protos = seg.forward("*", [img])
         det, proto = dets[0].float(), protos[0].float()
@@ -220,14 +222,22 @@ def postprocess_ratio(weights_path: str, imgsz: int, conf: float, max_det: int, 
             t = time.perf_counter()
             fast, kept = L.paint(proto.numpy(), det[:, 6:].numpy(), boxes.numpy(), conf_np, (h, w), ax)
             t_fast += time.perf_counter() - t
+            t = time.perf_counter()
+            on_dev, _ = L.paint_batch(proto[None], torch.zeros(len(det), dtype=torch.int64), det[:, 6:], boxes,
+                                      det[:, 4], 1, (h, w), seg.axis_weights(proto.shape[1:], (h, w), "cpu"))
+            t_batch += time.perf_counter() - t
         ref, kept_d = L.paint_dense(proto, det[:, 6:], boxes, conf_np, (h, w))
         for k in range(1, int(ref.max()) + 1):
-            a, b = fast == k, ref == k
+            a, b, c = fast == k, ref == k, on_dev[0].numpy() == k
             ious.append((a & b).sum() / max(1, (a | b).sum()))
+            batch_ious.append((c & b).sum() / max(1, (c | b).sum()))
         del dense
     print(f"post-processing on {n_inst} instances x {repeats}: ultralytics process_mask_native "
           f"{t_dense:.3f} s, box-local paint {t_fast:.3f} s, ratio {t_fast / max(t_dense, 1e-9):.3f} "
           f"(target <= 0.1); min per-instance IoU vs dense {min(ious) if ious else float('nan'):.4f}")
+    print(f"  the GPU path's painter (paint_batch) on this CPU: {t_batch:.3f} s, "
+          f"ratio {t_batch / max(t_dense, 1e-9):.3f}; "
+          f"min per-instance IoU vs dense {min(batch_ious) if batch_ious else float('nan'):.4f}")
     torch.set_num_threads(torch.get_num_threads())
 
 

@@ -5,6 +5,8 @@ mask to the whole image: O(N x H x W) for N cells, which dominates inference on 
 upsampling is separable and linear, so we precompute its row and column weight matrices once per
 (input size, image size) by running ultralytics' own functions on basis vectors, then evaluate
 each instance only inside its box: O(sum of box areas). The result equals the dense path.
+:func:`paint` does it instance by instance with NumPy (the CPU path); :func:`paint_batch` does it for
+every instance of a batch of fields at once with torch, on the GPU where the model runs.
 
 Painting goes in descending confidence and only claims free pixels, so where instances overlap the
 more confident one wins; labels are 1..K in that order and every label has pixels.
@@ -183,52 +185,119 @@ def paint_dense(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
     return labels, np.asarray(kept, np.int64)
 
 
-def paint_torch(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, conf: torch.Tensor,
-                shape: tuple[int, int], threshold: float = 0.5, chunk: int = 128,
-                mirrors: tuple[Mirror, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`paint` on the tensors' own device (the GPU, where there is one): an int32 label tensor and
-    the kept instances' indices, both left on the device for the caller to bring back once per batch.
+@dataclass(frozen=True)
+class BatchMirror:
+    """:class:`Mirror` for :func:`paint_batch`: instance ``i``'s twin is in prototype plane ``proto_index[i]``."""
 
-    On a GPU the dense upsampling that is too slow on a CPU costs well under a millisecond, while
-    box-local painting would keep a CPU core busy per model replica. Instances go in descending
-    confidence, ``chunk`` at a time: within a chunk the most confident covering instance takes each
-    free pixel, exactly the claim order of :func:`paint`.
+    proto_index: torch.Tensor
+    coeffs: torch.Tensor
+    matched: torch.Tensor
+    axis: int
+
+
+def axis_weights_on(weights: AxisWeights, device: torch.device | str) -> AxisWeights:
+    """The same weights as tensors on a device, for :func:`paint_batch`."""
+    return AxisWeights(*(torch.as_tensor(getattr(weights, f), device=device)
+                         for f in ("wy", "wx", "y_lo", "y_hi", "x_lo", "x_hi")))
+
+
+def _batch_logits(protos: torch.Tensor, pidx: torch.Tensor, coeffs: torch.Tensor, ry: torch.Tensor,
+                  rx: torch.Tensor, vy: torch.Tensor, vx: torch.Tensor, wts: AxisWeights) -> torch.Tensor:
+    """Upsampled mask logits of n instances at pixels ``ry`` x ``rx`` ((n, S) each, valid where ``vy``/``vx``),
+    as ``_box_logits`` computes them: the prototypes under the pixels' span, then the axis weights.
+    ``protos`` is (B, mh, mw, C): each gathered prototype pixel is one contiguous vector."""
+    mh, mw = protos.shape[1:3]
+
+    def span(r: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, m: int, wgt: torch.Tensor):
+        p0 = torch.where(v, lo[r], m).amin(1)
+        p1 = torch.where(v, hi[r], 0).amax(1)
+        size = int((p1 - p0).clamp(min=0).max()) if len(r) else 0
+        t = p0[:, None] + torch.arange(max(size, 1), device=r.device)
+        ok = t < p1[:, None]
+        t = t.clamp(0, m - 1)
+        # Weights of pixel rows (or columns) on the prototype rows under them; padding weighs nothing.
+        return t, wgt[r[:, :, None], t[:, None, :]] * ok[:, None, :]
+
+    ty, wy = span(ry, vy, wts.y_lo, wts.y_hi, mh, wts.wy)
+    tx, wx = span(rx, vx, wts.x_lo, wts.x_hi, mw, wts.wx)
+    planes = protos[pidx[:, None, None], ty[:, :, None], tx[:, None, :]]  # (n, Ph, Pw, C)
+    logit = (planes.float() @ coeffs.float()[:, None, :, None])[..., 0]
+    return wy @ logit @ wx.transpose(1, 2)
+
+
+def paint_batch(protos: torch.Tensor, field: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
+                conf: torch.Tensor, n_fields: int, shape: tuple[int, int], weights: AxisWeights,
+                threshold: float = 0.5, mirrors: tuple[BatchMirror, ...] = (),
+                budget: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paint` for a whole batch of fields at once, on the tensors' device (the GPU, where there is one).
+
+    protos: (B, C, mh, mw), every prototype plane of the batch; instance ``i`` belongs to field
+    ``field[i]`` (< n_fields) and uses plane ``field[i]``; coeffs (N, C), boxes (N, 4) xyxy in image
+    pixels, conf (N,); weights from :func:`axis_weights_on`. Returns (n_fields, H, W) int32 labels,
+    1..K per field in descending confidence, and the kept instances' indices, field by field in label
+    order. Each instance is evaluated inside its box only, like :func:`paint`: O(sum of box areas)
+    instead of the O(N x H x W) of dense masks, in a few large tensor operations for the whole batch
+    (instances grouped by box size) rather than a loop over fields or instances. A pixel goes to the
+    most confident instance whose mask covers it, which is :func:`paint`'s claim order.
     """
     h, w = shape
     dev = protos.device
-    owner = torch.zeros((h, w), dtype=torch.int32, device=dev)  # rank + 1 of the instance owning a pixel
     n = len(conf)
+    none = torch.iinfo(torch.int32).max
+    owner = torch.full((n_fields * h * w,), none, dtype=torch.int32, device=dev)
     if n == 0:
-        return owner, torch.zeros(0, dtype=torch.int64, device=dev)
+        return torch.zeros((n_fields, h, w), dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int64,
+                                                                                         device=dev)
     thr = math.log(threshold / (1 - threshold))
-    c, mh, mw = protos.shape
+    field = field.long()
     order = torch.argsort(-conf.float(), stable=True)
+    order = order[torch.argsort(field[order], stable=True)]  # by field, then descending confidence
+    rank = torch.empty(n, dtype=torch.int32, device=dev)
+    rank[order] = torch.arange(1, n + 1, dtype=torch.int32, device=dev)
     pix = torch.ceil(boxes.double()).long()
     pix[:, [0, 2]] = pix[:, [0, 2]].clamp(0, w)
     pix[:, [1, 3]] = pix[:, [1, 3]].clamp(0, h)
-    ys = torch.arange(h, device=dev).view(1, h, 1)
-    xs = torch.arange(w, device=dev).view(1, 1, w)
-    none = torch.iinfo(torch.int32).max
-    flat = protos.float().reshape(c, -1)
-    mirror_flats = [m.protos.float().reshape(c, -1) for m in mirrors]
-    for r0 in range(0, n, chunk):
-        idx = order[r0:r0 + chunk]
-        up = _dense_upsample(coeffs[idx].float() @ flat, mh, mw, shape)
+    bh, bw = (pix[:, 3] - pix[:, 1]).clamp(min=0), (pix[:, 2] - pix[:, 0]).clamp(min=0)
+    side = torch.maximum(bh, bw)
+    by_size = torch.argsort(side, stable=True)
+    sizes = side[by_size].cpu().numpy()
+    cost = sizes**2 + protos.shape[1] * (sizes // 4 + 2) ** 2 + 2 * sizes * (sizes // 4 + 2)  # elements each
+    planes = protos.permute(0, 2, 3, 1).contiguous()
+    start = 0
+    while start < n:
+        # Instances of similar box size (the largest at most 1.3x or 8 px over the smallest), each chunk
+        # about `budget` elements at most: little padding, few kernel launches.
+        end = int(np.searchsorted(sizes, max(sizes[start] * 1.3, sizes[start] + 8), side="right"))
+        fits = np.arange(1, end - start + 1) * cost[start:end] <= budget
+        end = start + max(1, int(fits.sum()))
+        idx = by_size[start:end]
+        start = end
+        sh, sw = max(int(bh[idx].max()), 1), max(int(bw[idx].max()), 1)
+        dy, dx = torch.arange(sh, device=dev), torch.arange(sw, device=dev)
+        vy, vx = dy[None] < bh[idx, None], dx[None] < bw[idx, None]
+        ry = (pix[idx, 1, None] + dy[None]).clamp(max=h - 1)
+        rx = (pix[idx, 0, None] + dx[None]).clamp(max=w - 1)
+        up = _batch_logits(planes, field[idx], coeffs[idx], ry, rx, vy, vx, weights)
         if mirrors:
             passes = torch.ones(len(idx), device=dev)
-            for m, m_flat in zip(mirrors, mirror_flats):
+            for m in mirrors:
                 ok = m.matched[idx].float()
-                twin = _dense_upsample(m.coeffs[idx].float() @ m_flat, mh, mw, shape)
-                up = up + twin.flip(1 + m.axis) * ok.view(-1, 1, 1)
+                # The twin's pixels: the same pixels of the mirror image, so no flipping afterwards.
+                ty, tx = (ry, w - 1 - rx) if m.axis == 1 else (h - 1 - ry, rx)
+                twin = _batch_logits(planes, m.proto_index[idx], m.coeffs[idx], ty, tx, vy, vx, weights)
+                up = up + twin * ok[:, None, None]
                 passes = passes + ok
-            up = up / passes.view(-1, 1, 1)
-        b = pix[idx].view(-1, 4, 1, 1)
-        inside = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])
-        rank = torch.arange(r0 + 1, r0 + 1 + len(idx), device=dev, dtype=torch.int32).view(-1, 1, 1)
-        first = torch.where((up > thr) & inside, rank, none).amin(0)
-        owner = torch.where((owner == 0) & (first != none), first, owner)
-    # Ranks that own pixels become labels 1..K in confidence order; ranks that own none are dropped.
-    owns = torch.bincount(owner.view(-1), minlength=n + 1)[1:] > 0
+            up = up / passes[:, None, None]
+        hit = (up > thr) & vy[:, :, None] & vx[:, None, :]
+        where = (field[idx, None, None] * (h * w) + ry[:, :, None] * w + rx[:, None, :])[hit]
+        ranks = rank[idx, None, None].expand_as(hit)[hit]
+        owner.scatter_reduce_(0, where, ranks, reduce="amin")
+    owner = torch.where(owner == none, 0, owner)
+    # Ranks that own pixels become labels 1..K of their field in confidence order; the others are dropped.
+    owns = torch.bincount(owner, minlength=n + 1)[1:] > 0
+    cum = torch.cumsum(owns.int(), 0)
+    first = torch.searchsorted(field[order], torch.arange(n_fields, device=dev))  # each field's first rank - 1
+    base = torch.cat([torch.zeros(1, dtype=cum.dtype, device=dev), cum])[first]
     new_label = torch.zeros(n + 1, dtype=torch.int32, device=dev)
-    new_label[1:] = torch.cumsum(owns.int(), 0) * owns
-    return new_label[owner.long()], order[owns]
+    new_label[1:] = ((cum - base[field[order]]) * owns).int()
+    return new_label[owner.long()].view(n_fields, h, w), order[owns]

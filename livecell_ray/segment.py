@@ -1,16 +1,17 @@
 """The model side: a YOLOv8-seg network that turns batches of fields into label images.
 
 Preprocessing is ultralytics' own (LetterBox, rect, stride 32) and so is NMS; the mask step is
-our painting (:mod:`livecell_ray.labels`), which equals ultralytics' retina masks: box-local
-on a CPU, without their dense per-instance cost; on a GPU, dense but on the device, so no CPU core
-is spent on masks. Up to ``max_det`` (3,000 by default) cells per field.
+our painting (:mod:`livecell_ray.labels`), which equals ultralytics' retina masks, each instance
+evaluated inside its box only: on a CPU instance by instance, on a GPU the whole batch's instances in
+a few tensor operations on the device, so no CPU core is spent on masks. Up to ``max_det`` (3,000 by
+default) cells per field.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class Segmenter:
             if self.half:
                 net = net.half()
             self.nets[key] = (net, len(yolo.names))
-        self._axis: dict[tuple, labels_mod.AxisWeights] = {}
+        self._axis: dict[tuple, labels_mod.AxisWeights] = {}  # per (proto size, image size, device)
 
     def model_key(self, cell_type: str) -> str:
         """Which network serves this cell type (its own, else the default)."""
@@ -118,30 +119,29 @@ class Segmenter:
 
         h, w = shape
         boxes = [ops.scale_boxes(input_hw, d[:, :4].float().clone(), (h, w)) for d in dets]
-        mirrors = [self._mirrors(i, n, boxes, dets, protos, (h, w)) for i in range(n)]
+        twins = [self._twins(i, n, boxes, dets, (h, w)) for i in range(n)]
         if self.paint_on_device:
-            return self._paint_on_device(dets[:n], boxes[:n], protos[:n], mirrors, (h, w))
+            return self._paint_on_device(dets[:n], boxes[:n], protos, twins, (h, w))
         results = []
-        for det, box, proto, mir in zip(dets[:n], boxes[:n], protos[:n], mirrors):
+        axis = self.axis_weights(protos.shape[2:], (h, w))
+        for det, box, proto, tw in zip(dets[:n], boxes[:n], protos[:n], twins):
             conf = det[:, 4].float().cpu().numpy()
             cls = det[:, 5].cpu().numpy().astype(np.int16)
-            proto_np = proto.float().cpu().numpy()
-            axis = self.axis_weights(proto_np.shape[1:], (h, w))
-            mir = tuple(labels_mod.Mirror(m.protos.float().cpu().numpy(), m.coeffs.float().cpu().numpy(),
-                                          m.matched.cpu().numpy(), m.axis) for m in mir)
-            lab, kept = labels_mod.paint(proto_np, det[:, 6:].float().cpu().numpy(), box.cpu().numpy(), conf,
-                                         (h, w), axis, self.cfg.mask_threshold, mir)
+            mir = tuple(labels_mod.Mirror(protos[j].float().cpu().numpy(), coeffs.float().cpu().numpy(),
+                                          matched.cpu().numpy(), ax) for ax, j, coeffs, matched in tw)
+            lab, kept = labels_mod.paint(proto.float().cpu().numpy(), det[:, 6:].float().cpu().numpy(),
+                                         box.cpu().numpy(), conf, (h, w), axis, self.cfg.mask_threshold, mir)
             results.append(Instances(lab, cls[kept], conf[kept].astype(np.float32)))
         return results
 
-    def _mirrors(self, i: int, n: int, boxes: list, dets: list, protos: list,
-                 shape: tuple[int, int]) -> tuple[labels_mod.Mirror, ...]:
-        """Field i's mirrored passes (TTA), each instance matched to its twin by box IoU; () without TTA."""
+    def _twins(self, i: int, n: int, boxes: list, dets: list, shape: tuple[int, int]) -> list[tuple]:
+        """Field i's mirrored passes (TTA) as (axis, batch index of the pass, each instance's twin's
+        coefficients, whether it has a twin), matched by box IoU; [] without TTA."""
         import torch
         from torchvision.ops import box_iou
 
         if not self.cfg.tta:
-            return ()
+            return []
         h, w = shape
         out = []
         for axis, j in ((1, n + i), (0, 2 * n + i)):
@@ -154,40 +154,48 @@ class Segmenter:
                 best, twin = box_iou(boxes[i], back).max(1)
                 matched = best >= self.cfg.tta_match_iou
                 coeffs = dets[j][twin, 6:]
-            out.append(labels_mod.Mirror(protos[j], coeffs, matched, axis))
-        return tuple(out)
+            out.append((axis, j, coeffs, matched))
+        return out
 
-    def _paint_on_device(self, dets, boxes, protos, mirrors, shape: tuple[int, int]) -> list[Instances]:
-        """Paint every field of the batch on the device, then bring the batch back in one copy per array.
+    def _paint_on_device(self, dets, boxes, protos, twins, shape: tuple[int, int]) -> list[Instances]:
+        """Paint every field of the batch on the device in one :func:`labels.paint_batch`, then bring the
+        batch back in one copy per array.
 
         Each copy to the host waits for the GPU: once a batch, not four times a field. Labels come back
         as uint16 when max_det allows (half the bytes; int16 on the device, the same bits).
         """
         import torch
 
-        labs, conf, cls = [], [], []
-        for det, box, proto, mir in zip(dets, boxes, protos, mirrors):
-            det = det.float()
-            lab, kept = labels_mod.paint_torch(proto, det[:, 6:], box, det[:, 4], shape, self.cfg.mask_threshold,
-                                               mirrors=mir)
-            labs.append(lab)
-            conf.append(det[kept, 4])
-            cls.append(det[kept, 5])
-        counts = [len(c) for c in conf]
+        n = len(dets)
+        det = torch.cat(dets).float()
+        field = torch.cat([torch.full((len(d),), i, dtype=torch.int64, device=det.device) for i, d in enumerate(dets)])
+        mirrors = tuple(
+            labels_mod.BatchMirror(
+                torch.cat([torch.full((len(d),), tw[k][1], dtype=torch.int64, device=det.device)
+                           for d, tw in zip(dets, twins)]),
+                torch.cat([tw[k][2] for tw in twins]).float(), torch.cat([tw[k][3] for tw in twins]), twins[0][k][0])
+            for k in range(len(twins[0]) if twins else 0))
+        weights = self.axis_weights(protos.shape[2:], shape, protos.device)
+        labs, kept = labels_mod.paint_batch(protos, field, det[:, 6:], torch.cat(boxes), det[:, 4], n, shape,
+                                            weights, self.cfg.mask_threshold, mirrors)
         small = self.cfg.max_det < 2**15
-        stacked = torch.stack(labs).to(torch.int16 if small else torch.int32).cpu().numpy()
+        stacked = labs.to(torch.int16 if small else torch.int32).cpu().numpy()
         stacked = stacked.view(np.uint16) if small else stacked.astype(np.uint32)
-        conf_np = torch.cat(conf).cpu().numpy().astype(np.float32)
-        cls_np = torch.cat(cls).cpu().numpy().astype(np.int16)
+        kept_field = field[kept]
+        counts = torch.bincount(kept_field, minlength=n).cpu().numpy()
+        conf_np = det[kept, 4].cpu().numpy().astype(np.float32)
+        cls_np = det[kept, 5].cpu().numpy().astype(np.int16)
         bounds = np.cumsum([0, *counts])
         return [Instances(stacked[i], cls_np[bounds[i]:bounds[i + 1]], conf_np[bounds[i]:bounds[i + 1]])
-                for i in range(len(labs))]
+                for i in range(n)]
 
-    def axis_weights(self, proto_hw: tuple[int, int], shape: tuple[int, int]) -> labels_mod.AxisWeights:
-        """Cached per (prototype size, image size): one plate usually has a single size."""
-        key = (tuple(proto_hw), tuple(shape))
+    def axis_weights(self, proto_hw: tuple[int, int], shape: tuple[int, int],
+                     device: Any = None) -> labels_mod.AxisWeights:
+        """Cached per (prototype size, image size, device): one plate usually has a single size."""
+        key = (tuple(proto_hw), tuple(shape), None if device is None else str(device))
         if key not in self._axis:
-            self._axis[key] = labels_mod.axis_weights(tuple(proto_hw), tuple(shape))
+            host = labels_mod.axis_weights(tuple(proto_hw), tuple(shape))
+            self._axis[key] = host if device is None else labels_mod.axis_weights_on(host, device)
         return self._axis[key]
 
 

@@ -74,19 +74,35 @@ def test_empty():
     assert lab.shape == (64, 64) and lab.max() == 0 and len(kept) == 0
 
 
-@pytest.mark.parametrize("h,w,ih,iw,chunk", [(520, 704, 544, 704, 128), (300, 200, 704, 480, 7)])
-def test_paint_on_device_equals_box_local_paint(h, w, ih, iw, chunk):
-    """The GPU painter (run here on the CPU: same code, same tensors) gives the same labels and order."""
+def _batch(fields, h, w, mh, mw, budget=1 << 25, mirrors_of=None):
+    """paint_batch over several fields' instances at once, split back into per-field (labels, kept)."""
+    protos = torch.from_numpy(np.stack([f[0] for f in fields]))
+    sizes = [len(f[3]) for f in fields]
+    field = torch.cat([torch.full((k,), i) for i, k in enumerate(sizes)])
+    cat = [torch.from_numpy(np.concatenate([f[j] for f in fields])) for j in (1, 2, 3)]
+    weights = L.axis_weights_on(L.axis_weights((mh, mw), (h, w)), "cpu")
+    lab, kept = L.paint_batch(protos, field, *cat, len(fields), (h, w), weights, budget=budget,
+                              mirrors=mirrors_of(protos) if mirrors_of else ())
+    per_field = np.bincount(field[kept].numpy(), minlength=len(fields))
+    starts, bounds = np.cumsum([0, *sizes]), np.cumsum([0, *per_field])
+    return [(lab[i].numpy(), kept[bounds[i]:bounds[i + 1]].numpy() - starts[i]) for i in range(len(fields))]
+
+
+@pytest.mark.parametrize("h,w,ih,iw,budget", [(520, 704, 544, 704, 1 << 25), (300, 200, 704, 480, 5000),
+                                              (1022, 1024, 704, 704, 1 << 25)])
+def test_batch_painting_on_device_equals_box_local_paint(h, w, ih, iw, budget):
+    """The GPU painter (run here on the CPU: same code, same tensors), a batch of fields with different
+    numbers of cells at once, gives each field the box-local painter's labels and order; a small budget
+    splits it into many chunks."""
     rng = np.random.default_rng(h + w)
     mh, mw = ih // 4, iw // 4
-    protos, coeffs, boxes, conf = _instances(rng, h, w, mh, mw, 300)
-    fast, kept = L.paint(protos, coeffs, boxes, conf, (h, w), L.axis_weights((mh, mw), (h, w)))
-    dev, kept_d = L.paint_torch(torch.from_numpy(protos), torch.from_numpy(coeffs), torch.from_numpy(boxes),
-                                torch.from_numpy(conf), (h, w), chunk=chunk)
-    assert fast.max() > 100
-    _assert_same_labels(fast, kept, dev.numpy(), kept_d.numpy())
-    empty, none = L.paint_torch(torch.from_numpy(protos), torch.zeros((0, 32)), torch.zeros((0, 4)),
-                                torch.zeros(0), (h, w))
+    fields = [_instances(rng, h, w, mh, mw, k) for k in (300, 0, 40, 250)]
+    got = _batch(fields, h, w, mh, mw, budget)
+    for (protos, coeffs, boxes, conf), (lab, kept) in zip(fields, got):
+        fast, kept_ref = L.paint(protos, coeffs, boxes, conf, (h, w), L.axis_weights((mh, mw), (h, w)))
+        assert fast.max() >= len(conf) // 2  # most cells keep pixels: a real comparison
+        _assert_same_labels(lab, kept, fast, kept_ref)
+    (empty, none), = _batch([_instances(rng, h, w, mh, mw, 0)], h, w, mh, mw)
     assert empty.shape == (h, w) and int(empty.max()) == 0 and len(none) == 0
 
 
@@ -130,8 +146,17 @@ def test_mirrored_passes_average_like_the_dense_reference_on_cpu_and_device(h, w
     _assert_same_labels(fast, kept, ref, kept_ref)
     plain, _ = L.paint(protos, coeffs, boxes, conf, (h, w), L.axis_weights((mh, mw), (h, w)))
     assert (plain != fast).mean() > 0.01  # the mirrored passes changed the masks
-    on_device = tuple(L.Mirror(torch.from_numpy(m.protos), torch.from_numpy(m.coeffs), torch.from_numpy(m.matched),
-                               m.axis) for m in mirrors)
-    dev, kept_d = L.paint_torch(torch.from_numpy(protos), torch.from_numpy(coeffs), torch.from_numpy(boxes),
-                                torch.from_numpy(conf), (h, w), chunk=64, mirrors=on_device)
-    _assert_same_labels(dev.numpy(), kept_d.numpy(), ref, kept_ref)
+    # On the device: the mirror passes' prototypes are planes 1 and 2 of the batch.
+    batch = [(protos, coeffs, boxes, conf), (mirrors[0].protos, coeffs, boxes, conf),
+             (mirrors[1].protos, coeffs, boxes, conf)]
+
+    def twins(_):
+        return tuple(L.BatchMirror(torch.full((200,), k + 1), torch.from_numpy(m.coeffs),
+                                   torch.from_numpy(m.matched), m.axis) for k, m in enumerate(mirrors))
+
+    protos_t = torch.from_numpy(np.stack([b[0] for b in batch]))
+    field = torch.zeros(200, dtype=torch.int64)
+    weights = L.axis_weights_on(L.axis_weights((mh, mw), (h, w)), "cpu")
+    dev, kept_d = L.paint_batch(protos_t, field, torch.from_numpy(coeffs), torch.from_numpy(boxes),
+                                torch.from_numpy(conf), 1, (h, w), weights, mirrors=twins(None), budget=20_000)
+    _assert_same_labels(dev[0].numpy(), kept_d.numpy(), ref, kept_ref)
