@@ -83,10 +83,14 @@ class Segmenter:
 
     def forward(self, key: str, images: list[np.ndarray]):
         """Letterbox, run the network and NMS; returns (input tensor, detections, prototypes)."""
-        import torch
-        from ultralytics.utils.nms import non_max_suppression
+        x, preds, protos = self.network(key, images)
+        return x, self.nms(key, preds), protos
 
-        net, nc = self.nets[key]
+    def network(self, key: str, images: list[np.ndarray]):
+        """Letterbox and run the network: (input tensor, raw predictions, prototypes)."""
+        import torch
+
+        net, _ = self.nets[key]
         x = letterbox(images, self.cfg.imgsz, self.device)
         x = x.half() if self.half else x.float()
         x /= 255.0
@@ -95,9 +99,17 @@ class Segmenter:
                 preds, protos = (torch.from_numpy(a) for a in net.run(None, {"images": x.numpy()}))
             else:
                 preds, protos = net(x)[0]
-            dets = non_max_suppression(preds, self.cfg.conf, self.cfg.iou, max_det=self.cfg.max_det, nc=nc,
-                                       max_nms=max(30000, 10 * self.cfg.max_det), max_time_img=60.0)
-        return x, dets, protos
+        return x, preds, protos
+
+    def nms(self, key: str, preds) -> list:
+        """ultralytics' NMS (torchvision's kernel) over the network's raw predictions, per field."""
+        import torch
+        from ultralytics.utils.nms import non_max_suppression
+
+        with torch.inference_mode():
+            return non_max_suppression(preds, self.cfg.conf, self.cfg.iou, max_det=self.cfg.max_det,
+                                       nc=self.nets[key][1], max_nms=max(30000, 10 * self.cfg.max_det),
+                                       max_time_img=60.0)
 
     def _predict_same_size(self, key: str, images: list[np.ndarray]) -> list[Instances]:
         x, dets, protos = self.forward(key, self.network_batch(images))
