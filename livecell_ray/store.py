@@ -431,14 +431,15 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
     fmt = FormatV05()
     # ome-zarr writes the well metadata (so it stays the authority on its form) into this scratch group.
     scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
-    label = {"version": "0.5", "multiscales": [_multiscales("cells", pixel_size)],
-             "image-label": {"version": "0.5", "source": {"image": "../../"}}}
     layouts = layouts if layouts is not None else apply_layout(manifest, {})[1]
     for plate, series in fields_in_plate(manifest).items():
         store = outputs.zarr_store(plate)
         root = zarr.open_group(store, mode="a", zarr_format=3)
         # Wells and sites: every one the plate has, from earlier runs too, not only this manifest's.
         layout = layouts[plate]
+        when = time_axis(layout["timepoints"])
+        label = {"version": "0.5", "multiscales": [_multiscales("cells", pixel_size, when)],
+                 "image-label": {"version": "0.5", "source": {"image": "../../"}}}
         all_sites = {w: sorted(s.values(), key=int) for w, s in layout["sites"].items()}
         where = {w: parse_well(w) for w in all_sites}
         rows = sorted({r for r, _ in where.values()}, key=lambda r: (len(r), r))
@@ -455,6 +456,11 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
             images = [p[: -len("/labels/cells")] for p in have if p.endswith("/labels/cells")]
             _grow_time_axis(store, [f"{i}/{a}" for i in images for a in _FIELD_ARRAYS],
                             len(layout["timepoints"]))
+        if before and time_axis(before.get("timepoints", [])) != when:
+            # What one t index means changed (the second timepoint gave the interval, or one came out of
+            # order): every image and label group written before says so too.
+            images = [p[: -len("/labels/cells")] for p in have if p.endswith("/labels/cells")]
+            _retime(store, [g for i in images for g in (i, f"{i}/labels/cells")], when)
         nodes: dict[str, GroupMetadata] = {}
         for (well_name, r, c), sites in series.groupby(["well", "row", "column"])["site"]:
             well = f"{r}/{c}"
@@ -467,7 +473,8 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
             else:
                 nodes[well] = GroupMetadata(attributes=scratch.attrs.asdict())
             for s in new:
-                wanted = {f"{well}/{s}": {"version": "0.5", "multiscales": [_multiscales(f"{r}{c}/{s}", pixel_size)]},
+                wanted = {f"{well}/{s}": {"version": "0.5",
+                                          "multiscales": [_multiscales(f"{r}{c}/{s}", pixel_size, when)]},
                           f"{well}/{s}/labels": {"version": "0.5", "labels": ["cells"]},
                           f"{well}/{s}/labels/cells": label}
                 nodes.update({k: GroupMetadata(attributes={"ome": v}) for k, v in wanted.items() if k not in have})
@@ -506,14 +513,56 @@ def _existing_groups(outputs: Outputs, plate: str) -> set[str]:
     return found
 
 
-def _multiscales(name: str, pixel_size: float | None) -> dict[str, Any]:
+def time_axis(hours: list[float]) -> tuple[float, float] | None:
+    """The t axis as NGFF can state it: (hours per t index, hour of index 0) while the plate's timepoints
+    are evenly spaced in index order (one timepoint: 1 h per index from its hour); None when they are
+    not (a timepoint that arrived after later ones), where t is only an index and the plate's
+    ``livecell_ray_layout`` attribute gives each index's hour."""
+    if len(hours) < 2:
+        return (1.0, float(hours[0]) if hours else 0.0)
+    step = float(hours[1]) - float(hours[0])
+    even = step > 0 and all(abs(float(h) - float(hours[0]) - i * step) <= 1e-6 * max(1.0, i * step)
+                            for i, h in enumerate(hours))
+    return (step, float(hours[0])) if even else None
+
+
+def _multiscales(name: str, pixel_size: float | None, when: tuple[float, float] | None = (1.0, 0.0)) -> dict[str, Any]:
     unit = "micrometer" if pixel_size else None
-    axes = [{"name": "t", "type": "time", "unit": "hour"},
+    axes = [{"name": "t", "type": "time"},
             {"name": "y", "type": "space", **({"unit": unit} if unit else {})},
             {"name": "x", "type": "space", **({"unit": unit} if unit else {})}]
     s = float(pixel_size or 1.0)
-    return {"name": name, "axes": axes,
-            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, s, s]}]}]}
+    ms = {"name": name, "axes": axes,
+          "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, s, s]}]}]}
+    return _with_time(ms, when)
+
+
+def _with_time(ms: dict[str, Any], when: tuple[float, float] | None) -> dict[str, Any]:
+    """A multiscales entry with its t axis set by :func:`time_axis` (hours, or a bare index); the spatial
+    axes and scales are left as they are."""
+    ms = json.loads(json.dumps(ms))
+    ms["axes"][0] = {"name": "t", "type": "time", **({"unit": "hour"} if when else {})}
+    step, start = when or (1.0, 0.0)
+    for d in ms["datasets"]:
+        spatial = [t for t in d["coordinateTransformations"] if t["type"] == "scale"][0]["scale"][1:]
+        d["coordinateTransformations"] = [{"type": "scale", "scale": [step, *spatial]}]
+        if start:
+            d["coordinateTransformations"].append({"type": "translation", "translation": [start, 0.0, 0.0]})
+    return ms
+
+
+def _retime(store: Any, paths: list[str], when: tuple[float, float] | None) -> None:
+    """Set the t axis of these image and label groups' multiscales, concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path: str) -> None:
+        group = zarr.open_group(store, path=path, mode="r+", zarr_format=3)
+        ome = dict(group.attrs["ome"])
+        ome["multiscales"] = [_with_time(m, when) for m in ome["multiscales"]]
+        retry(lambda: group.attrs.put({**group.attrs.asdict(), "ome": ome}))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, paths))
 
 
 #: Chunks are compressed with zstd level 1: the same size as zarr's default (level 3) on label and

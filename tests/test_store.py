@@ -36,7 +36,7 @@ def test_init_plates_adds_sites_and_wells_and_keeps_written_masks(tmp_path):
     assert _ome(root / "A" / "7" / "0" / "labels")["labels"] == ["cells"]
     assert _ome(root / "A" / "7" / "0" / "labels" / "cells")["image-label"]["source"]["image"] == "../../"
     assert _ome(root / "A" / "7" / "0")["multiscales"][0]["datasets"][0]["coordinateTransformations"][0][
-        "scale"] == [1.0, 0.5, 0.5]
+        "scale"] == [4.0, 0.5, 0.5]  # timepoints 0 and 4 h: 4 h per t index
     labels = np.arange(520 * 704, dtype=np.uint32).reshape(520, 704) % 7
     image = np.full((520, 704), 9, np.uint8)
     store.write_masks(out, "A172", "A", 7, "0", 1, 2, image, labels)
@@ -144,3 +144,40 @@ def test_plate_metadata_cut_short_while_growing_is_completed_by_the_retry(tmp_pa
                           path="A/7/0/labels/cells/0", mode="r")
     assert arr.shape == (2, 8, 8) and arr[0].min() == 1 and arr[1].max() == 0
     assert store.read_layouts(out, ["A172"])["A172"] == layouts["A172"]
+
+
+def test_ngff_time_axis_states_hours_while_timepoints_are_evenly_spaced(tmp_path):
+    """t is in hours (scale: the interval; translation: the first hour) while the plate's timepoints are
+    evenly spaced in t order; a timepoint that arrives after later ones turns every group's t into an
+    index (no unit), and the plate layout keeps each index's hour."""
+    out = store.Outputs(str(tmp_path / "out"))
+    root = tmp_path / "out" / "masks" / "A172.zarr"
+
+    def run(names):
+        fields = _plate(tmp_path, names)
+        fields, layouts = manifest.apply_layout(fields, store.read_layouts(out, fields["plate"].unique()))
+        store.init_plates(out, fields, 0.5, {}, layouts)
+
+    def t_axis(group):
+        ms = _ome(group)["multiscales"][0]
+        return ms["axes"][0], ms["datasets"][0]["coordinateTransformations"]
+
+    run(["A172_Phase_A7_1_01d00h00m_1.tif"])  # one timepoint, at 24 h
+    assert t_axis(root / "A" / "7" / "0") == ({"name": "t", "type": "time", "unit": "hour"},
+                                              [{"type": "scale", "scale": [1.0, 0.5, 0.5]},
+                                               {"type": "translation", "translation": [24.0, 0.0, 0.0]}])
+    run(["A172_Phase_A7_1_01d06h00m_1.tif", "A172_Phase_A7_2_01d06h00m_1.tif"])  # + 30 h, and a new site
+    for g in ("A/7/0", "A/7/0/labels/cells", "A/7/1", "A/7/1/labels/cells"):  # old groups rewritten, new ones
+        assert t_axis(root / g)[1][0]["scale"] == [6.0, 0.5, 0.5]
+        assert t_axis(root / g)[1][1]["translation"] == [24.0, 0.0, 0.0]
+    groups = list(root.rglob("zarr.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in groups if json.loads(p.read_text())["node_type"] == "group"}
+    run(["A172_Phase_A7_1_01d12h00m_1.tif"])  # 36 h: the same interval, no group is rewritten
+    assert t_axis(root / "A" / "7" / "0")[1][0]["scale"] == [6.0, 0.5, 0.5]
+    assert all(p.stat().st_mtime_ns == m for p, m in stamps.items() if p.parent.name != "A172.zarr")
+    run(["A172_Phase_A7_1_01d03h00m_1.tif"])  # 27 h arrives last: t index 3 is 27 h, so t is an index now
+    for g in ("A/7/0", "A/7/1/labels/cells"):
+        assert t_axis(root / g) == ({"name": "t", "type": "time"}, [{"type": "scale", "scale": [1.0, 0.5, 0.5]}])
+    assert _ome(root)  # still a plate
+    assert json.loads((root / "zarr.json").read_text())["attributes"][store.LAYOUT_KEY]["timepoints"] == [
+        24.0, 30.0, 36.0, 27.0]
