@@ -243,11 +243,11 @@ def paint_batch(protos: torch.Tensor, field: torch.Tensor, coeffs: torch.Tensor,
     h, w = shape
     dev = protos.device
     n = len(conf)
-    none = torch.iinfo(torch.int32).max
-    owner = torch.full((n_fields * h * w,), none, dtype=torch.int32, device=dev)
     if n == 0:
         return torch.zeros((n_fields, h, w), dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int64,
                                                                                          device=dev)
+    none = torch.iinfo(torch.int32).max
+    owner = torch.full((n_fields * h * w,), none, dtype=torch.int32, device=dev)  # rank owning each pixel
     thr = math.log(threshold / (1 - threshold))
     field = field.long()
     order = torch.argsort(-conf.float(), stable=True)

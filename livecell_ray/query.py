@@ -60,13 +60,7 @@ class Results:
         self.con.execute("SET enable_progress_bar = false")
         self.copied = 0  # files read from a local copy
         self._tmp: Any = None  # the finalizer of the current local copy
-        for attempt in range(_REOPEN_TRIES):
-            try:
-                self._open()
-                break
-            except FileNotFoundError:  # a compaction removed a listed file before it was copied
-                if attempt == _REOPEN_TRIES - 1:
-                    raise
+        self._retry(lambda: None, stale=True)
 
     def _open(self) -> None:
         """List the committed files and (re)make the views over them."""
@@ -83,17 +77,21 @@ class Results:
                 self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
         self.con.execute(f"CREATE OR REPLACE VIEW wells AS {wells_sql(DEFAULT_METRICS, by_timepoint=True)}")
 
-    def _retry(self, run: Callable[[], T]) -> T:
-        """``run()``, listing the tables again when a file under the views has gone: a compaction
-        (`segment`'s at the end of a run, or `livecell-ray compact`) replaced it by a part that holds
-        the same rows, so the new listing answers the same question."""
+    def _retry(self, run: Callable[[], T], stale: bool = False) -> T:
+        """``run()``, listing the tables again (and first, when ``stale``) whenever a listed file has gone
+        by the time it is read or copied: a compaction (`segment`'s at the end of a run, or `livecell-ray
+        compact`) replaced it by a part that holds the same rows, so the new listing answers the same
+        question."""
         for attempt in range(_REOPEN_TRIES):
             try:
+                if stale:
+                    self._open()
                 return run()
-            except duckdb.IOException as exc:
-                if attempt == _REOPEN_TRIES - 1 or not any(m in str(exc) for m in _VANISHED):
+            except (duckdb.IOException, FileNotFoundError) as exc:
+                vanished = isinstance(exc, FileNotFoundError) or any(m in str(exc) for m in _VANISHED)
+                if attempt == _REOPEN_TRIES - 1 or not vanished:
                     raise
-                self._open()
+                stale = True
         raise AssertionError("unreachable")
 
     def _local_copies(self, tables: dict[str, list[str]], limit_mb: float,

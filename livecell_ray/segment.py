@@ -181,12 +181,10 @@ class Segmenter:
         n = len(dets)
         det = torch.cat(dets).float()
         field = torch.cat([torch.full((len(d),), i, dtype=torch.int64, device=det.device) for i, d in enumerate(dets)])
-        mirrors = tuple(
-            labels_mod.BatchMirror(
-                torch.cat([torch.full((len(d),), tw[k][1], dtype=torch.int64, device=det.device)
-                           for d, tw in zip(dets, twins)]),
-                torch.cat([tw[k][2] for tw in twins]).float(), torch.cat([tw[k][3] for tw in twins]), twins[0][k][0])
-            for k in range(len(twins[0]) if twins else 0))
+        # Field i's mirrored passes (TTA) are batch planes i + n and i + 2n: field 0's plane is the offset.
+        mirrors = tuple(labels_mod.BatchMirror(field + offset, torch.cat([tw[k][2] for tw in twins]).float(),
+                                               torch.cat([tw[k][3] for tw in twins]), axis)
+                        for k, (axis, offset, _, _) in enumerate(twins[0]))
         weights = self.axis_weights(protos.shape[2:], shape, protos.device)
         labs, kept = labels_mod.paint_batch(protos, field, det[:, 6:], torch.cat(boxes), det[:, 4], n, shape,
                                             weights, self.cfg.mask_threshold, mirrors)
@@ -206,8 +204,8 @@ class Segmenter:
         """Cached per (prototype size, image size, device): one plate usually has a single size."""
         key = (tuple(proto_hw), tuple(shape), None if device is None else str(device))
         if key not in self._axis:
-            host = labels_mod.axis_weights(tuple(proto_hw), tuple(shape))
-            self._axis[key] = host if device is None else labels_mod.axis_weights_on(host, device)
+            self._axis[key] = (labels_mod.axis_weights(tuple(proto_hw), tuple(shape)) if device is None
+                               else labels_mod.axis_weights_on(self.axis_weights(proto_hw, shape), device))
         return self._axis[key]
 
 

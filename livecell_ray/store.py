@@ -450,16 +450,15 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
         before = root.attrs.get(LAYOUT_KEY) or {}
         root.attrs["livecell_ray"] = provenance
         have = _existing_groups(outputs, plate)
+        images = [p[: -len("/labels/cells")] for p in have if p.endswith("/labels/cells")]  # written before
         if len(before.get("timepoints", [])) < len(layout["timepoints"]):
             # The time axis grew: every series gets its new (empty) planes, also those with no image at the
             # new timepoints, so the plate's images keep one (t, y, x) shape as NGFF viewers expect.
-            images = [p[: -len("/labels/cells")] for p in have if p.endswith("/labels/cells")]
             _grow_time_axis(store, [f"{i}/{a}" for i in images for a in _FIELD_ARRAYS],
                             len(layout["timepoints"]))
         if before and time_axis(before.get("timepoints", [])) != when:
             # What one t index means changed (the second timepoint gave the interval, or one came out of
             # order): every image and label group written before says so too.
-            images = [p[: -len("/labels/cells")] for p in have if p.endswith("/labels/cells")]
             _retime(store, [g for i in images for g in (i, f"{i}/labels/cells")], when)
         nodes: dict[str, GroupMetadata] = {}
         for (well_name, r, c), sites in series.groupby(["well", "row", "column"])["site"]:

@@ -74,15 +74,14 @@ def test_empty():
     assert lab.shape == (64, 64) and lab.max() == 0 and len(kept) == 0
 
 
-def _batch(fields, h, w, mh, mw, budget=1 << 25, mirrors_of=None):
+def _batch(fields, h, w, mh, mw, budget=1 << 25):
     """paint_batch over several fields' instances at once, split back into per-field (labels, kept)."""
     protos = torch.from_numpy(np.stack([f[0] for f in fields]))
     sizes = [len(f[3]) for f in fields]
     field = torch.cat([torch.full((k,), i) for i, k in enumerate(sizes)])
     cat = [torch.from_numpy(np.concatenate([f[j] for f in fields])) for j in (1, 2, 3)]
     weights = L.axis_weights_on(L.axis_weights((mh, mw), (h, w)), "cpu")
-    lab, kept = L.paint_batch(protos, field, *cat, len(fields), (h, w), weights, budget=budget,
-                              mirrors=mirrors_of(protos) if mirrors_of else ())
+    lab, kept = L.paint_batch(protos, field, *cat, len(fields), (h, w), weights, budget=budget)
     per_field = np.bincount(field[kept].numpy(), minlength=len(fields))
     starts, bounds = np.cumsum([0, *sizes]), np.cumsum([0, *per_field])
     return [(lab[i].numpy(), kept[bounds[i]:bounds[i + 1]].numpy() - starts[i]) for i in range(len(fields))]
@@ -147,16 +146,11 @@ def test_mirrored_passes_average_like_the_dense_reference_on_cpu_and_device(h, w
     plain, _ = L.paint(protos, coeffs, boxes, conf, (h, w), L.axis_weights((mh, mw), (h, w)))
     assert (plain != fast).mean() > 0.01  # the mirrored passes changed the masks
     # On the device: the mirror passes' prototypes are planes 1 and 2 of the batch.
-    batch = [(protos, coeffs, boxes, conf), (mirrors[0].protos, coeffs, boxes, conf),
-             (mirrors[1].protos, coeffs, boxes, conf)]
-
-    def twins(_):
-        return tuple(L.BatchMirror(torch.full((200,), k + 1), torch.from_numpy(m.coeffs),
-                                   torch.from_numpy(m.matched), m.axis) for k, m in enumerate(mirrors))
-
-    protos_t = torch.from_numpy(np.stack([b[0] for b in batch]))
-    field = torch.zeros(200, dtype=torch.int64)
+    planes = torch.from_numpy(np.stack([protos, mirrors[0].protos, mirrors[1].protos]))
+    twins = tuple(L.BatchMirror(torch.full((200,), k + 1), torch.from_numpy(m.coeffs), torch.from_numpy(m.matched),
+                                m.axis) for k, m in enumerate(mirrors))
     weights = L.axis_weights_on(L.axis_weights((mh, mw), (h, w)), "cpu")
-    dev, kept_d = L.paint_batch(protos_t, field, torch.from_numpy(coeffs), torch.from_numpy(boxes),
-                                torch.from_numpy(conf), 1, (h, w), weights, mirrors=twins(None), budget=20_000)
+    dev, kept_d = L.paint_batch(planes, torch.zeros(200, dtype=torch.int64), torch.from_numpy(coeffs),
+                                torch.from_numpy(boxes), torch.from_numpy(conf), 1, (h, w), weights, mirrors=twins,
+                                budget=20_000)
     _assert_same_labels(dev[0].numpy(), kept_d.numpy(), ref, kept_ref)
