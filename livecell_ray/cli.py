@@ -155,6 +155,12 @@ def train(
     scale: float = typer.Option(0.5, min=0.05, help="Resize fields by this factor before training"),
     tile: int | None = typer.Option(None, help="Cut fields into tiles of this size"),
     synthetic: int = typer.Option(0, min=0, help="Copy-paste synthetic fields to add"),
+    backgrounds: str | None = typer.Option(None, help="Folder of unlabelled fields: their cell-free texture "
+                                           "becomes extra copy-paste backgrounds"),
+    cells: str | None = typer.Option(None, help="Cells per copy-paste field as MIN-MAX (e.g. 100-1200, up to "
+                                     "confluence; default 0.5-2x the labelled fields' mean)"),
+    pseudo: str | None = typer.Option(None, help="Folder of pseudo-labelled fields (from `pseudo-label`) added to "
+                                      "the training split"),
     seed: int = typer.Option(0),
     recipe: bool = typer.Option(True, help="Our microscopy augmentation recipe (off: ultralytics defaults)"),
     device: str | None = typer.Option(None, help="'cpu', '0', ... (default: GPU if present)"),
@@ -174,7 +180,8 @@ def train(
         try:
             data_yaml = train_mod.prepare_dataset(train_mod.DataConfig(
                 data=data, out=str(data_yaml.parent), images_dir=images_dir,
-                val=tuple(v for v in val.split(",") if v), scale=scale, tile=tile, synthetic=synthetic, seed=seed))
+                val=tuple(v for v in val.split(",") if v), scale=scale, tile=tile, synthetic=synthetic, seed=seed,
+                backgrounds=backgrounds, cells=_range(cells, "--cells"), pseudo=pseudo))
         except (ValueError, FileNotFoundError) as exc:
             fail(str(exc))
     cfg = train_mod.TrainConfig(data=str(data_yaml), model=model, epochs=epochs, imgsz=imgsz, batch=batch,
@@ -182,6 +189,19 @@ def train(
                                 time_hours=time_hours, workers=workers, lr0=lr0)
     best = train_mod.train(cfg, resume=resume)
     out_console.print(f"best weights: {best}")
+
+
+def _range(text: str | None, flag: str) -> tuple[int, int] | None:
+    """'MIN-MAX' as two ints, or a clear error naming the flag."""
+    if not text:
+        return None
+    try:
+        lo, hi = (int(v) for v in text.split("-"))
+    except ValueError:
+        fail(f"{flag} must be MIN-MAX, e.g. 100-1200 (got {text!r})")
+    if not 0 < lo <= hi:
+        fail(f"{flag} needs 0 < MIN <= MAX (got {text!r})")
+    return lo, hi
 
 
 @app.command()
@@ -211,6 +231,31 @@ def evaluate(
         out_console.print_json(json.dumps(ev.to_json(results, info)))
     else:
         sys.stdout.write(ev.table(results) + "\n")
+
+
+@app.command("pseudo-label")
+def pseudo_label(
+    weights: str = typer.Argument(..., help="'small', 'big' or a .pt path"),
+    images_dir: str = typer.Argument(..., help="Folder of unlabelled fields"),
+    out: str = typer.Argument(..., help="Where the pseudo-labelled fields go (Usiigaci layout, for train --pseudo)"),
+    conf: float = typer.Option(0.4, min=0.0, max=1.0, help="Confidence a kept cell needs"),
+    max_extent: float = typer.Option(0.92, min=0.0, max=1.0, help="Drop box-shaped masks (area / box area above)"),
+    min_solidity: float = typer.Option(0.75, min=0.0, max=1.0, help="Drop ragged masks (area / convex area below)"),
+    tta: bool = typer.Option(True, help="Test-time augmentation while labelling"),
+    imgsz: int = typer.Option(704, min=32),
+    trust_weights: bool = typer.Option(False),
+) -> None:
+    """Label unlabelled fields with a model's confident, well-shaped cells, for self-training."""
+    from livecell_ray import pseudolabel
+    from livecell_ray.models import WeightsError
+
+    cfg = pseudolabel.PseudoConfig(conf=conf, max_extent=max_extent, min_solidity=min_solidity, tta=tta, imgsz=imgsz)
+    try:
+        rows = pseudolabel.pseudo_label(weights, images_dir, out, cfg, trust_weights)
+    except (WeightsError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    kept, predicted = sum(r["kept"] for r in rows), sum(r["predicted"] for r in rows)
+    out_console.print(f"{len(rows)} fields, {kept} of {predicted} predicted cells kept, in {out}")
 
 
 def _emit(df: Any, fmt: str, output: str | None) -> None:

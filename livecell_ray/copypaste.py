@@ -1,8 +1,11 @@
 """Copy-paste synthetic expansion of a labelled training set (the seed study's proposal).
 
-Cells are cut out of the training fields with their exact masks and pasted onto backgrounds made
-from the same fields with their cells removed (inpainted), at random scale, rotation, flip,
-intensity and density. Labels stay exact: a pasted cell takes the pixels of its mask, cells it
+Cells are cut out of the training fields with their exact masks and pasted onto backgrounds: the
+same fields with their labelled cells removed (inpainted), and, where given, unlabelled fields of the
+same instrument with every textured (cell) region removed, which is how one annotated field becomes
+many real-looking ones. Pasted at random scale, rotation, flip and intensity, at densities up to
+confluence (each cell placed where it overlaps least of a few tries, as cells tile a dense well).
+Labels stay exact: a pasted cell takes the pixels of its mask, cells it
 covers lose those pixels, and a cell left with under ``min_visible`` of its area is dropped.
 Deterministic for a given seed.
 """
@@ -24,8 +27,10 @@ class CopyPasteConfig:
     scale: tuple[float, float] = (0.7, 1.4)
     intensity: tuple[float, float] = (0.85, 1.15)
     density: tuple[float, float] = (0.5, 2.0)  # times the mean cell count of the sources
+    cells: tuple[int, int] | None = None  # absolute cells per field (overrides density), e.g. up to confluence
     min_visible: float = 0.4
     margin: int = 3
+    tries: int = 1  # positions tried per cell, the least-overlapping kept (1: uniform placement, as before)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,25 @@ def background(f: LabelledField, dilate: int = 9) -> np.ndarray:
     m = (f.labels > 0).astype(np.uint8)
     m = cv2.dilate(m, np.ones((dilate, dilate), np.uint8))
     return cv2.inpaint(f.image, m, 5, cv2.INPAINT_TELEA)
+
+
+def texture_background(image: np.ndarray, window: int = 9, dilate: int = 11,
+                       max_masked: float = 0.5) -> np.ndarray | None:
+    """An unlabelled field with its cells removed, or None when cells cover too much of it to inpaint.
+
+    Phase-contrast background is flat (only camera noise) while cells carry halos and texture, so the
+    local standard deviation separates the two without any model: Otsu's threshold on it, dilated to
+    take in the halos, then Telea inpainting as for labelled fields.
+    """
+    img = image.astype(np.float32)
+    mean = cv2.blur(img, (window, window))
+    sd = np.sqrt(np.maximum(cv2.blur(img * img, (window, window)) - mean * mean, 0))
+    sd8 = np.clip(sd * (255.0 / max(float(sd.max()), 1e-6)), 0, 255).astype(np.uint8)
+    _, m = cv2.threshold(sd8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    m = cv2.dilate(m, np.ones((dilate, dilate), np.uint8))
+    if float(m.mean()) > max_masked:
+        return None
+    return cv2.inpaint(image, m, 5, cv2.INPAINT_TELEA)
 
 
 def cell_bank(fields: list[LabelledField], margin: int = 3, min_area: int = 20) -> list[Cell]:
@@ -76,14 +100,15 @@ def _transform(cell: Cell, rng: np.random.Generator, cfg: CopyPasteConfig) -> tu
 
 
 def synthesize(fields: list[LabelledField], n: int, seed: int = 0,
-               cfg: CopyPasteConfig | None = None, prefix: str = "synth") -> list[LabelledField]:
-    """N new fields with exact instance labels."""
+               cfg: CopyPasteConfig | None = None, prefix: str = "synth",
+               backgrounds: list[np.ndarray] | None = None) -> list[LabelledField]:
+    """N new fields with exact instance labels, on the fields' own backgrounds and any extra ones given."""
     cfg = cfg or CopyPasteConfig()
     rng = np.random.default_rng(seed)
     bank = cell_bank(fields, cfg.margin)
     if not bank:
         raise ValueError("no complete cells to copy (all touch the border or are tiny)")
-    backs = [background(f) for f in fields]
+    backs = [background(f) for f in fields] + list(backgrounds or [])
     mean_count = np.mean([len(np.unique(f.labels)) - 1 for f in fields])
     out = []
     for i in range(n):
@@ -95,14 +120,25 @@ def synthesize(fields: list[LabelledField], n: int, seed: int = 0,
         img = bg.copy()
         h, w = img.shape
         labels = np.zeros((h, w), np.int32)
-        target = max(1, int(round(mean_count * rng.uniform(*cfg.density))))
+        if cfg.cells:
+            target = int(rng.integers(cfg.cells[0], cfg.cells[1] + 1))
+        else:
+            target = max(1, int(round(mean_count * rng.uniform(*cfg.density))))
         areas: dict[int, int] = {}
         for lab in range(1, target + 1):
             p, k = _transform(bank[rng.integers(len(bank))], rng, cfg)
             ph, pw = k.shape
             if ph >= h or pw >= w or not k.any():
                 continue
-            y, x = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
+            best = None
+            for _ in range(max(1, cfg.tries)):
+                y, x = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
+                covered = int(np.count_nonzero(labels[y:y + ph, x:x + pw][k]))
+                if best is None or covered < best[0]:
+                    best = (covered, y, x)
+                if covered == 0:
+                    break
+            _, y, x = best
             region = img[y:y + ph, x:x + pw]
             region[k] = p[k]
             labels[y:y + ph, x:x + pw][k] = lab

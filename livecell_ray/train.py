@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from livecell_ray import offline
 
 offline.configure()
@@ -191,6 +193,9 @@ class DataConfig:
     tile: int | None = None  # cut fields into tiles of this size
     synthetic: int = 0  # copy-paste fields added to the training split
     seed: int = 0
+    backgrounds: str | None = None  # folder of unlabelled fields whose cell-free texture becomes copy-paste backgrounds
+    cells: tuple[int, int] | None = None  # cells per copy-paste field (default: 0.5-2x the sources' mean)
+    pseudo: str | None = None  # folder of pseudo-labelled fields (Usiigaci layout) added to the training split
 
 
 def prepare_dataset(cfg: DataConfig) -> Path:
@@ -212,7 +217,14 @@ def prepare_dataset(cfg: DataConfig) -> Path:
     fields = [dataset.resize_field(f, cfg.scale) for f in fields]
     train_f = [f for f in fields if f.name not in cfg.val]
     val_f = [f for f in fields if f.name in cfg.val]
-    synth = copypaste.synthesize(train_f, cfg.synthetic, seed=cfg.seed) if cfg.synthetic else []
+    if cfg.pseudo:
+        train_f += dataset.read_mask_folder(cfg.pseudo)
+    synth = []
+    if cfg.synthetic:
+        backs = [b for b in map(copypaste.texture_background, _unlabelled_images(cfg.backgrounds, cfg.scale))
+                 if b is not None] if cfg.backgrounds else []
+        cp = copypaste.CopyPasteConfig(cells=cfg.cells, tries=6) if cfg.cells else None
+        synth = copypaste.synthesize(train_f, cfg.synthetic, seed=cfg.seed, cfg=cp, backgrounds=backs)
     if cfg.tile:
         train_f = [t for f in train_f for t in dataset.tile_field(f, cfg.tile)]
         synth = [t for f in synth for t in dataset.tile_field(f, cfg.tile)]
@@ -226,3 +238,16 @@ def prepare_dataset(cfg: DataConfig) -> Path:
     (out / "prepared.json").write_text(json.dumps({**asdict(cfg), "n_train": len(train_f), "n_synthetic": len(synth),
                                                    "n_val": len(val_f)}, indent=2))
     return dataset.write_data_yaml(out)
+
+
+def _unlabelled_images(folder: str, scale: float) -> Iterator[np.ndarray]:
+    """Every image under a folder, normalised and resized as the labelled fields are."""
+    from livecell_ray.dataset import LabelledField, resize_field
+    from livecell_ray.imaging import normalize, read_image
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".tif", ".tiff", ".png", ".jpg"})
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no images for copy-paste backgrounds")
+    for p in paths:
+        img = normalize(read_image(str(p)))
+        yield resize_field(LabelledField(p.stem, img, np.zeros(img.shape, np.int32)), scale).image
