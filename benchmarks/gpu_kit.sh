@@ -2,8 +2,8 @@
 # Wheels a lent GPU machine (Python 3.12, torch preinstalled, no network) lacks, in two kits:
 #   .whl        everything `benchmarks/gpu.sh` needs: ../shared/gpu/make-kit.sh's slim Ray, ultralytics and
 #               zarr, plus ome-zarr and its pydantic/dask stack (store.init_plates writes NGFF metadata)
-#   .whl-train  the subset `weights/gpu_train.sh` needs (ultralytics, zarr), small enough to travel with
-#               the packed training data (weights/pack_gpu_data.py)
+#   .whl-train  the subset `research/gpu_train.sh` needs (ultralytics, zarr), small enough to travel with
+#               the packed training data (research/pack_gpu_data.py)
 # Versions are pinned to the ones the project was tested with. Both folders belong in .git/info/exclude.
 #   bash benchmarks/gpu_kit.sh
 set -euo pipefail

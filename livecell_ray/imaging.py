@@ -107,7 +107,7 @@ def to_gray(arr: np.ndarray, path: str = "<array>", max_pixels: int = 64_000_000
 def read_image(url: str, storage_options: dict[str, Any] | None = None,
                max_pixels: int = 64_000_000) -> np.ndarray:
     """Read one image through fsspec; raise :class:`ImageError` naming the file on any failure."""
-    from livecell_ray.store import retry
+    from livecell_ray.retry import retry
 
     def fetch() -> bytes:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:

@@ -204,13 +204,9 @@ def finish_block(batch: dict[str, np.ndarray], out: str, storage_options: dict[s
 
 def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[str, Any], pixel_size: float | None,
                   provenance_meta: dict[str, str]) -> list[dict[str, Any]]:
-    """Measure and write fields: masks and cells first, then each field's fields/ commit marker.
-
-    A block's writes go together: its arrays' zarr.json reads as one concurrent batch, its chunks and
-    cells files as one, then its markers as one. On an object store every request costs tens of ms,
-    so a block of fields costs about 3 round trips instead of 3 a field. When a batch fails after its
-    retries, the fields are written one by one, so that only those whose own writes fail end in
-    failures/ (stage write); a field that cannot be measured ends there with stage measure.
+    """Measure a block of fields, then hand them to the store, which writes and commits them in one call
+    (:func:`livecell_ray.store.write_block`). A field that cannot be measured ends in failures/ with stage
+    measure, one whose own writes keep failing with stage write.
     """
     t0 = time.perf_counter()
     outputs = store.Outputs(out, storage_options)
@@ -221,16 +217,10 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
                   "stage": str(r["stage"]), "error": str(r["error"]), "model_node": str(r.get("model_node", "")),
                   "model_pid": int(r.get("model_pid", 0)), "measure_node": node, "measure_pid": os.getpid(),
                   "read_s": float(r.get("read_s", 0.0)), "model_s": float(r.get("model_s", 0.0))} for r in rows]
-    ok = [i for i, s in enumerate(summaries) if s["status"] == "ok"]
-    docs = [store.mask_documents(outputs, str(rows[i]["plate"]), str(rows[i]["row"]), int(rows[i]["column"]),
-                                 str(rows[i]["site"])) for i in ok]
-    try:
-        read = store.read_documents(outputs, [d for pair in docs for d in pair]) if ok else []
-    except Exception:  # the store keeps failing: each field reads its own below, and fails alone if it must
-        read = []
-    pending: dict[int, tuple[dict[str, bytes], dict[str, bytes], int]] = {}  # files, commit marker, cells
-    for k, i in enumerate(ok):
-        row, summary = rows[i], summaries[i]
+    block: list[tuple[int, store.FieldResult]] = []
+    for i, (row, summary) in enumerate(zip(rows, summaries)):
+        if summary["status"] != "ok":
+            continue
         try:
             labels = np.asarray(row["labels"])
             raw = np.frombuffer(row["raw"], np.dtype(str(row["raw_dtype"]))).reshape(labels.shape)
@@ -241,31 +231,13 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
         except Exception as exc:
             summary.update(status="failed", stage="measure", error=f"{row['path']}: {type(exc).__name__}: {exc}")
             continue
-        try:
-            pending[i] = _field_files(outputs, row, labels, cells, fstats, read[2 * k: 2 * k + 2] or None,
-                                      provenance_meta)
-        except Exception as exc:
-            summary.update(status="failed", stage="write",
-                           error=f"{row['path']}: cannot write outputs ({type(exc).__name__}: {exc})")
-    try:
-        outputs.write_many({p: b for files, _, _ in pending.values() for p, b in files.items()})
-        outputs.write_many({p: b for _, marker, _ in pending.values() for p, b in marker.items()})
-    except Exception:  # some field's writes keep failing: find which, field by field
-        for i, (files, marker, _) in list(pending.items()):
-            try:
-                outputs.write_many(files)
-                outputs.write_many(marker)
-            except Exception as exc:
-                del pending[i]
-                summaries[i].update(status="failed", stage="write",
-                                    error=f"{rows[i]['path']}: cannot write outputs ({type(exc).__name__}: {exc})")
-    for i, (_, _, n) in pending.items():
-        summaries[i]["n_cells"] = n
-    try:  # committed fields' failures/ rows from an earlier run go, in one request on an object store
-        outputs.remove_many([outputs.table_path("failures", None, None, summaries[i]["field_id"])
-                             for i in pending if rows[i].get("failed_before")])
-    except Exception:
-        pass  # the fields are committed; the next run removes rows of done fields (run)
+        block.append((i, _field_result(row, labels, cells, fstats)))
+    errors = store.write_block(outputs, [f for _, f in block], provenance_meta)
+    for i, f in block:
+        if f.field_id in errors:
+            summaries[i].update(status="failed", stage="write", error=errors[f.field_id])
+        else:
+            summaries[i]["n_cells"] = len(f.cells["label"])
     for row, s in zip(rows, summaries):
         if s["status"] != "ok":
             write_failure(outputs, s["field_id"], s["path"], s["field_id"], str(row["plate"]), str(row["well"]),
@@ -276,32 +248,26 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
     return summaries
 
 
-def _field_files(outputs: store.Outputs, row: dict[str, Any], labels: np.ndarray, cells: dict[str, np.ndarray],
-                 fstats: dict[str, Any], documents: list[bytes | None], provenance_meta: dict[str, str]
-                 ) -> tuple[dict[str, bytes], dict[str, bytes], int]:
-    """A measured field's files: (masks and cells, its fields/ commit marker, its number of cells)."""
-    fid, plate, well = str(row["field_id"]), str(row["plate"]), str(row["well"])
-    zpath, files = store.mask_files(outputs, plate, str(row["row"]), int(row["column"]), str(row["site"]),
-                                    int(row["t_index"]), int(row["n_timepoints"]), np.asarray(row["image"]), labels,
-                                    documents)
+def _field_result(row: dict[str, Any], labels: np.ndarray, cells: dict[str, np.ndarray],
+                  fstats: dict[str, Any]) -> store.FieldResult:
+    """A measured field as the store writes it: its planes, its cells/ columns and its fields/ row."""
+    fid, plate = str(row["field_id"]), str(row["plate"])
     meta = {k: str(row[k]) for k in ("field", "site", "cell_type", "path")}
     n = len(cells["label"])
     cells_cols = {"field_id": [fid] * n, **cells,
                   "field": [meta["field"]] * n, "crop": np.full(n, int(row["crop"]), np.int32),
                   "site": [meta["site"]] * n, "timepoint": np.full(n, float(row["timepoint"])),
                   "cell_type": [meta["cell_type"]] * n, "path": [meta["path"]] * n}
-    files[outputs.table_path("cells", plate, well, fid)] = store.parquet_bytes(
-        store.table_from_columns(cells_cols), provenance_meta)
     field_cols = {
         "field_id": [fid], "path": [meta["path"]], "field": [meta["field"]],
         "crop": [int(row["crop"])], "site": [meta["site"]], "timepoint": [float(row["timepoint"])],
         "t_index": [int(row["t_index"])], "cell_type": [meta["cell_type"]],
-        "zarr_path": [f"masks/{store.safe(plate)}.zarr/{zpath}"],
+        "zarr_path": [store.field_zarr_path(plate, str(row["row"]), int(row["column"]), str(row["site"]))],
         **{k: [v] for k, v in fstats.items()}, "status": ["ok"],
     }
-    marker = {outputs.table_path("fields", plate, well, fid): store.parquet_bytes(
-        store.table_from_columns(field_cols), provenance_meta)}
-    return files, marker, n
+    return store.FieldResult(fid, meta["path"], plate, str(row["well"]), str(row["row"]), int(row["column"]),
+                             meta["site"], int(row["t_index"]), int(row["n_timepoints"]), np.asarray(row["image"]),
+                             labels, cells_cols, field_cols, bool(row.get("failed_before")))
 
 
 def write_failure(outputs: store.Outputs, key: str, path: str, field_id: str, plate: str, well: str,

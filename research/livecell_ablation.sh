@@ -3,6 +3,7 @@
 # held-out annotated LIVECell field (fold), each fine-tuning small.pt at LIVECell's native scale; then
 # every run is scored on its held-out field and on Usiigaci sets 41-45 (research/livecell_cv.py).
 # Usage: taskset -c 0 bash research/livecell_ablation.sh [HOURS per run] [FOLDS]
+# Figure: the card's LIVECell ablation (copy-paste vs not, per held-out field, at equal time).
 set -euo pipefail
 HOURS=${1:-0.33}
 FOLDS=${2:-"MCF7_Phase_G4_2_02d16h00m_1 BT474_Phase_B3_2_02d12h00m_3"}

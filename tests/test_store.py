@@ -125,7 +125,7 @@ def test_plate_metadata_cut_short_while_growing_is_completed_by_the_retry(tmp_pa
     grown = _plate(tmp_path, ["A172_Phase_A7_1_00d04h00m_1.tif"])
     fields, layouts = manifest.apply_layout(grown, store.read_layouts(out, ["A172"]))
     assert layouts["A172"]["timepoints"] == [0.0, 4.0]
-    real, calls = store._grow_time_axis, []
+    real, calls = store._ngff._grow_time_axis, []
 
     def flaky(*args, **kwargs):
         calls.append(args)
@@ -133,7 +133,7 @@ def test_plate_metadata_cut_short_while_growing_is_completed_by_the_retry(tmp_pa
             raise OSError("connection reset")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_grow_time_axis", flaky)
+    monkeypatch.setattr(store._ngff, "_grow_time_axis", flaky)
     with pytest.raises(OSError):
         store.init_plates(out, fields, None, {}, layouts)
     store.init_plates(out, fields, None, {}, layouts)

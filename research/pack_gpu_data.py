@@ -1,10 +1,11 @@
 """Pack a Usiigaci-layout mask folder small enough to travel to a lent GPU machine.
+Question: how does the training data fit one GPU call's transfer? Figure: 93 MB of raw fields -> 31 MB, bit-identical.
 
 The raw 16-bit fields (93 MB) do not fit one call's 64 MiB working tree together with the project;
 their normalised 8-bit planes (zlib TIFF, about 31 MB) do, and give bit-identical training data:
 normalising an already normalised plane is the identity, and resizing happens after it.
 
-    python weights/pack_gpu_data.py ../shared/data/usiigaci/train .gpu/usiigaci
+    python research/pack_gpu_data.py ../shared/data/usiigaci/train .gpu/usiigaci
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """How much mask AP the prototype resolution alone would cost: the ground truth through a YOLOv8 mask grid.
+Figure: mask AP allowed by the prototype grid, 0.837 at imgsz 512, 0.967 at 1024 (card).
 
 Each true cell mask is area-averaged down to the prototype grid (a quarter of the letterboxed input),
 upsampled back bilinearly and thresholded at 0.5, as the model's masks are. With perfect detections,
 the fraction of cells at IoU >= t, averaged over t = 0.50..0.95, is the mask AP that resolution allows.
 
-    python weights/proto_ceiling.py ../shared/data/usiigaci/train set41,set42,set43,set44,set45
+    python research/proto_ceiling.py ../shared/data/usiigaci/train set41,set42,set43,set44,set45
 """
 
 from __future__ import annotations

@@ -1,0 +1,55 @@
+"""Where results live: OME-NGFF 0.5 HCS plates in Zarr v3, Parquet tables, run.json.
+
+Layout under OUT (an fsspec URL)::
+
+    masks/<plate>.zarr/<row>/<col>/<site>/0                 image the model saw, uint8 (t, y, x)
+    masks/<plate>.zarr/<row>/<col>/<site>/labels/cells/0    instance labels, uint32 (t, y, x)
+    cells/plate=<p>/well=<w>/<field_id>.parquet              one row per cell
+    fields/plate=<p>/well=<w>/<field_id>.parquet             one row per field-timepoint (commit marker)
+    failures/<key>.parquet                                   one row per input that failed
+    run.json                                                 provenance and counts
+
+One private module per concern, the public names re-exported here:
+
+- ``_files``: paths, atomic writes and listings on any fsspec filesystem (:class:`Outputs`);
+- ``_commit``: which table files count (:class:`Committed`, the compaction protocol's reader side);
+- ``_ngff``: plate, well, image and label group metadata, the plate's layout and time axis;
+- ``_chunks``: a field's arrays written directly, chunks encoded as their ``zarr.json`` says;
+- ``_write``: a block of measured fields written and committed in one call (:func:`write_block`).
+
+A field counts as done exactly when its ``fields/`` file exists: it is written last, after the
+masks and the cells, which makes a rerun resume without duplicates.
+"""
+
+from livecell_ray.retry import retry
+from livecell_ray.store._chunks import (
+    CHUNK_ZSTD_LEVEL,
+    array_document,
+    field_zarr_path,
+    mask_documents,
+    mask_files,
+    read_image,
+    read_labels,
+    write_masks,
+)
+from livecell_ray.store._commit import PART_PREFIX, SUPERSEDES_KEY, Committed, file_key, is_part
+from livecell_ray.store._files import (
+    Outputs,
+    filesystem,
+    is_local,
+    join,
+    parquet_bytes,
+    read_documents,
+    safe,
+    table_from_columns,
+)
+from livecell_ray.store._ngff import LAYOUT_KEY, fields_in_plate, init_plates, read_layouts, time_axis
+from livecell_ray.store._write import FieldResult, write_block
+
+__all__ = [
+    "CHUNK_ZSTD_LEVEL", "LAYOUT_KEY", "PART_PREFIX", "SUPERSEDES_KEY", "Committed", "FieldResult", "Outputs",
+    "array_document", "field_zarr_path", "fields_in_plate", "file_key", "filesystem", "init_plates", "is_local",
+    "is_part", "join", "mask_documents", "mask_files", "parquet_bytes", "read_documents", "read_image",
+    "read_labels", "read_layouts", "retry", "safe", "table_from_columns", "time_axis", "write_block",
+    "write_masks",
+]
