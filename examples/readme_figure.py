@@ -1,4 +1,4 @@
-"""README's picture: the shipped model's cells on one bundled field beside the example plate's cells per well.
+"""README's picture: the shipped model's cells on one bundled field beside the example plate's map of cells per well.
 
     livecell-ray segment examples/livecell_plate out && python examples/readme_figure.py out [--png docs/overview.png]
 
@@ -38,16 +38,22 @@ def main() -> None:
     rgb = np.repeat(img[..., None], 3, axis=2).copy()
     rgb[find_boundaries(labels, mode="inner")] = (255, 60, 40)
     wells = res.wells(["cells_per_field_mean"]).sort_values(["plate", "well"])
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=80, gridspec_kw={"width_ratios": [1.35, 1]})
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=80, gridspec_kw={"width_ratios": [1.1, 1]})
     ax0.imshow(rgb)
     ax0.set_title(f"{a.field}: {int(f['n_cells'])} cells", fontsize=9)
     ax0.axis("off")
-    names = [f"{p} {w}" for p, w in zip(wells["plate"], wells["well"])]
-    ax1.barh(names, wells["cells_per_field_mean"], color="#4a7fb5")
-    ax1.invert_yaxis()
-    ax1.set_xlabel("cells per field (livecell-ray query out wells)", fontsize=8)
-    ax1.tick_params(labelsize=7)
-    ax1.set_title("the example plate, per well", fontsize=9)
+    # The example's wells lie on distinct positions of one 96-well layout: drawn as the plate map they make.
+    grid = np.full((8, 12), np.nan)
+    for w, v in zip(wells["well"], wells["cells_per_field_mean"]):
+        grid[ord(w[0]) - ord("A"), int(w[1:]) - 1] = v
+    im = ax1.imshow(grid, cmap="viridis")
+    for (r, c), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax1.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w")
+    ax1.set_xticks(range(12), [str(c + 1) for c in range(12)], fontsize=7)
+    ax1.set_yticks(range(8), list("ABCDEFGH"), fontsize=7)
+    fig.colorbar(im, ax=ax1, shrink=0.8).ax.tick_params(labelsize=7)
+    ax1.set_title("cells per field, per well (livecell-ray query out wells)", fontsize=9)
     fig.tight_layout()
     Path(a.png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.png, bbox_inches="tight")
