@@ -74,6 +74,8 @@ def segment(
     trust_weights: bool = typer.Option(False, help="Allow loading a .pt file that is not a shipped model"),
     overwrite: bool = typer.Option(False, help="Replace OUT made with another model or parameters"),
     strict: bool = typer.Option(False, help="Exit non-zero when any field failed"),
+    platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet: well[, plate], compound, dose, unit, "
+                                        "control, ...): checked first, kept beside the results"),
 ) -> None:
     """Segment every field of a plate: masks to OME-Zarr, cell statistics to Parquet."""
     from livecell_ray import pipeline
@@ -97,6 +99,20 @@ def segment(
         re.compile(pattern)
     except re.error as exc:
         fail(f"--pattern is not a valid regular expression ({exc})")
+    from livecell_ray import platemap as platemap_mod
+
+    pm = None
+    try:
+        if platemap:  # checked whole against the plate's wells before anything is written
+            from livecell_ray import manifest as manifest_mod
+
+            pm = platemap_mod.read(platemap, opts)
+            fields = manifest_mod.build(source, pattern, manifest, opts).fields
+            platemap_mod.check_wells(pm, fields[["plate", "well"]], platemap)
+    except platemap_mod.PlateMapError as exc:
+        fail(str(exc))
+    except ManifestError as exc:
+        fail(pipeline.format_error(exc))
     try:
         planned = pipeline.plan(cfg)
         with Progress(TextColumn("[bold]segment"), BarColumn(), MofNCompleteColumn(), TextColumn("fields"),
@@ -113,6 +129,8 @@ def segment(
         fail(pipeline.format_error(exc))
     except KeyboardInterrupt:
         fail("interrupted; rerun the same command to resume", 130)
+    if pm is not None:
+        platemap_mod.save(planned[1], pm, platemap)
     _print_summary(summary)
     if strict and (summary.fields_failed or summary.unmatched):
         raise typer.Exit(1)
@@ -288,7 +306,8 @@ def _emit(df: Any, fmt: str, output: str | None) -> None:
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
 
 
-def _open(out: str, storage_options: str | None):
+def _open(out: str, storage_options: str | None, platemap: str | None = None):
+    from livecell_ray.platemap import PlateMapError
     from livecell_ray.query import open_results
 
     opts = parse_storage_options(storage_options)
@@ -297,13 +316,16 @@ def _open(out: str, storage_options: str | None):
     o = store.Outputs(out, opts)
     if not o.fs.exists(store.join(o.root, "fields")) and not o.fs.exists(store.join(o.root, "run.json")):
         fail(f"{out}: no livecell-ray results here (no fields/ or run.json)")
-    return open_results(out, opts)
+    try:
+        return open_results(out, opts, platemap=platemap)
+    except PlateMapError as exc:
+        fail(str(exc))
 
 
 @app.command()
 def query(
     out: str = typer.Argument(..., help="A run's output location"),
-    what: str = typer.Argument("wells", help="wells, fields or cells"),
+    what: str = typer.Argument("wells", help="wells, fields, cells, growth or dose_response"),
     metrics: str = typer.Option(",".join(("fields", "cells", "cells_per_field_mean", "cells_per_field_sd",
                                           "confluence", "area_median", "failed")),
                                 help="Comma-separated well metrics"),
@@ -314,13 +336,23 @@ def query(
     fmt: str = typer.Option("table", "--format", help="table, csv, json or parquet"),
     output: str | None = typer.Option(None, help="Write to this file instead of stdout"),
     storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
+    platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet: well[, plate], compound, dose, "
+                                        "unit, control, ...), kept beside the results for later queries"),
+    metric: str = typer.Option("cells_per_field_mean", help="dose_response: the per-well metric fitted "
+                               "(a well metric, or growth_rate_per_h / doubling_time_h)"),
+    at: float | None = typer.Option(None, help="dose_response: the timepoint (h) of a well metric "
+                                    "(default: each well's last)"),
 ) -> None:
-    """Per-well answers (cells per field, confluence, area, shape, intensity), or fields/cells rows."""
+    """Per-well answers (cells per field, confluence, area, shape, intensity, growth, dose-response), or rows."""
     import duckdb
 
-    res = _open(out, storage_options)
+    res = _open(out, storage_options, platemap)
     try:
-        if what == "wells":
+        if what == "growth":
+            df = res.growth()
+        elif what == "dose_response":
+            df = res.dose_response(metric, at)
+        elif what == "wells":
             if by not in (None, "timepoint"):
                 fail("--by takes only 'timepoint'")
             df = res.wells([m.strip() for m in metrics.split(",") if m.strip()], by == "timepoint", where)
@@ -330,7 +362,7 @@ def query(
             sql += " ORDER BY plate, well, timepoint" + (", label" if what == "cells" else "")
             df = res.df(sql)
         else:
-            fail(f"unknown table {what!r}: use wells, fields or cells")
+            fail(f"unknown table {what!r}: use wells, fields, cells, growth or dose_response")
     except ValueError as exc:
         fail(str(exc))
     except duckdb.Error as exc:
@@ -338,6 +370,12 @@ def query(
     if limit:
         df = df.head(limit)
     _emit(df, fmt, output)
+    issues = res.platemap_issues()
+    if what in ("wells", "growth", "dose_response") and len(issues):
+        # On stderr, so that CSV or JSON on stdout stays one table; never dropped silently.
+        console.print(f"plate map vs imaged wells: {len(issues)} mismatches", highlight=False)
+        for r in issues.itertuples(index=False):
+            console.print(f"  {r.plate} {r.well}: {r.issue}", highlight=False)
 
 
 @app.command()
@@ -398,11 +436,12 @@ def report(
     out: str = typer.Argument(..., help="A run's output location"),
     html_path: str = typer.Option("report.html", "--html", help="Where to write the page"),
     storage_options: str | None = typer.Option(None),
+    platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet), kept beside the results"),
 ) -> None:
-    """A self-contained HTML report: plate heatmaps, growth curves, area distributions, overlays."""
+    """A self-contained HTML report: heatmaps, growth and dose-response curves, areas, overlays."""
     from livecell_ray import report as report_mod
 
-    _open(out, storage_options)
+    _open(out, storage_options, platemap)
     path = report_mod.write(out, html_path, parse_storage_options(storage_options))
     out_console.print(f"report: {Path(path).resolve()}")
 

@@ -11,8 +11,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import duckdb
+import numpy as np
 import pandas as pd
 
+from livecell_ray import dose_response as dose_mod
+from livecell_ray import growth as growth_mod
+from livecell_ray import platemap as platemap_mod
 from livecell_ray import store
 
 #: per-well metrics over fields (one row per field-timepoint) ...
@@ -51,8 +55,10 @@ class Results:
     Larger tables are read where they are. The copy goes when this object does.
     """
 
-    def __init__(self, out: str, storage_options: dict[str, Any] | None = None, copy_limit_mb: float = 1024):
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None, copy_limit_mb: float = 1024,
+                 platemap: str | None = None):
         self.outputs = store.Outputs(out, storage_options)
+        self.platemap: pd.DataFrame | None = None
         self.copy_limit_mb = copy_limit_mb
         # DuckDB draws a progress bar on stdout for queries over 2 s, which would end up inside the
         # CSV or JSON that `livecell-ray query` writes there.
@@ -61,6 +67,58 @@ class Results:
         self.copied = 0  # files read from a local copy
         self._tmp: Any = None  # the finalizer of the current local copy
         self._retry(lambda: None, stale=True)
+        if platemap:  # validated against the imaged wells, then kept beside the results for later queries
+            pm = platemap_mod.read(platemap, storage_options)
+            platemap_mod.check_wells(pm, self.imaged_wells(), platemap)
+            platemap_mod.save(self.outputs, pm, platemap)
+        self.platemap = platemap_mod.load(self.outputs)
+        if self.platemap is not None:
+            self.con.register("platemap", self.platemap)
+            self._wells_view()
+
+    def imaged_wells(self) -> pd.DataFrame:
+        """Plate and well of every imaged well (one row each)."""
+        return self.df("SELECT DISTINCT plate, well FROM fields ORDER BY plate, well")
+
+    def with_platemap(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Per-well rows with the plate map's columns beside them (unchanged when there is no map)."""
+        if self.platemap is None or df.empty:
+            return df
+        keys = ["plate", "well"] if "plate" in self.platemap.columns else ["well"]
+        extra = self.platemap.drop(columns=[c for c in self.platemap.columns if c in df.columns and c not in keys])
+        return df.merge(extra, on=keys, how="left")
+
+    def platemap_issues(self) -> pd.DataFrame:
+        """Wells in the map never imaged and imaged wells missing from it (empty without a map)."""
+        if self.platemap is None:
+            return pd.DataFrame(columns=["plate", "well", "issue"])
+        return platemap_mod.mismatches(self.platemap, self.imaged_wells())
+
+    def growth(self, cfg: growth_mod.GrowthConfig | None = None) -> pd.DataFrame:
+        """Growth rate and doubling time per well (or the reason there is none), with the map's columns."""
+        per_time = self.wells(["cells_per_field_mean"], by_timepoint=True, with_map=False)
+        return self.with_platemap(growth_mod.growth_table(per_time, cfg=cfg))
+
+    def dose_response(self, metric: str = "cells_per_field_mean", at: float | None = None,
+                      cfg: dose_mod.DoseConfig | None = None) -> pd.DataFrame:
+        """IC50/EC50 per compound of a per-well metric: a well metric at timepoint ``at`` (default: each
+        well's last), or ``growth_rate_per_h`` / ``doubling_time_h`` from :meth:`growth`."""
+        if self.platemap is None:
+            raise ValueError("dose-response needs a plate map: give --platemap FILE once")
+        return dose_mod.dose_response_table(self.per_well(metric, at), metric, cfg)
+
+    def per_well(self, metric: str, at: float | None = None) -> pd.DataFrame:
+        """One value of a metric per well (with the map's columns), as dose-response fits it."""
+        if metric in growth_mod.COLUMNS:
+            return self.growth()
+        metric = ALIASES.get(metric, metric)
+        per_time = self.wells([metric], by_timepoint=True, with_map=False)
+        if at is not None:
+            per_time = per_time[np.isclose(per_time["timepoint"], at)]
+            if per_time.empty:
+                raise ValueError(f"no well was imaged at {at:g} h")
+        last = per_time.sort_values("timepoint").groupby(["plate", "well"], as_index=False).tail(1)
+        return self.with_platemap(last.reset_index(drop=True))
 
     def _open(self) -> None:
         """List the committed files and (re)make the views over them."""
@@ -75,7 +133,16 @@ class Results:
                 rel.create_view(table, replace=True)
             else:
                 self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
-        self.con.execute(f"CREATE OR REPLACE VIEW wells AS {wells_sql(DEFAULT_METRICS, by_timepoint=True)}")
+        self._wells_view()
+
+    def _wells_view(self) -> None:
+        """The ``wells`` view (per well and timepoint), joined with the plate map when there is one."""
+        sql = wells_sql(DEFAULT_METRICS, by_timepoint=True)
+        if self.platemap is not None:
+            on = "w.plate = m.plate AND w.well = m.well" if "plate" in self.platemap.columns else "w.well = m.well"
+            drop = ", ".join(f'"{c}"' for c in ("plate", "well") if c in self.platemap.columns)
+            sql = f"SELECT w.*, m.* EXCLUDE ({drop}) FROM ({sql}) w LEFT JOIN platemap m ON {on}"
+        self.con.execute(f"CREATE OR REPLACE VIEW wells AS {sql}")
 
     def _retry(self, run: Callable[[], T], stale: bool = False) -> T:
         """``run()``, listing the tables again (and first, when ``stale``) whenever a listed file has gone
@@ -150,10 +217,11 @@ class Results:
         return self.con.table("failures")
 
     def wells(self, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS, by_timepoint: bool = False,
-              where: str | None = None) -> pd.DataFrame:
-        """Per-well (or per well x timepoint) aggregates as pandas."""
+              where: str | None = None, with_map: bool = True) -> pd.DataFrame:
+        """Per-well (or per well x timepoint) aggregates as pandas, with the plate map's columns if there is one."""
         sql = wells_sql(metrics, by_timepoint, where)
-        return self._retry(lambda: self.con.sql(sql).df())
+        df = self._retry(lambda: self.con.sql(sql).df())
+        return self.with_platemap(df) if with_map else df
 
 
 _EMPTY = {
@@ -200,6 +268,8 @@ def _metric_col(m: str) -> str:
     return f"{'fa' if m in FIELD_METRICS else 'ca'}.{m}"
 
 
-def open_results(out: str, storage_options: dict[str, Any] | None = None, copy_limit_mb: float = 1024) -> Results:
-    """Open a run's OUT for querying: ``open_results('out').wells()``."""
-    return Results(out, storage_options, copy_limit_mb)
+def open_results(out: str, storage_options: dict[str, Any] | None = None, copy_limit_mb: float = 1024,
+                 platemap: str | None = None) -> Results:
+    """Open a run's OUT for querying: ``open_results('out').wells()``; ``platemap`` (CSV or Parquet) is
+    validated and kept beside the results, replacing an earlier one."""
+    return Results(out, storage_options, copy_limit_mb, platemap)

@@ -130,6 +130,94 @@ def overlay(image: np.ndarray, labels: np.ndarray, title: str) -> str:
     return _png(fig)
 
 
+def treatment_labels(wells: pd.DataFrame) -> pd.Series:
+    """Each well's treatment as a label: the map's ``treatment`` column, else compound and dose, else control."""
+    from livecell_ray.platemap import control_kind
+
+    def label(r: Any) -> str:
+        if "treatment" in r and isinstance(r["treatment"], str):
+            return r["treatment"]
+        if "control" in r and control_kind(r["control"]):
+            return f"{control_kind(r['control'])} control"
+        if "compound" in r and isinstance(r["compound"], str):
+            dose = f" {r['dose']:g}" if "dose" in r and pd.notna(r["dose"]) else ""
+            unit = f" {r['unit']}" if "unit" in r and isinstance(r["unit"], str) else ""
+            return f"{r['compound']}{dose}{unit}"
+        return "(not in the plate map)"
+
+    return wells.apply(label, axis=1) if len(wells) else pd.Series([], dtype=str)
+
+
+def confluence_by_treatment(per_time: pd.DataFrame) -> str:
+    """Mean confluence over time, one line per treatment (mean over its wells)."""
+    df = per_time.assign(treatment=treatment_labels(per_time))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, g in df.groupby("treatment"):
+        m = g.groupby("timepoint")["confluence"].mean()
+        ax.plot(m.index, m.values, marker="o", ms=3, label=name)
+    ax.set_xlabel("time (h)")
+    ax.set_ylabel("confluence")
+    if df["treatment"].nunique() <= 12:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def dose_curve(wells: pd.DataFrame, values: pd.Series, fit: dict[str, Any], metric: str) -> str:
+    """One compound's wells against dose (log axis) with its four-parameter logistic fit."""
+    from livecell_ray.dose_response import logistic4
+
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    ax.scatter(wells["dose"], values, s=14, color="#4a7fb5")
+    if pd.notna(fit["ic50"]):
+        d = np.logspace(np.log10(wells["dose"].min()), np.log10(wells["dose"].max()), 200)
+        ax.plot(d, logistic4(d, fit["bottom"], fit["top"], fit["ic50"], fit["hill"]), color="#c0392b")
+        ax.axvline(fit["ic50"], color="#c0392b", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"dose ({fit['unit']})" if fit["unit"] else "dose")
+    ax.set_ylabel(f"{metric} ({'% of controls' if fit['normalised'] else 'raw'})", fontsize=8)
+    ic50 = (f"IC50 {fit['ic50']:.3g} [{fit['ic50_low']:.3g}, {fit['ic50_high']:.3g}], Hill {fit['hill']:.2f}"
+            if pd.notna(fit["ic50"]) else fit["reason"])
+    ax.set_title(f"{fit['compound']}: {ic50}", fontsize=8)
+    return _png(fig)
+
+
+def _screen_sections(res: Results, per_time: pd.DataFrame) -> list[str]:
+    """Growth table, and with a plate map: treatments, confluence by treatment, dose-response, mismatches."""
+    from livecell_ray import dose_response
+    from livecell_ray.platemap import control_kind
+
+    parts = ["<h2>Growth (exponential phase per well)</h2>"]
+    growth = res.growth()
+    parts.append(growth.to_html(index=False, classes="growth-table", float_format=lambda v: f"{v:.4g}"))
+    if res.platemap is None:
+        return parts
+    wells = res.wells(["fields", "cells_per_field_mean", "confluence"])
+    wells = wells.assign(treatment=treatment_labels(wells))
+    by_t = wells.groupby("treatment").agg(wells=("well", "count"), cells_per_field_mean=("cells_per_field_mean",
+                                          "mean"), confluence=("confluence", "mean")).reset_index()
+    parts.append("<h2>Wells by treatment</h2>" + by_t.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
+    if len(per_time):
+        parts.append(f'<img class="treatment" alt="confluence by treatment" src="data:image/png;base64,'
+                     f'{confluence_by_treatment(res.with_platemap(per_time))}">')
+    if {"compound", "dose"} <= set(res.platemap.columns):
+        metric = "cells_per_field_mean"
+        per_well = res.per_well(metric)
+        values, _ = dose_response.normalise(per_well, metric)
+        fits = res.dose_response(metric)
+        parts.append(f"<h2>Dose-response ({metric} at each well's last timepoint)</h2>")
+        for f in fits.to_dict("records"):
+            sel = (per_well["compound"] == f["compound"]) & (per_well["dose"] > 0)
+            if "control" in per_well.columns:
+                sel &= per_well["control"].map(control_kind).isna()
+            parts.append(f'<img class="dose" alt="{html.escape(str(f["compound"]))}" src="data:image/png;base64,'
+                         f'{dose_curve(per_well[sel], values[sel], f, metric)}">')
+        parts.append(fits.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
+    issues = res.platemap_issues()
+    if len(issues):
+        parts.append("<h2>Plate map vs imaged wells</h2>" + issues.to_html(index=False))
+    return parts
+
+
 def build(out: str, storage_options: dict[str, Any] | None = None, max_overlays: int = 96) -> str:
     """The HTML text of the report for one run's OUT."""
     res = Results(out, storage_options)
@@ -156,6 +244,7 @@ def build(out: str, storage_options: dict[str, Any] | None = None, max_overlays:
     if len(per_time):
         parts.append(f'<img class="growth" alt="growth curves" src="data:image/png;base64,'
                      f'{growth_curves(per_time, fields)}">')
+    parts += _screen_sections(res, per_time)
     parts.append("<h2>Cell area by cell type</h2>")
     if len(cells):
         parts.append(f'<img class="areas" alt="area distributions" src="data:image/png;base64,'

@@ -120,8 +120,18 @@ def test_report_renders_in_headless_chromium(plate96, tmp_path):
         pytest.skip("Debian's chromium is not installed (README's test command installs it)")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
     html = tmp_path / "report.html"
-    p = subprocess.run([sys.executable, "-m", "livecell_ray.cli", "report", str(plate96), "--html", str(html)],
-                       capture_output=True, text=True, timeout=600)
+    out = tmp_path / "run"
+    shutil.copytree(plate96, out)  # the plate map is kept beside the results: not in the shared fixture's
+    # A 96-well screen: vehicle controls in column 1, positive controls in column 12, two compounds at ten doses.
+    rows = ["well,compound,dose,unit,control"]
+    for r in "ABCDEFGH":
+        rows.append(f"{r}1,,,,vehicle")
+        rows.append(f"{r}12,staurosporine,1,uM,positive")
+        for c in range(2, 12):
+            rows.append(f"{r}{c},{'X' if r in 'ABCD' else 'Y'},{10.0 ** (c - 7):g},uM,")
+    (tmp_path / "map.csv").write_text("\n".join(rows) + "\n")
+    p = subprocess.run([sys.executable, "-m", "livecell_ray.cli", "report", str(out), "--html", str(html),
+                        "--platemap", str(tmp_path / "map.csv")], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     with playwright.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=[
@@ -133,7 +143,8 @@ def test_report_renders_in_headless_chromium(plate96, tmp_path):
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     kinds = {c for c, w, ok in imgs if w > 0 and ok}
-    assert {"heatmap", "growth", "areas", "overlay"} <= kinds
+    assert {"heatmap", "growth", "areas", "overlay", "treatment", "dose"} <= kinds
+    assert sum(1 for c, _, _ in imgs if c == "dose") == 2  # one curve per compound, controls excluded
     assert sum(1 for c, _, _ in imgs if c == "overlay") == 96
     assert sum(1 for c, _, _ in imgs if c == "heatmap") == 4
     assert (tmp_path / "report.png").stat().st_size > 50_000
