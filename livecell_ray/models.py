@@ -104,12 +104,54 @@ def resolve_map(spec: str, trust: bool = False) -> dict[str, Weights]:
     return out
 
 
+def where() -> str:
+    """This process's host, and its Ray node when inside Ray: named in errors raised on a cluster's nodes."""
+    import socket
+
+    node = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = f", Ray node {ray.get_runtime_context().get_node_id()[:12]}"
+    except Exception:  # outside Ray, or a runtime without a context
+        pass
+    return f"host {socket.gethostname()}{node}"
+
+
 def load(weights: Weights):
-    """An ultralytics YOLO model from verified weights, offline."""
+    """An ultralytics YOLO model from verified weights, offline.
+
+    The driver resolved and hashed the file, but this may run later and on another node (a model
+    actor), where the file could differ: its bytes are read once, checked against the driver's
+    checksum, and the model is unpickled from exactly those bytes (a private copy), so nothing can
+    change between the check and the load.
+    """
+    import shutil
+    import tempfile
+    import weakref
+
     offline.configure()
     from ultralytics import YOLO
 
-    model = YOLO(weights.path, task="segment")
+    try:
+        data = Path(weights.path).read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"{weights.path} on {where()}: cannot read the weights ({exc})") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != weights.sha256:
+        raise WeightsError(f"{weights.path} on {where()}: sha256 {digest[:12]}... is not the {weights.sha256[:12]}... "
+                           f"the driver checked; refusing to unpickle (the file changed, or differs on this node)")
+    tmp = tempfile.mkdtemp(prefix="livecell-ray-weights-")
+    try:
+        private = Path(tmp) / Path(weights.path).name
+        private.write_bytes(data)
+        model = YOLO(str(private), task="segment")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # The copy lives as long as the model (ultralytics reads its checkpoint path again, e.g. to export).
+    weakref.finalize(model, shutil.rmtree, tmp, True)
     if getattr(model, "task", "segment") != "segment":
         raise WeightsError(f"{weights.path}: a {model.task} model, not instance segmentation")
     return model
@@ -121,16 +163,20 @@ def onnx_path(weights: Weights, cache: str | Path | None = None) -> Path:
     import tempfile
 
     cache = Path(cache or os.environ.get("LIVECELL_RAY_CACHE") or Path.home() / ".cache" / "livecell-ray" / "onnx")
-    target = cache / f"{weights.sha256[:20]}.onnx"
-    if target.exists():
+    target = cache / f"{weights.sha256}.onnx"  # keyed by the whole checksum of the weights it came from
+    stamp = cache / f"{weights.sha256}.onnx.sha256"  # the export's own checksum, written after it
+    if target.exists() and stamp.exists() and stamp.read_text().strip() == sha256(target):
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         pt = Path(tmp) / "model.pt"
         shutil.copyfile(weights.path, pt)
-        yolo = load(Weights(weights.name, str(pt), weights.sha256))
+        yolo = load(Weights(weights.name, str(pt), weights.sha256))  # verified against the driver's checksum
         exported = Path(yolo.export(format="onnx", dynamic=True, simplify=True, verbose=False))
+        digest = sha256(exported)
         os.replace(exported, target)  # atomic: concurrent actors never see a half-written file
+        (Path(tmp) / "stamp").write_text(digest)
+        os.replace(Path(tmp) / "stamp", stamp)
     return target
 
 

@@ -82,6 +82,7 @@ def test_help_lists_commands():
     assert p.returncode == 0 and "segment" in p.stdout
 
 
+@pytest.mark.slow
 def test_out_made_with_other_parameters_is_refused(tmp_path, example_plate):
     one = sorted(example_plate.glob("*.tif"))
     for p in one[1:]:

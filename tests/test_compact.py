@@ -92,6 +92,7 @@ def test_new_fields_after_a_compaction_join_a_new_part_that_replaces_the_old(tmp
     assert len(parts) == 3 and not parts & old_parts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["cells_part", "fields_part"])
 def test_a_compaction_killed_at_any_step_loses_and_duplicates_nothing(tmp_path, step):
     """The process is really killed (SIGKILL) after writing the new cells part, or after committing the
@@ -216,12 +217,18 @@ def test_two_compactions_at_once_leave_every_row_once(tmp_path):
     ids = lambda t: {f"{w:02d}{f:02d}{int(t):04d}aaaaaaaa" for w in range(len(WELLS)) for f in range(4)}  # noqa: E731
     expected = set(ids(0))
     done = threading.Event()
+    errors: list[BaseException] = []
+    runs = [0, 0]
 
-    def compactor() -> None:
-        while not done.is_set():
-            compact.compact(out, threads=3)  # a well may fail when the other removed its input: fine
+    def compactor(k: int) -> None:
+        try:
+            while not done.is_set():
+                compact.compact(out, threads=3)  # a well may fail when the other removed its input: fine
+                runs[k] += 1
+        except BaseException as exc:  # noqa: BLE001 - a crashed racer must fail the test, not vanish
+            errors.append(exc)
 
-    racers = [threading.Thread(target=compactor) for _ in range(2)]
+    racers = [threading.Thread(target=compactor, args=(k,)) for k in range(2)]
     for r in racers:
         r.start()
     try:
@@ -238,6 +245,8 @@ def test_two_compactions_at_once_leave_every_row_once(tmp_path):
         done.set()
         for r in racers:
             r.join()
+    assert not errors, errors
+    assert min(runs) >= 2, f"the compactors did not race: {runs} runs"
     assert compact.compact(out).errors == []
     assert o.done_field_ids() == expected and len(files(o, "fields")) == 3
     assert len(o.read_table("cells")) == 25 * 66

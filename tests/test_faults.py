@@ -29,6 +29,8 @@ from livecell_ray.config import SegmentConfig
 from .conftest import EXAMPLES, s3_options
 from .s3proxy import FaultyProxy
 
+pytestmark = pytest.mark.slow  # starts Ray (local runtimes, clusters) or a browser
+
 GOOD = sorted(EXAMPLES.glob("*.tif"))
 A172 = EXAMPLES / "A172_Phase_A7_1_00d00h00m_1.tif"
 

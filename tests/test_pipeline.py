@@ -18,6 +18,8 @@ from livecell_ray.config import InferenceConfig, SegmentConfig
 
 from .conftest import EXAMPLES
 
+pytestmark = pytest.mark.slow  # starts Ray (local runtimes, clusters) or a browser
+
 A172 = EXAMPLES / "A172_Phase_A7_1_00d00h00m_1.tif"
 MCF7 = EXAMPLES / "MCF7_Phase_E4_1_02d16h00m_1.tif"
 

@@ -169,6 +169,7 @@ def test_mismatches_list_both_directions():
                                     {"plate": "P", "well": "B1", "issue": "imaged, not in the plate map"}]
 
 
+@pytest.mark.slow
 def test_plate_map_through_queries_and_kept_beside_results(example_run, tmp_path):
     """A map given once is kept (and recorded in run.json); wells, growth, dose_response carry its columns."""
     out = tmp_path / "run"
@@ -195,6 +196,7 @@ def test_plate_map_through_queries_and_kept_beside_results(example_run, tmp_path
     assert res.platemap is not None
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_bad_map_and_writes_nothing(example_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(example_run, out)

@@ -46,6 +46,39 @@ def test_user_weights_need_trust(tmp_path):
     assert models.resolve(str(other), trust=True).path == str(other.resolve())
 
 
+def test_weights_changed_after_the_driver_checked_are_refused_where_loaded(tmp_path):
+    """The driver hashes the file; a model actor (maybe on another node, later) loads it: the actor checks
+    the bytes it unpickles against the driver's checksum and names its node and the file when they differ."""
+    own = tmp_path / "mine.pt"
+    shutil.copy(ROOT / "weights" / "small.pt", own)
+    checked = models.resolve(str(own))  # the driver's check
+    assert models.load(checked).task == "segment"  # unchanged: loads
+    data = bytearray(own.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # changed between the driver's check and the actor's load
+    own.write_bytes(bytes(data))
+    with pytest.raises(models.WeightsError) as err:
+        models.load(checked)
+    msg = str(err.value)
+    assert str(own.resolve()) in msg and "host " in msg and "refusing to unpickle" in msg
+    own.unlink()
+    with pytest.raises(models.WeightsError, match="cannot read the weights"):
+        models.load(checked)
+
+
+@pytest.mark.slow
+def test_onnx_cache_is_keyed_and_verified_by_checksum(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime (onnx extra) not installed")
+    w = models.resolve("small")
+    first = models.onnx_path(w, tmp_path)
+    assert first.name == f"{w.sha256}.onnx"
+    good = first.read_bytes()
+    assert models.onnx_path(w, tmp_path).stat().st_mtime_ns == first.stat().st_mtime_ns  # reused as it is
+    first.write_bytes(good[: len(good) // 2])  # a damaged or replaced cache file
+    again = models.onnx_path(w, tmp_path)
+    assert again.read_bytes() != good[: len(good) // 2] and models.sha256(again) == (
+        tmp_path / f"{w.sha256}.onnx.sha256").read_text()
+
+
 def test_job_entrypoint_is_shell_safe(tmp_path):
     spec = {"source": "/data/plate $(touch /tmp/pwned); rm -rf ~", "output": "out`id`", "model": "small"}
     cmd = jobs.entrypoint(spec, "python")
@@ -55,6 +88,7 @@ def test_job_entrypoint_is_shell_safe(tmp_path):
     assert json.loads(base64.urlsafe_b64decode(payload)) == spec
 
 
+@pytest.mark.slow
 def test_file_names_with_shell_characters_are_just_names(tmp_path, ray_local):
     from livecell_ray import pipeline, store
     from livecell_ray.config import SegmentConfig

@@ -101,6 +101,7 @@ def test_evaluate_perfect_and_empty_predictions():
     assert 0.3 < m.mask["AP"] < 0.7 and m.recall_50 == pytest.approx((f.labels.max() // 2) / f.labels.max())
 
 
+@pytest.mark.slow
 def test_offline_training_stops_and_resumes_from_last(tmp_path):
     import os
     import signal
