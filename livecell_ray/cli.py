@@ -76,6 +76,8 @@ def segment(
     strict: bool = typer.Option(False, help="Exit non-zero when any field failed"),
     platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet: well[, plate], compound, dose, unit, "
                                         "control, ...): checked first, kept beside the results"),
+    wait: bool = typer.Option(False, help="When another run is writing OUT, wait for it to finish instead of "
+                              "stopping"),
 ) -> None:
     """Segment every field of a plate: masks to OME-Zarr, cell statistics to Parquet."""
     from livecell_ray import pipeline
@@ -92,7 +94,8 @@ def segment(
                         replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                         io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
                         num_cpus=num_cpus, storage_options=opts, overwrite=overwrite, max_pixels=max_pixels,
-                        stall_timeout_s=stall_timeout or None, compact=compact, inference=inference)
+                        stall_timeout_s=stall_timeout or None, compact=compact, inference=inference,
+                        wait_for_lease=wait)
     try:
         import re
 

@@ -87,6 +87,11 @@ class SegmentConfig:
     # After the fields, merge each well that got new ones into one Parquet part a table (compact.py): a
     # query then opens a few files a well instead of two a field-timepoint.
     compact: bool = True
+    # One run writes an OUT at a time (store.acquire): a second waits for the first (True) or stops with
+    # a message naming it (False). A run's lease is renewed every third of the TTL while it runs; the
+    # lease of a run that died frees itself after the TTL.
+    wait_for_lease: bool = False
+    lease_ttl_s: float = 120.0
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
@@ -96,7 +101,8 @@ class SegmentConfig:
         for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite",
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
                   "replica_resources", "max_pixels", "object_store_budget_mb", "io_tasks",
-                  "io_worker_max_fields", "stall_timeout_s", "stall_restarts", "compact"):
+                  "io_worker_max_fields", "stall_timeout_s", "stall_restarts", "compact", "wait_for_lease",
+                  "lease_ttl_s"):
             d.pop(k, None)
         if not self.inference.tta:  # as before TTA existed, so earlier outputs still resume
             d["inference"].pop("tta")
@@ -116,7 +122,8 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels",
               "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
               "io_worker_max_fields": "io_worker_max_fields", "stall_timeout_s": "stall_timeout_s",
-              "stall_restarts": "stall_restarts", "compact": "compact"}
+              "stall_restarts": "stall_restarts", "compact": "compact", "wait": "wait_for_lease",
+              "lease_ttl_s": "lease_ttl_s"}
 _INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend"}
 
 

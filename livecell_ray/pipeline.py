@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -343,15 +344,41 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
 def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None] | None = None,
         planned: tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]] | None = None
         ) -> RunSummary:
-    """Segment every field of the plate not already done in OUT; returns the summary."""
+    """Segment every field of the plate not already done in OUT; returns the summary.
+
+    The run holds OUT's lease (:func:`livecell_ray.store.acquire`) from before it reads what OUT holds
+    until after it writes run.json, so two runs into one OUT take turns (``wait_for_lease``) or the
+    second stops with a clear message; never both extending the plate's layout at once.
+    """
+    t0 = time.time()
+    man, outputs, weights = planned or plan(cfg)
+    try:
+        lease = store.acquire(outputs, cfg.lease_ttl_s, cfg.wait_for_lease,
+                              on_wait=lambda msg: print(f"{msg} (--wait)", file=sys.stderr, flush=True))
+    except store.LeaseBusy as exc:
+        raise RunError(str(exc)) from None
+    try:
+        return _run_held(cfg, progress, man, outputs, weights, lease, t0)
+    except store.LeaseLost as exc:
+        raise RunError(str(exc)) from None
+    finally:
+        lease.release()
+
+
+def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None] | None,
+              man: manifest_mod.Manifest, outputs: store.Outputs, weights: dict[str, models.Weights],
+              lease: store.Lease, t0: float) -> RunSummary:
+    """The run, once OUT's lease is held."""
     import ray
 
-    t0 = time.time()
     started = datetime.now(timezone.utc).isoformat()
-    man, outputs, weights = planned or plan(cfg)
     prov = provenance(cfg, weights)
     previous = outputs.read_run()
-    if previous and not _same_provenance(previous.get("provenance", {}), prov):  # plan() allowed it: overwrite
+    if previous and not cfg.overwrite and not _same_provenance(previous.get("provenance", {}), prov):
+        # Another run finished here while this one waited for the lease (plan() saw OUT before it).
+        raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
+                       f"use another OUT or --overwrite")
+    if previous and not _same_provenance(previous.get("provenance", {}), prov):  # --overwrite
         for sub in ("masks", "cells", "fields", "failures", "run.json"):
             p = store.join(outputs.root, sub)
             if outputs.fs.exists(p):
@@ -362,6 +389,7 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
     known = store.retry(store.read_layouts, outputs, man.fields["plate"].unique())
     fields, layouts = manifest_mod.apply_layout(man.fields, known)
     man = manifest_mod.Manifest(fields, man.unmatched)
+    lease.check()  # still this run's OUT before the plate's layout is extended
     store.retry(store.init_plates, outputs, man.fields, cfg.pixel_size, prov, layouts)
     done = outputs.done_field_ids()
     # Fields done since they failed (their rows' removal itself failed).
@@ -377,6 +405,8 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
     if len(todo):
         init_ray(cfg)
         for res in _results(cfg, todo, outputs.url, weights, meta, summary.restarts):
+            if lease.lost:  # the renewal found another run holding OUT: stop here (what is committed stands)
+                raise store.LeaseLost(lease.lost)
             if summary.time_to_first_field is None:
                 summary.time_to_first_field = time.time() - t0
             for stage in summary.stage_seconds:
@@ -393,6 +423,7 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
         summary.compaction = _compact(cfg, outputs, todo)
     summary.seconds = time.time() - t0
     fields_now = len(outputs.done_field_ids())
+    lease.check()
     outputs.write_run({
         "provenance": prov, "started": (previous or {}).get("started", started),
         "last_run": {"started": started, "ended": datetime.now(timezone.utc).isoformat(),

@@ -15,7 +15,8 @@ One private module per concern, the public names re-exported here:
 - ``_commit``: which table files count (:class:`Committed`, the compaction protocol's reader side);
 - ``_ngff``: plate, well, image and label group metadata, the plate's layout and time axis;
 - ``_chunks``: a field's arrays written directly, chunks encoded as their ``zarr.json`` says;
-- ``_write``: a block of measured fields written and committed in one call (:func:`write_block`).
+- ``_write``: a block of measured fields written and committed in one call (:func:`write_block`);
+- ``_lease``: one writer at a time per OUT (:func:`acquire`), with expiry and a fencing token.
 
 A field counts as done exactly when its ``fields/`` file exists: it is written last, after the
 masks and the cells, which makes a rerun resume without duplicates.
@@ -43,10 +44,12 @@ from livecell_ray.store._files import (
     safe,
     table_from_columns,
 )
+from livecell_ray.store._lease import Lease, LeaseBusy, LeaseLost, acquire
 from livecell_ray.store._ngff import LAYOUT_KEY, fields_in_plate, init_plates, read_layouts, time_axis
 from livecell_ray.store._write import FieldResult, write_block
 
 __all__ = [
+    "Lease", "LeaseBusy", "LeaseLost", "acquire",
     "CHUNK_ZSTD_LEVEL", "LAYOUT_KEY", "PART_PREFIX", "SUPERSEDES_KEY", "Committed", "FieldResult", "Outputs",
     "array_document", "field_zarr_path", "fields_in_plate", "file_key", "filesystem", "init_plates", "is_local",
     "is_part", "join", "mask_documents", "mask_files", "parquet_bytes", "read_documents", "read_image",
