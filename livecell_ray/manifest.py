@@ -39,6 +39,11 @@ class Manifest:
         return len(self.fields)
 
 
+def _row_name(i: int) -> str:
+    """0 -> 'A', 25 -> 'Z', 26 -> 'AA' (1536-well plates)."""
+    return chr(65 + i) if i < 26 else "A" + chr(65 + i - 26)
+
+
 def parse_well(well: str) -> tuple[str, int]:
     """'A7' -> ('A', 7); 'b03' -> ('B', 3). Rows A-Z then AA-AF (1536-well plates)."""
     m = _WELL.match(well.strip())
@@ -63,7 +68,9 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
     if "well" in g:
         row, col = parse_well(g["well"])
     elif "row" in g and "column" in g:
-        row, col = g["row"].upper(), int(g["column"])
+        # Rows as letters (B) or as numbers counted from 1 (02, as Operetta and CellInsight name them).
+        row = _row_name(int(g["row"]) - 1) if g["row"].isdigit() else g["row"].upper()
+        row, col = parse_well(f"{row}{int(g['column'])}")
     else:
         return None
     if "timepoint" in g:
