@@ -22,6 +22,8 @@ class FaultyProxy:
         self.count = 0
         self.injected = 0
         self.log: list[tuple[str, str]] = []  # (method, path) in the order requests arrived
+        # requests the upstream server could not answer (it was down): answered 503 here, so clients retry
+        self.upstream_failures: list[tuple[str, str, str]] = []
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -57,9 +59,16 @@ class FaultyProxy:
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 headers["Host"] = f"127.0.0.1:{upstream_port}"
-                conn.request(self.command, self.path, body=body, headers=headers)
-                r = conn.getresponse()
-                data = r.read()
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    r = conn.getresponse()
+                    data = r.read()
+                except OSError as exc:  # the server is down (stopped mid-run by a test)
+                    with proxy.lock:
+                        proxy.upstream_failures.append((self.command, urllib.parse.unquote(self.path),
+                                                        type(exc).__name__))
+                    conn.close()
+                    return self._fault(503, "ServiceUnavailable")
                 self.send_response(r.status)
                 for k, v in r.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection"):

@@ -7,6 +7,7 @@ segmented exactly once or listed in failures/ with its reason.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -129,18 +130,22 @@ def _run_in_thread(cfg: SegmentConfig, on_result):
 
 def test_model_actor_killed_mid_run(tmp_path, example_plate, ray_local):
     plate = example_plate
-    killed = []
+    killed, after = [], []
 
     def on_result(res, done, total):
-        if not killed and res["model_pid"]:
+        if killed:
+            after.append(int(res["model_pid"]))
+        elif res["model_pid"]:
             os.kill(int(res["model_pid"]), 9)  # the model replica's process dies mid-run
-            killed.append(res["model_pid"])
+            killed.append(int(res["model_pid"]))
 
     cfg = SegmentConfig(source=str(plate), out=str(tmp_path / "out"), batch_size=1)
     t, box = _run_in_thread(cfg, on_result)
     t.join(600)
     assert not t.is_alive() and "error" not in box, box.get("error")
     assert killed
+    # the fault took effect and was survived: a new replica process served fields after the kill
+    assert any(pid not in (0, killed[0]) for pid in after), (killed, after)
     assert box["summary"].fields_done == len(GOOD)
     _check_exactly_once(tmp_path / "out", {p.name for p in GOOD}, set())
 
@@ -208,10 +213,12 @@ def test_node_removed_mid_run(tmp_path, example_plate):
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, runtime_env={"env_vars": offline.worker_env()}, log_to_driver=False)
         plate = example_plate
-        removed = []
+        removed, after = [], []
 
         def on_result(res, done, total):
-            if not removed:
+            if removed:
+                after.append(res["model_node"])
+            else:
                 victim = next(n for n in nodes if n.node_id == res["model_node"])
                 cluster.remove_node(victim)  # the node running the model replica disappears
                 removed.append(victim.node_id)
@@ -224,6 +231,9 @@ def test_node_removed_mid_run(tmp_path, example_plate):
         t.join(600)
         assert not t.is_alive() and "error" not in box, box.get("error")
         assert removed
+        # the surviving node's replica segmented the fields after the removal
+        survivor = next(n.node_id for n in nodes if n.node_id != removed[0])
+        assert after and survivor in after and removed[0] not in after[-3:], (removed, after)
         _check_exactly_once(tmp_path / "out", {p.name for p in GOOD}, set())
     finally:
         ray.shutdown()
@@ -275,18 +285,24 @@ def test_s3_server_restarted_mid_run(moto, tmp_path, ray_local):
             moto["server"].start()  # ...and comes back (moto keeps its buckets in this process)
             restarted.append(done)
 
+    # Through a proxy in front of moto, which logs every request the stopped server could not answer.
+    proxy = FaultyProxy(moto["port"])
     cfg = SegmentConfig(source=f"s3://{moto['bucket']}/plate", out=f"s3://{moto['bucket']}/out",
-                        storage_options=s3_options(moto["port"]),
+                        storage_options=s3_options(proxy.port),
                         batch_size=1)
-    t, box = _run_in_thread(cfg, on_result)
-    t.join(600)
+    try:
+        t, box = _run_in_thread(cfg, on_result)
+        t.join(600)
+    finally:
+        proxy.stop()
     assert not t.is_alive() and "error" not in box, box.get("error")
     assert restarted
+    assert proxy.upstream_failures, "no request met the outage: the fault did not take effect"
     o = store.Outputs(f"s3://{moto['bucket']}/out", s3_options(moto["port"]))
     fields, failures = o.read_table("fields"), o.read_table("failures")
     # The promise: each field segmented exactly once or recorded as failed, and a rerun finishes the job.
     assert len(fields) + len(failures) == len(GOOD) and fields["field_id"].is_unique
-    again = pipeline.run(cfg)
+    again = pipeline.run(dataclasses.replace(cfg, storage_options=s3_options(moto["port"])))
     assert again.fields_failed == 0
     fields = o.read_table("fields")
     assert len(fields) == len(GOOD) and fields["field_id"].is_unique and o.read_table("failures").empty
