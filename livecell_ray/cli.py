@@ -78,6 +78,11 @@ def segment(
                                         "control, ...): checked first, kept beside the results"),
     wait: bool = typer.Option(False, help="When another run is writing OUT, wait for it to finish instead of "
                               "stopping"),
+    route: str = typer.Option("none", help="auto: send each field to the model of its cell type as the field "
+                              "classifier predicts it from the pixels (--model TYPE=MODEL,...,*=MODEL); none: by the "
+                              "file name's type"),
+    classifier: str = typer.Option("celltype", help="Field cell-type classifier: 'celltype' (shipped), a .pt path, "
+                                   "or 'none'; fills cell_type_predicted"),
 ) -> None:
     """Segment every field of a plate: masks to OME-Zarr, cell statistics to Parquet."""
     from livecell_ray import pipeline
@@ -95,7 +100,8 @@ def segment(
                         io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
                         num_cpus=num_cpus, storage_options=opts, overwrite=overwrite, max_pixels=max_pixels,
                         stall_timeout_s=stall_timeout or None, compact=compact, inference=inference,
-                        wait_for_lease=wait)
+                        wait_for_lease=wait, route=route, classifier=None if classifier == "none" else classifier)
+
     try:
         import re
 
@@ -252,6 +258,38 @@ def evaluate(
         out_console.print_json(json.dumps(ev.to_json(results, info)))
     else:
         sys.stdout.write(ev.table(results) + "\n")
+
+
+@app.command("train-classifier")
+def train_classifier(
+    folders: str = typer.Option(..., "--data", help="Comma-separated folders of fields whose names carry the cell "
+                                "type (LIVECell convention)"),
+    val: str = typer.Option("", help="Comma-separated folder(s) of fields held out for validation (never trained on)"),
+    out: str = typer.Option("runs/classify-data", help="Where the crop data set is written"),
+    epochs: int = typer.Option(30, min=1),
+    imgsz: int = typer.Option(128, min=32),
+    time_hours: float | None = typer.Option(None),
+    project: str = typer.Option("runs/classify"),
+    name: str = typer.Option("celltype"),
+) -> None:
+    """Train the field cell-type classifier (YOLOv8-cls from its YAML) on crops of type-named fields."""
+    from livecell_ray import classify
+
+    cfg = classify.ClassifierConfig(epochs=epochs, imgsz=imgsz, time_hours=time_hours)
+    train_folders = [f for f in folders.split(",") if f]
+    val_folders = [f for f in val.split(",") if f]
+    for f in train_folders + val_folders:
+        if not Path(f).is_dir():
+            fail(f"{f}: no such folder")
+    held = {p.stem for f in val_folders for p in Path(f).iterdir() if p.suffix.lower() in classify.IMAGE_SUFFIXES}
+    summary = classify.build_dataset(train_folders + val_folders, out, held, cfg)
+    if not summary["fields"]["train"] or not summary["fields"]["val"]:
+        fail(f"need type-named fields on both sides (train: {summary['fields']['train']}, "
+             f"val: {summary['fields']['val']})")
+    best = classify.train(out, project, name, cfg)
+    last = best.parent / "last.pt"
+    report = classify.accuracy_by_type(str(last), val_folders[0], held) if len(val_folders) == 1 else {}
+    out_console.print_json(json.dumps({"weights": str(last), "held_out": report}))
 
 
 @app.command("pseudo-label")

@@ -92,6 +92,12 @@ class SegmentConfig:
     # lease of a run that died frees itself after the TTL.
     wait_for_lease: bool = False
     lease_ttl_s: float = 120.0
+    # Every field's cell type is predicted from its pixels by the field classifier ('celltype': the
+    # shipped one when installed; a .pt path; None: none) into cell_type_predicted and its probability.
+    # route='auto' also sends each field to the model of its predicted type (--model TYPE=MODEL,...),
+    # the general one ('*') where the type has none; 'none' routes by the file name's type.
+    classifier: str | None = "celltype"
+    route: str = "none"
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
@@ -102,8 +108,10 @@ class SegmentConfig:
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
                   "replica_resources", "max_pixels", "object_store_budget_mb", "io_tasks",
                   "io_worker_max_fields", "stall_timeout_s", "stall_restarts", "compact", "wait_for_lease",
-                  "lease_ttl_s"):
+                  "lease_ttl_s", "classifier"):
             d.pop(k, None)
+        if self.route == "none":  # as before routing existed, so earlier outputs still resume
+            d.pop("route")
         if not self.inference.tta:  # as before TTA existed, so earlier outputs still resume
             d["inference"].pop("tta")
             d["inference"].pop("tta_match_iou")
@@ -123,7 +131,7 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
               "io_worker_max_fields": "io_worker_max_fields", "stall_timeout_s": "stall_timeout_s",
               "stall_restarts": "stall_restarts", "compact": "compact", "wait": "wait_for_lease",
-              "lease_ttl_s": "lease_ttl_s"}
+              "lease_ttl_s": "lease_ttl_s", "classifier": "classifier", "route": "route"}
 _INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend"}
 
 

@@ -17,6 +17,8 @@ from livecell_ray import offline
 
 SHIPPED = ("small", "big")
 DEFAULT_KEY = "*"
+#: The shipped field cell-type classifier (weights/celltype.pt, YOLOv8-cls), when there is one.
+CLASSIFIER = "celltype"
 
 
 class WeightsError(ValueError):
@@ -119,7 +121,24 @@ def where() -> str:
     return f"host {socket.gethostname()}{node}"
 
 
-def load(weights: Weights):
+def resolve_classifier(spec: str | None, trust: bool = False) -> Weights | None:
+    """The field classifier: 'celltype' (shipped; None when this install has none), a .pt path, or None."""
+    if not spec or spec == "none":
+        return None
+    if spec == CLASSIFIER:
+        path = weights_dir() / f"{CLASSIFIER}.pt"
+        if not path.exists():
+            return None
+        expected = known_checksums().get(path.name)
+        digest = sha256(path)
+        if expected != digest:
+            raise WeightsError(f"{path}: sha256 {digest[:12]}... does not match weights/SHA256SUMS; "
+                               f"refusing to unpickle")
+        return Weights(spec, str(path.resolve()), digest)
+    return resolve(spec, trust)
+
+
+def load(weights: Weights, task: str = "segment"):
     """An ultralytics YOLO model from verified weights, offline.
 
     The driver resolved and hashed the file, but this may run later and on another node (a model
@@ -146,14 +165,14 @@ def load(weights: Weights):
     try:
         private = Path(tmp) / Path(weights.path).name
         private.write_bytes(data)
-        model = YOLO(str(private), task="segment")
+        model = YOLO(str(private), task=task)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     # The copy lives as long as the model (ultralytics reads its checkpoint path again, e.g. to export).
     weakref.finalize(model, shutil.rmtree, tmp, True)
-    if getattr(model, "task", "segment") != "segment":
-        raise WeightsError(f"{weights.path}: a {model.task} model, not instance segmentation")
+    if getattr(model, "task", task) != task:
+        raise WeightsError(f"{weights.path}: a {model.task} model, not {task}")
     return model
 
 

@@ -123,7 +123,8 @@ def _mark_failed(row: dict[str, Any], stage: str, error: str) -> None:
 class SegmentActor:
     """One model replica: loads the network(s) once, then segments batches of fields."""
 
-    def __init__(self, weights: dict[str, models.Weights], inference: InferenceConfig):
+    def __init__(self, weights: dict[str, models.Weights], inference: InferenceConfig,
+                 classifier: models.Weights | None = None, route: str = "none"):
         offline.configure()
         import torch
 
@@ -135,12 +136,19 @@ class SegmentActor:
         from livecell_ray.segment import Segmenter
 
         self.segmenter = Segmenter(weights, inference)
+        self.route = route
+        self.classifier = None
+        if classifier is not None:
+            from livecell_ray.classify import FieldClassifier
+
+            self.classifier = FieldClassifier(classifier)
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["field_id"])
+        predicted, probability = [""] * n, np.full(n, np.nan)
         label_out: list[np.ndarray] = [np.zeros((0, 0), np.uint32)] * n
         cls_out: list[bytes] = [b""] * n
         conf_out: list[bytes] = [b""] * n
@@ -151,7 +159,13 @@ class SegmentActor:
         t0 = time.perf_counter()
         if ok:
             try:
-                res = self.segmenter([batch["image"][i] for i in ok], [str(batch["cell_type"][i]) for i in ok])
+                types = [str(batch["cell_type"][i]) for i in ok]
+                if self.classifier is not None:  # every field's type from its pixels, whatever the routing
+                    for i, (t, prob, _) in zip(ok, self.classifier([batch["image"][i] for i in ok])):
+                        predicted[i], probability[i] = t, prob
+                    if self.route == "auto":
+                        types = [predicted[i] for i in ok]
+                res = self.segmenter([batch["image"][i] for i in ok], types)
                 for i, r in zip(ok, res):
                     label_out[i], cls_out[i], conf_out[i] = encode_instances(r)
             except Exception as exc:
@@ -162,6 +176,7 @@ class SegmentActor:
         out["model_node"] = np.array([self.node_id] * n)
         out["model_pid"] = np.full(n, os.getpid())
         out["model_s"] = np.full(n, (time.perf_counter() - t0) / n)
+        out["cell_type_predicted"], out["cell_type_probability"] = np.array(predicted), probability
         # One (n, H, W) array when the batch's label images share a shape (nearly always): Ray Data then
         # wraps it as it is instead of concatenating n separate arrays into a variable-shaped column.
         same = len({(a.shape, a.dtype) for a in label_out}) == 1
@@ -263,6 +278,8 @@ def _field_result(row: dict[str, Any], labels: np.ndarray, cells: dict[str, np.n
         "field_id": [fid], "path": [meta["path"]], "field": [meta["field"]],
         "crop": [int(row["crop"])], "site": [meta["site"]], "timepoint": [float(row["timepoint"])],
         "t_index": [int(row["t_index"])], "cell_type": [meta["cell_type"]],
+        "cell_type_predicted": [str(row.get("cell_type_predicted", ""))],
+        "cell_type_probability": [float(row.get("cell_type_probability", np.nan))],
         "zarr_path": [store.field_zarr_path(plate, str(row["row"]), int(row["column"]), str(row["site"]))],
         **{k: [v] for k, v in fstats.items()}, "status": ["ok"],
     }
@@ -298,8 +315,15 @@ def _check_out(cfg: SegmentConfig, outputs: store.Outputs) -> None:
 
 def provenance(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> dict[str, Any]:
     """What made these outputs; a resume must match it."""
+    used = dict(weights)
+    if cfg.route == "auto":  # the classifier then decides which model segments a field
+        clf = models.resolve_classifier(cfg.classifier, cfg.trust_weights)
+        if clf is None:
+            raise RunError("--route auto needs a field classifier: weights/celltype.pt is not installed "
+                           "and --classifier names none (train one with `livecell-ray train-classifier`)")
+        used["classifier"] = clf
     return {"package": "livecell-ray", "version": livecell_ray.__version__,
-            "models": {k: {"path": w.path, "sha256": w.sha256} for k, w in weights.items()},
+            "models": {k: {"path": w.path, "sha256": w.sha256} for k, w in used.items()},
             "parameters": cfg.provenance()}
 
 
@@ -332,6 +356,10 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
     man = manifest_mod.build(cfg.source, cfg.pattern, cfg.manifest, cfg.storage_options)
     outputs = store.Outputs(cfg.out, cfg.storage_options)
     weights = models.resolve_map(cfg.model, cfg.trust_weights)
+    if cfg.route not in ("none", "auto"):
+        raise RunError(f"route {cfg.route!r}: use none or auto")
+    if cfg.route == "auto":
+        provenance(cfg, weights)  # checks that a classifier is there to route by
     _check_out(cfg, outputs)
     previous = outputs.read_run()
     if previous and not cfg.overwrite and not _same_provenance(previous.get("provenance", {}),
@@ -555,7 +583,9 @@ def _stream(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str,
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_task)))
     ds = ds.map(read_field, fn_kwargs={"storage_options": cfg.storage_options, "max_pixels": cfg.max_pixels,
                                        "norm": cfg.normalize}, num_cpus=0.25, compute=io_pool, **recycle_read)
-    ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"weights": weights, "inference": cfg.inference},
+    classifier = models.resolve_classifier(cfg.classifier, cfg.trust_weights)
+    ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"weights": weights, "inference": cfg.inference,
+                                                             "classifier": classifier, "route": cfg.route},
                         batch_size=cfg.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                         num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica or None,
