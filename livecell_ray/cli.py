@@ -188,6 +188,8 @@ def train(
                                      "confluence; default 0.5-2x the labelled fields' mean)"),
     pseudo: str | None = typer.Option(None, help="Folder of pseudo-labelled fields (from `pseudo-label`) added to "
                                       "the training split"),
+    extra: str = typer.Option("", help="Other labelled data added to the training split, comma-separated "
+                              "PATH@SCALE (e.g. ../shared/data/usiigaci/train@0.5: Usiigaci at LIVECell's scale)"),
     seed: int = typer.Option(0),
     recipe: bool = typer.Option(True, help="Our microscopy augmentation recipe (off: ultralytics defaults)"),
     device: str | None = typer.Option(None, help="'cpu', '0', ... (default: GPU if present)"),
@@ -208,7 +210,8 @@ def train(
             data_yaml = train_mod.prepare_dataset(train_mod.DataConfig(
                 data=data, out=str(data_yaml.parent), images_dir=images_dir,
                 val=tuple(v for v in val.split(",") if v), scale=scale, tile=tile, synthetic=synthetic, seed=seed,
-                backgrounds=backgrounds, cells=_range(cells, "--cells"), pseudo=pseudo))
+                backgrounds=backgrounds, cells=_range(cells, "--cells"), pseudo=pseudo,
+                extra=tuple(e for e in extra.split(",") if e)))
         except (ValueError, FileNotFoundError) as exc:
             fail(str(exc))
     cfg = train_mod.TrainConfig(data=str(data_yaml), model=model, epochs=epochs, imgsz=imgsz, batch=batch,

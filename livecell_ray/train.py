@@ -196,6 +196,10 @@ class DataConfig:
     backgrounds: str | None = None  # folder of unlabelled fields whose cell-free texture becomes copy-paste backgrounds
     cells: tuple[int, int] | None = None  # cells per copy-paste field (default: 0.5-2x the sources' mean)
     pseudo: str | None = None  # folder of pseudo-labelled fields (Usiigaci layout) added to the training split
+    # Other labelled sources added to the training split, each as "PATH@SCALE" (a mask folder, or a COCO json
+    # with its images beside it in images/), resized by its own factor to this data set's pixel scale;
+    # fields named in ``val`` are left out of them too.
+    extra: tuple[str, ...] = ()
 
 
 def prepare_dataset(cfg: DataConfig) -> Path:
@@ -210,7 +214,15 @@ def prepare_dataset(cfg: DataConfig) -> Path:
         fields = dataset.read_coco(cfg.data, cfg.images_dir)
     else:
         fields = dataset.read_mask_folder(cfg.data)
-    names = [f.name for f in fields]
+    extras = []
+    for spec in cfg.extra:
+        path, _, factor = spec.rpartition("@")
+        if not path or not factor.replace(".", "", 1).isdigit():
+            raise ValueError(f"extra data {spec!r}: expected PATH@SCALE, e.g. ../shared/data/usiigaci/train@0.5")
+        more = (dataset.read_coco(path, str(Path(path).parent / "images")) if path.endswith(".json")
+                else dataset.read_mask_folder(path))
+        extras += [dataset.resize_field(f, float(factor)) for f in more]
+    names = [f.name for f in fields + extras]
     unknown = set(cfg.val) - set(names)
     if unknown:
         raise ValueError(f"validation fields not in the data: {', '.join(sorted(unknown))}")
@@ -219,6 +231,8 @@ def prepare_dataset(cfg: DataConfig) -> Path:
     val_f = [f for f in fields if f.name in cfg.val]
     if cfg.pseudo:
         train_f += dataset.read_mask_folder(cfg.pseudo)
+    train_f += [f for f in extras if f.name not in cfg.val]  # held-out fields of the extra data stay out
+    val_f += [f for f in extras if f.name in cfg.val]
     synth = []
     if cfg.synthetic:
         backs = [b for b in map(copypaste.texture_background, _unlabelled_images(cfg.backgrounds, cfg.scale))

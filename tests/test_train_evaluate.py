@@ -190,3 +190,57 @@ def test_train_args_fine_tune_from_pt_and_recipe_steps_every_batch():
     assert tuned["warmup_epochs"] == 0.0 and "warmup_epochs" not in scratch
     slow = train_args(TrainConfig(data="d.yaml", model="weights/big.pt", device="cpu", lr0=5e-4))
     assert slow["optimizer"] == "AdamW" and slow["lr0"] == 5e-4 and "lr0" not in tuned
+
+
+@needs_shared(USIIGACI)
+def test_extra_data_joins_training_at_its_own_scale_and_its_held_out_fields_stay_out(tmp_path):
+    """LIVECell-first training with Usiigaci at LIVECell's scale as extra data (--extra PATH@SCALE)."""
+    from livecell_ray.train import DataConfig, prepare_dataset
+
+    main, extra = tmp_path / "main", tmp_path / "extra"
+    main.mkdir()
+    extra.mkdir()
+    (main / "set1").symlink_to(Path(USIIGACI) / "set1")
+    for s in ("set2", "set41"):
+        (extra / s).symlink_to(Path(USIIGACI) / s)
+    prepare_dataset(DataConfig(data=str(main), out=str(tmp_path / "ds"), scale=1.0, val=("set41",),
+                               extra=(f"{extra}@0.5",)))
+    ds = tmp_path / "ds"
+    assert sorted(p.name for p in (ds / "images" / "train").iterdir()) == ["set1.png", "set2.png"]
+    assert [p.name for p in (ds / "images" / "val").iterdir()] == ["set41.png"]  # held out of the extra data
+    assert Image.open(ds / "images" / "train" / "set1.png").size == (1024, 1022)  # PIL: (width, height)
+    assert Image.open(ds / "images" / "train" / "set2.png").size == (512, 511)  # resized by its own factor
+    with pytest.raises(ValueError, match="PATH@SCALE"):
+        prepare_dataset(DataConfig(data=str(main), out=str(tmp_path / "ds2"), extra=(str(extra),)))
+
+
+def test_texture_background_removes_cells_and_refuses_confluent_fields():
+    rng = np.random.default_rng(0)
+    flat = np.full((200, 300), 120, np.uint8) + rng.integers(0, 3, (200, 300)).astype(np.uint8)
+    img = flat.copy()
+    yy, xx = np.mgrid[:200, :300]
+    for cy, cx in ((50, 60), (120, 200), (150, 80)):
+        ring = np.abs(np.hypot(yy - cy, xx - cx) - 12) < 2
+        img[ring] = 230  # a phase halo
+        img[np.hypot(yy - cy, xx - cx) < 9] = 60
+    back = copypaste.texture_background(img)
+    assert back is not None
+    assert np.abs(back.astype(int) - 120).max() < 25  # the cells are gone, the flat grey stays
+    textured = rng.integers(0, 255, (200, 300)).astype(np.uint8)
+    assert copypaste.texture_background(textured) is None  # nothing flat to keep
+
+
+def test_copy_paste_reaches_confluence_with_exact_labels():
+    lab = np.zeros((200, 300), np.int32)
+    img = np.full((200, 300), 120, np.uint8)
+    for k, (cy, cx) in enumerate(((40, 40), (100, 150), (150, 250), (60, 220)), start=1):
+        m = (np.mgrid[:200, :300][0] - cy) ** 2 + (np.mgrid[:200, :300][1] - cx) ** 2 < 100
+        lab[m], img[m] = k, 60
+    fields = [dataset.LabelledField("f", img, lab)]
+    dense = copypaste.synthesize(fields, 2, seed=3, cfg=copypaste.CopyPasteConfig(cells=(300, 400), tries=6),
+                                 backgrounds=[np.full((200, 300), 110, np.uint8)])
+    for f in dense:
+        ids = np.unique(f.labels)
+        assert ids[0] == 0 and list(ids[1:]) == list(range(1, len(ids)))  # 1..K, no gaps
+        assert len(ids) - 1 > 100  # far denser than the source's 4 cells
+        assert (f.labels > 0).mean() > 0.5  # toward confluence
