@@ -161,8 +161,13 @@ class SegmentActor:
             try:
                 types = [str(batch["cell_type"][i]) for i in ok]
                 if self.classifier is not None:  # every field's type from its pixels, whatever the routing
-                    for i, (t, prob, _) in zip(ok, self.classifier([batch["image"][i] for i in ok])):
-                        predicted[i], probability[i] = t, prob
+                    try:
+                        for i, (t, prob, _) in zip(ok, self.classifier([batch["image"][i] for i in ok])):
+                            predicted[i], probability[i] = t, prob
+                    except Exception:
+                        if self.route == "auto":
+                            raise  # no type, no route: the batch fails with the reason
+                        log.exception("field classifier failed; cell_type_predicted left empty")
                     if self.route == "auto":
                         types = [predicted[i] for i in ok]
                 res = self.segmenter([batch["image"][i] for i in ok], types)
