@@ -76,6 +76,29 @@ def test_a_dead_writers_lease_expires_and_the_stalled_writer_learns_it_lost(wher
     taker.release()
 
 
+def test_a_killed_writer_on_this_host_frees_its_lease_at_once(tmp_path):
+    """A run SIGKILLed on this machine: its process is gone, so the same command run again takes over
+    without waiting out the lease (on another host only the expiry can tell)."""
+    import json
+    import socket
+
+    out = store.Outputs(str(tmp_path / "out"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lease_dir = tmp_path / "out" / ".lease"
+    lease_dir.mkdir(parents=True)
+    rec = {"owner": f"{socket.gethostname()}:{dead.pid}:dead", "host": socket.gethostname(), "pid": dead.pid,
+           "token": 4, "expires": time.time() + 600}
+    (lease_dir / "000000000004.json").write_text(json.dumps(rec))
+    taken = store.acquire(out, ttl_s=30)
+    assert taken.token == 5
+    taken.release()
+    alive = {**rec, "pid": __import__("os").getpid(), "token": 6}  # a live process still holds it
+    (lease_dir / "000000000006.json").write_text(json.dumps(alive))
+    with pytest.raises(store.LeaseBusy):
+        store.acquire(out, ttl_s=30)
+
+
 def test_a_waiting_writer_starts_when_the_holder_releases(where):
     holder = store.acquire(where, ttl_s=30)
     said, got = [], []

@@ -6,9 +6,10 @@ So a run holds a lease on OUT for as long as it writes: ``OUT/.lease/<token>.jso
 is one more than the highest present. A token file is created exclusively (``O_EXCL`` on a local
 disk; a conditional PUT, ``If-None-Match: *``, on an object store), so of two runs reaching for the
 same token exactly one gets it, and tokens only grow: the token is the fence. The holder renews its
-file's expiry from a background thread; a run that died leaves a lease that expires, and the next run
-takes the next token. A holder that finds a higher token than its own (its lease expired while it
-was stalled, and another run took over) has lost the lease and stops before writing more.
+file's expiry from a background thread; a run that died leaves a lease that expires (at once for a
+run on the same host, whose process is visibly gone), and the next run takes the next token. A
+holder that finds a higher token than its own (its lease expired while it was stalled, and another
+run took over) has lost the lease and stops before writing more.
 """
 
 from __future__ import annotations
@@ -124,7 +125,18 @@ def _who(rec: dict[str, Any]) -> str:
 
 
 def _free(rec: dict[str, Any]) -> bool:
-    return bool(rec.get("released")) or float(rec.get("expires", 0)) < time.time()
+    """Released, expired, or held by a process of this host that no longer exists (a killed run: the same
+    command run again at once resumes rather than waiting out the lease)."""
+    if rec.get("released") or float(rec.get("expires", 0)) < time.time():
+        return True
+    if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
+        try:
+            os.kill(rec["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+    return False
 
 
 def _token_path(outputs: Outputs, token: int) -> str:
