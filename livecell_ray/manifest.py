@@ -39,9 +39,25 @@ class Manifest:
         return len(self.fields)
 
 
-def _row_name(i: int) -> str:
+def row_name(i: int) -> str:
     """0 -> 'A', 25 -> 'Z', 26 -> 'AA' (1536-well plates)."""
     return chr(65 + i) if i < 26 else "A" + chr(65 + i - 26)
+
+
+def row_index(row: str) -> int:
+    """'A' -> 0, 'Z' -> 25, 'AA' -> 26: the inverse of :func:`row_name`."""
+    row = row.upper()
+    return ord(row[0]) - 65 if len(row) == 1 else 26 + ord(row[1]) - 65
+
+
+def plate_grid(rows: list[str], cols: list[int]) -> tuple[int, int]:
+    """(rows, columns) of the smallest 96-, 384- or 1536-well plate holding these wells (else their extent)."""
+    max_row = max((row_index(r) for r in rows), default=0) + 1
+    max_col = max(cols, default=1)
+    for nr, nc in ((8, 12), (16, 24), (32, 48)):
+        if max_row <= nr and max_col <= nc:
+            return nr, nc
+    return max_row, max_col
 
 
 def parse_well(well: str) -> tuple[str, int]:
@@ -69,7 +85,7 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
         row, col = parse_well(g["well"])
     elif "row" in g and "column" in g:
         # Rows as letters (B) or as numbers counted from 1 (02, as Operetta and CellInsight name them).
-        row = _row_name(int(g["row"]) - 1) if g["row"].isdigit() else g["row"].upper()
+        row = row_name(int(g["row"]) - 1) if g["row"].isdigit() else g["row"].upper()
         row, col = parse_well(f"{row}{int(g['column'])}")
     else:
         return None

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from livecell_ray.manifest import ManifestError, parse_well
+from livecell_ray.manifest import ManifestError, parse_well, plate_grid, row_index
 
 #: Where the map's copy lives under OUT, and the run.json key that says where it came from.
 PLATEMAP_FILE = "platemap.parquet"
@@ -35,12 +35,6 @@ POSITIVE = {"positive", "pos", "kill", "max"}
 
 class PlateMapError(ValueError):
     """A plate map that cannot be used; the message names the file, the row and the reason."""
-
-
-def row_index(row: str) -> int:
-    """'A' -> 0, 'Z' -> 25, 'AA' -> 26 (1536-well plates)."""
-    row = row.upper()
-    return ord(row[0]) - 65 if len(row) == 1 else 26 + ord(row[1]) - 65
 
 
 def read(path: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -158,13 +152,7 @@ def plate_format(wells: Any, declared: Any = None) -> tuple[int, int]:
     if declared is not None and not pd.isna(declared):
         return FORMATS[int(declared)]
     rc = [parse_well(str(w)) for w in wells]
-    max_row = max((row_index(r) for r, _ in rc), default=0) + 1
-    max_col = max((c for _, c in rc), default=1)
-    for n in (96, 384, 1536):
-        nr, nc = FORMATS[n]
-        if max_row <= nr and max_col <= nc:
-            return nr, nc
-    return max_row, max_col
+    return plate_grid([r for r, _ in rc], [c for _, c in rc])
 
 
 def save(outputs: Any, df: pd.DataFrame, source: str) -> dict[str, Any]:

@@ -20,28 +20,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from livecell_ray import store  # noqa: E402
+from livecell_ray.manifest import plate_grid, row_index, row_name  # noqa: E402
 from livecell_ray.query import Results  # noqa: E402
 
 HEATMAP_METRICS = ("cells_per_field_mean", "confluence", "area_median", "eccentricity_mean")
-
-
-def plate_format(rows: list[str], cols: list[int]) -> tuple[int, int]:
-    """96-well (8x12), 384-well (16x24) or 1536-well (32x48) grid that holds these wells."""
-    max_row = max((_row_index(r) for r in rows), default=0) + 1
-    max_col = max(cols, default=1)
-    for nr, nc in ((8, 12), (16, 24), (32, 48)):
-        if max_row <= nr and max_col <= nc:
-            return nr, nc
-    return max_row, max_col
-
-
-def _row_index(r: str) -> int:
-    r = r.upper()
-    return (ord(r[0]) - 65) if len(r) == 1 else 26 + (ord(r[1]) - 65)
-
-
-def _row_name(i: int) -> str:
-    return chr(65 + i) if i < 26 else "A" + chr(65 + i - 26)
 
 
 def _png(fig) -> str:
@@ -55,15 +37,15 @@ def heatmap(wells: pd.DataFrame, metric: str, plate: str) -> str:
     """One plate grid coloured by a metric; wells without data are left empty (grey hatch)."""
     w = wells[wells["plate"] == plate]
     rows_cols = [store_well(x) for x in w["well"]]
-    nr, nc = plate_format([r for r, _ in rows_cols], [c for _, c in rows_cols])
+    nr, nc = plate_grid([r for r, _ in rows_cols], [c for _, c in rows_cols])
     grid = np.full((nr, nc), np.nan)
     for (r, c), v in zip(rows_cols, w[metric]):
-        grid[_row_index(r), c - 1] = v
+        grid[row_index(r), c - 1] = v
     fig, ax = plt.subplots(figsize=(max(4, nc * 0.42), max(2.6, nr * 0.36)))
     ax.set_facecolor("#e8e8e8")
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="equal")
     ax.set_xticks(range(nc), [str(i + 1) for i in range(nc)], fontsize=7)
-    ax.set_yticks(range(nr), [_row_name(i) for i in range(nr)], fontsize=7)
+    ax.set_yticks(range(nr), [row_name(i) for i in range(nr)], fontsize=7)
     ax.set_xticks(np.arange(-0.5, nc), minor=True)
     ax.set_yticks(np.arange(-0.5, nr), minor=True)
     ax.grid(which="minor", color="white", linewidth=1)
