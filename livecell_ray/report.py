@@ -185,7 +185,7 @@ def _screen_sections(res: Results, per_time: pd.DataFrame) -> list[str]:
         metric = "cells_per_field_mean"
         per_well = res.per_well(metric)
         values, _ = dose_response.normalise(per_well, metric)
-        fits = res.dose_response(metric)
+        fits = dose_response.dose_response_table(per_well, metric)  # the same wells, not queried again
         parts.append(f"<h2>Dose-response ({metric} at each well's last timepoint)</h2>")
         for f in fits.to_dict("records"):
             sel = (per_well["compound"] == f["compound"]) & (per_well["dose"] > 0)
