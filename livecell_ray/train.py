@@ -55,6 +55,9 @@ class TrainConfig:
     cache: bool = True
     time_hours: float | None = None  # stop after this wall time (ultralytics' `time`)
     lr0: float | None = None  # AdamW's starting learning rate; None: ultralytics' automatic choice
+    # Validate every epoch (ultralytics' default), or only after the last: on a GPU with a small data set
+    # the per-epoch validation costs as much as the epoch, and runs that keep last.pt never read it.
+    val: bool = True
 
 
 def _device(requested: str | None) -> str:
@@ -156,6 +159,7 @@ def train_args(cfg: TrainConfig) -> dict[str, Any]:
         "cache": "ram" if cfg.cache else False,
         "single_cls": True,
         "max_det": 1000,
+        "val": cfg.val,
     }
     if cfg.time_hours:
         args["time"] = cfg.time_hours
