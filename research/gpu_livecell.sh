@@ -6,7 +6,7 @@
 #   python research/pack_livecell_gpu.py .gpu       # here: the inputs, about 21 MiB
 #   bash research/gpu_livecell.sh                   # there (carry .gpu and .whl-train), or here on a CPU
 # Environment: T1, T2 (hours of stage 1 and 2, default 0.045 each: the whole call about 8 minutes), FOLDS (default all six), W1, W2 (loader
-# processes per run in stage 1 and 2, default 2 and 1), DEVICE (default: the GPU if there is one).
+# processes per run in stage 1 and 2, default 2 and 1), END (seconds by which stage 2 ends, default 470).
 # Results: runs/lc_student/ (per run: results.csv, args.yaml, last.pt; eval_*.json), packed into $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +50,8 @@ for k in "${!FOLD[@]}"; do
   cp -r $P/$k-stage1-data $P/$k-real-data
   timeout 60 python3 $S data "$k-pseudo" "${FOLD[$k]}" --pseudo $P/$k-pseudo-fields > $P/$k-pseudo.data.log 2>&1 &
 done; wait
+# Stage 2 ends by END seconds after the start whatever stage 1 cost, so that scoring and packing fit the call.
+T2=$(python3 -c "print(round(min($T2, ((${END:-470} - $(date +%s) + t0) - 40) / 3600), 4))")
 stamp "stage 2 training, $T2 h each, both variants"
 for k in "${!FOLD[@]}"; do
   for v in real pseudo; do
