@@ -51,7 +51,7 @@ for k in "${!FOLD[@]}"; do
   timeout 60 python3 $S data "$k-pseudo" "${FOLD[$k]}" --pseudo $P/$k-pseudo-fields > $P/$k-pseudo.data.log 2>&1 &
 done; wait
 # Stage 2 ends by END seconds after the start whatever stage 1 cost, so that scoring and packing fit the call.
-T2=$(python3 -c "print(round(min($T2, ((${END:-470} - $(date +%s) + t0) - 40) / 3600), 4))")
+T2=$(python3 -c "print(round(min($T2, ((${END:-470} - $(date +%s) + $t0) - 40) / 3600), 4))")
 stamp "stage 2 training, $T2 h each, both variants"
 for k in "${!FOLD[@]}"; do
   for v in real pseudo; do
