@@ -17,6 +17,7 @@ Inputs come from research/pack_livecell_gpu.py; research/gpu_livecell.sh runs al
     python research/livecell_student.py train RUN MODEL HOURS [--workers W] [--lr0 LR]
     python research/livecell_student.py pseudo TEACHER OUT_DIR
     python research/livecell_student.py eval WEIGHTS FOLD OUT_JSON
+    python research/livecell_student.py table [RUNS_DIR]      # the card's table from the eval_*.json
 """
 
 from __future__ import annotations
@@ -87,6 +88,33 @@ def score(weights: str, fold: str, out: str) -> None:
     print(f"{weights} on {fold}: mask AP {m.mask['AP']:.3f} AP75 {m.mask['AP75']:.3f} cells {m.n_pred}/{m.n_gt}")
 
 
+def table(project: Path = PROJECT) -> str:
+    """Markdown: each held-out field's mask AP / AP75 / cells found per stage, then mean (sd) over folds."""
+    import numpy as np
+
+    stages = ("base", "stage1", "real", "pseudo")
+    runs: dict[str, dict[str, dict]] = {}
+    for p in sorted(project.glob("eval_*.json")):
+        d = json.loads(p.read_text())
+        if d["fold"] != "all":
+            runs.setdefault(d["fold"], {})[p.stem.rsplit("-", 1)[1]] = d["results"]["all"]
+    head = "| held-out field (cells) | " + " | ".join(f"{s}: mask AP / AP75 / found" for s in stages) + " |"
+    lines = [head, "|" + " --- |" * (len(stages) + 1)]
+    for fold, by in runs.items():
+        n_gt = next(iter(by.values()))["n_gt"]
+        cells = [f"{by[s]['mask']['AP']:.3f} / {by[s]['mask']['AP75']:.3f} / {by[s]['n_pred']}" if s in by else "-"
+                 for s in stages]
+        lines.append(f"| {fold} ({n_gt}) | " + " | ".join(cells) + " |")
+    stats = []
+    for s in stages:
+        ap = np.array([by[s]["mask"]["AP"] for by in runs.values() if s in by])
+        err = np.array([by[s]["count_error"] for by in runs.values() if s in by])
+        stats.append(f"**{ap.mean():.3f}** ({ap.std(ddof=1):.3f}); count err {err.mean():.2f}" if len(ap) > 1
+                     else "-")
+    lines.append(f"| mean (sd) over {len(runs)} folds | " + " | ".join(stats) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -107,6 +135,8 @@ def main() -> None:
     e.add_argument("weights")
     e.add_argument("fold")
     e.add_argument("out")
+    tb = sub.add_parser("table")
+    tb.add_argument("runs", nargs="?", default=str(PROJECT))
     a = p.parse_args()
     if a.cmd == "data":
         print(build_data(a.run, a.fold, a.pseudo))
@@ -114,8 +144,10 @@ def main() -> None:
         print(train_run(a.run, a.model, a.hours, a.workers, a.lr0))
     elif a.cmd == "pseudo":
         pseudo_labels(a.teacher, a.out)
-    else:
+    elif a.cmd == "eval":
         score(a.weights, a.fold, a.out)
+    else:
+        print(table(Path(a.runs)))
 
 
 if __name__ == "__main__":
