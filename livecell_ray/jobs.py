@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from livecell_ray import offline
+from livecell_ray import credentials, offline
 from livecell_ray.config import segment_config_from_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,11 @@ def read_spec(path: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     segment_config_from_spec(spec, path)
+    found = credentials.spec_secrets(spec)
+    if found:
+        raise SpecError(f"{path}: {', '.join(found)} holds a credential, and a submitted spec travels in clear in "
+                        f"the Ray job's entrypoint (anyone who can list the cluster's jobs reads it); remove it and "
+                        f"{credentials.HOW}")
     return spec
 
 

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 import livecell_ray
+from livecell_ray import credentials, models, offline, store
 from livecell_ray import manifest as manifest_mod
-from livecell_ray import models, offline, store
 from livecell_ray.config import InferenceConfig, NormalizeConfig, SegmentConfig
 from livecell_ray.imaging import ImageError, normalize, read_image
 from livecell_ray.measure import measure_cells, measure_field
@@ -358,6 +358,10 @@ def init_ray(cfg: SegmentConfig) -> None:
 
 def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]]:
     """Everything that can be checked before Ray starts: manifest, OUT, weights."""
+    for name, url in (("source", cfg.source), ("OUT", cfg.out)):
+        if credentials.url_password(url):  # it would be in every path column, run.json and the logs
+            raise RunError(f"{credentials.redact_url(url)}: the {name} URL holds a password; leave it out and "
+                           f"{credentials.HOW}")
     man = manifest_mod.build(cfg.source, cfg.pattern, cfg.manifest, cfg.storage_options)
     outputs = store.Outputs(cfg.out, cfg.storage_options)
     weights = models.resolve_map(cfg.model, cfg.trust_weights)
