@@ -56,8 +56,15 @@ def segment(
                                         "(default: half the cluster's CPUs each)"),
     pattern: str = typer.Option(LIVECELL_PATTERN, help="File-name regex with named groups"),
     manifest: str | None = typer.Option(None, help="Explicit CSV/Parquet manifest instead of scanning"),
-    pixel_size: float | None = typer.Option(None, min=0.0, help="Micrometres per pixel (adds area_um2)"),
-    imgsz: int = typer.Option(704, min=32, help="Network input size (long side)"),
+    pixel_size: float | None = typer.Option(None, help="Micrometres per pixel of the fields: each is resampled to "
+                                            "its model's scale (masks and tables stay in the field's pixels) and "
+                                            "gets area_um2 (default: the files' own metadata, else the model's)"),
+    channel: str | None = typer.Option(None, help="The phase plane of multi-channel files: an index from 0, or an "
+                                       "OME channel name"),
+    stack_axis: str | None = typer.Option(None, help="t: each plane of a time-lapse TIFF stack is a timepoint"),
+    interval: float | None = typer.Option(None, help="Hours between the planes of a --stack-axis t stack "
+                                          "(default: the file's OME TimeIncrement)"),
+    imgsz: int = typer.Option(704, min=32, help="Network input size (long side); larger fields are tiled"),
     conf: float = typer.Option(0.25, min=0.0, max=1.0, help="Detection confidence threshold"),
     max_det: int = typer.Option(3000, min=1, help="Most cells kept per field"),
     tta: bool = typer.Option(False, help="Test-time augmentation: masks averaged with the field's two mirror "
@@ -95,12 +102,17 @@ def segment(
         inference = InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, backend=backend, tta=tta)
     except ValueError as exc:
         fail(f"--backend: {exc}")
-    cfg = SegmentConfig(source=source, out=out, model=model, trust_weights=trust_weights, batch_size=batch_size,
-                        replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
-                        io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size, address=address,
-                        num_cpus=num_cpus, storage_options=opts, overwrite=overwrite, max_pixels=max_pixels,
-                        stall_timeout_s=stall_timeout or None, compact=compact, inference=inference,
-                        wait_for_lease=wait, route=route, classifier=None if classifier == "none" else classifier)
+    try:
+        cfg = SegmentConfig(source=source, out=out, model=model, trust_weights=trust_weights, batch_size=batch_size,
+                            replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
+                            io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size,
+                            address=address, num_cpus=num_cpus, storage_options=opts, overwrite=overwrite,
+                            max_pixels=max_pixels, stall_timeout_s=stall_timeout or None, compact=compact,
+                            inference=inference, wait_for_lease=wait, route=route,
+                            classifier=None if classifier == "none" else classifier, channel=channel,
+                            stack_axis=stack_axis, interval_h=interval)
+    except ValueError as exc:
+        fail(str(exc))
 
     try:
         import re
@@ -156,6 +168,9 @@ def _print_summary(s: Any) -> None:
     t.add_row("time", f"{s.seconds:.1f} s ({s.fields_per_second:.2f} fields/s)")
     for why in s.restarts:
         t.add_row("restarted", why)
+    if s.scale_assumed:
+        t.add_row("pixel size", f"assumed for {s.scale_assumed} fields: no --pixel-size and none in the files, so "
+                  f"taken to be the model's (give --pixel-size UM if they are imaged at another scale)")
     if s.compaction:
         c = s.compaction
         t.add_row("compacted", f"failed ({c['error']}); the fields stand, rerun to retry" if "error" in c else
@@ -244,17 +259,22 @@ def evaluate(
     max_det: int = typer.Option(3000, min=1),
     tta: bool = typer.Option(False, help="Test-time augmentation, as in segment --tta"),
     select: str = typer.Option("", help="Comma-separated image names to evaluate (default: all)"),
+    pixel_size: float | None = typer.Option(None, help="The images' micrometres per pixel, as segment --pixel-size "
+                                            "(default: each file's metadata, else the model's scale)"),
     trust_weights: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of the table"),
 ) -> None:
     """LIVECell-protocol COCO evaluation (mask/box AP at maxDets 2000, AP50, AP75, F1, count error)."""
     from livecell_ray import evaluate as ev
+
+    if pixel_size is not None and not pixel_size > 0:
+        fail(f"--pixel-size must be a positive number of micrometres, got {pixel_size}")
     from livecell_ray.models import WeightsError
 
     try:
         results, info = ev.run(weights, annotations, images_dir,
                                InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, tta=tta), trust_weights,
-                               [s for s in select.split(",") if s] or None)
+                               [s for s in select.split(",") if s] or None, pixel_size)
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if json_out:

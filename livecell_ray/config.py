@@ -42,6 +42,9 @@ class InferenceConfig:
     # times the network's work; small.pt's held-out mask AP 0.343 -> 0.363 (weights/README.md).
     tta: bool = False
     tta_match_iou: float = 0.6
+    # A field larger than imgsz (at the model's scale) is cut into imgsz tiles overlapping by this many
+    # pixels, more than a cell is wide (livecell_ray.tiles); None: a quarter of imgsz.
+    tile_overlap: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "onnx"):
@@ -62,7 +65,15 @@ class SegmentConfig:
     cpus_per_replica: float = 0.5
     pattern: str = LIVECELL_PATTERN
     manifest: str | None = None
-    pixel_size: float | None = None  # micrometres per pixel
+    # Micrometres per pixel of the plate's fields (a manifest's pixel_size column, then the file's own OME or
+    # TIFF resolution metadata, win for their fields): each field is resampled to its model's pixel size
+    # before the network, and its labels mapped back to the field's own pixels. None: taken as the model's.
+    pixel_size: float | None = None
+    # A multi-plane file's phase plane (an index, or an OME channel name); a time-lapse stack read as one
+    # field-timepoint a plane (stack_axis "t", interval_h apart). Multi-plane files are never averaged.
+    channel: str | None = None
+    stack_axis: str | None = None
+    interval_h: float | None = None
     address: str | None = None
     num_cpus: int | None = None  # for a local ray.init
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +112,20 @@ class SegmentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
+    def __post_init__(self) -> None:
+        """Values no run could use fail here, naming the flag (and spec key), before anything is written."""
+        if self.pixel_size is not None and not self.pixel_size > 0:
+            raise ValueError(f"--pixel-size (pixel_size) must be a positive number of micrometres, "
+                             f"got {self.pixel_size}")
+        if self.stack_axis not in (None, "t"):
+            raise ValueError(f"--stack-axis (stack_axis) {self.stack_axis!r}: the only stack axis read is t (time)")
+        if self.interval_h is not None and not self.interval_h > 0:
+            raise ValueError(f"--interval (interval) must be a positive number of hours, got {self.interval_h}")
+        if self.interval_h is not None and self.stack_axis is None:
+            raise ValueError("--interval (interval) applies to --stack-axis t only")
+        if self.channel is not None and str(self.channel).lstrip("-").isdigit() and int(self.channel) < 0:
+            raise ValueError(f"--channel (channel) {self.channel} is out of range: channels count from 0")
+
     def provenance(self) -> dict[str, Any]:
         """Parameters that change the outputs; a rerun into OUT must match these to resume."""
         d = dataclasses.asdict(self)
@@ -112,6 +137,11 @@ class SegmentConfig:
             d.pop(k, None)
         if self.route == "none":  # as before routing existed, so earlier outputs still resume
             d.pop("route")
+        for k in ("channel", "stack_axis", "interval_h"):  # likewise for multi-plane files
+            if d[k] is None:
+                d.pop(k)
+        if self.inference.tile_overlap is None:  # as before tiling existed, so earlier outputs still resume
+            d["inference"].pop("tile_overlap")
         if not self.inference.tta:  # as before TTA existed, so earlier outputs still resume
             d["inference"].pop("tta")
             d["inference"].pop("tta_match_iou")
@@ -131,8 +161,9 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
               "io_worker_max_fields": "io_worker_max_fields", "stall_timeout_s": "stall_timeout_s",
               "stall_restarts": "stall_restarts", "compact": "compact", "wait": "wait_for_lease",
-              "lease_ttl_s": "lease_ttl_s", "classifier": "classifier", "route": "route"}
-_INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend"}
+              "lease_ttl_s": "lease_ttl_s", "classifier": "classifier", "route": "route", "channel": "channel",
+              "stack_axis": "stack_axis", "interval": "interval_h"}
+_INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend", "tile_overlap"}
 
 
 def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> SegmentConfig:
@@ -151,6 +182,8 @@ def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> S
             inference[key] = value
         else:
             raise SpecError(f"{where}: unknown key '{key}'")
+    if isinstance(kwargs.get("channel"), int) and not isinstance(kwargs["channel"], bool):
+        kwargs["channel"] = str(kwargs["channel"])  # an index in YAML; names are strings
     _check_types(where, SegmentConfig, kwargs)
     _check_types(where, InferenceConfig, inference)
     at_least_one = [kwargs.get(k) for k in ("replicas", "batch_size", "io_tasks", "io_worker_max_fields")]
@@ -162,9 +195,9 @@ def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> S
         raise SpecError(f"{where}: stall_restarts must be 0 or more")
     try:
         kwargs["inference"] = InferenceConfig(**inference)
+        return SegmentConfig(**kwargs)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{where}: {exc}") from exc
-    return SegmentConfig(**kwargs)
 
 
 def _check_types(where: str, cls: type, values: dict[str, Any]) -> None:

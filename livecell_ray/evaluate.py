@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from livecell_ray.config import InferenceConfig
-from livecell_ray.imaging import normalize, read_image
+from livecell_ray.imaging import normalize
 from livecell_ray.manifest import parse_name
 
 AREA_RANGES = [[0, 1e10], [0, 324], [324, 961], [961, 1e10]]
@@ -86,12 +86,16 @@ def load_coco(annotations: str | Path, images_dir: str | Path) -> list[EvalImage
     return out
 
 
-def predict(images: Iterable[EvalImage], segmenter) -> list[Prediction]:
-    """Run the segmenter exactly as the pipeline does, one image at a time."""
+def predict(images: Iterable[EvalImage], segmenter, pixel_size: float | None = None) -> list[Prediction]:
+    """Run the segmenter exactly as the pipeline does, one image at a time (``pixel_size``: the images'
+    um/px, as segment --pixel-size; else what each file's metadata says, else the model's)."""
+    from livecell_ray.imaging import read_image_with_info
+
     preds = []
     for im in images:
-        img = normalize(read_image(im.path))
-        r = segmenter([img], [im.cell_type])[0]
+        raw, info = read_image_with_info(im.path)
+        img = normalize(raw)
+        r = segmenter([img], [im.cell_type], [pixel_size or info.pixel_size])[0]
         preds.append(Prediction(r.labels, r.confidences))
     return preds
 
@@ -226,7 +230,8 @@ def to_json(results: dict[str, Metrics], extra: dict[str, Any] | None = None) ->
 
 
 def run(weights_spec: str, source: str, images_dir: str | None = None, inference: InferenceConfig | None = None,
-        trust: bool = False, select: list[str] | None = None) -> tuple[dict[str, Metrics], dict[str, Any]]:
+        trust: bool = False, select: list[str] | None = None, pixel_size: float | None = None
+        ) -> tuple[dict[str, Metrics], dict[str, Any]]:
     """Evaluate shipped or user weights on a COCO json (+ images dir) or a mask folder."""
     from livecell_ray import models
     from livecell_ray.segment import Segmenter
@@ -242,7 +247,8 @@ def run(weights_spec: str, source: str, images_dir: str | None = None, inference
     weights = models.resolve_map(weights_spec, trust)
     inference = inference or InferenceConfig()
     seg = Segmenter(weights, inference)
-    preds = predict(images, seg)
+    preds = predict(images, seg, pixel_size)
     info = {"weights": {k: {"path": w.path, "sha256": w.sha256} for k, w in weights.items()},
-            "source": source, "images": [i.name for i in images], "inference": inference.__dict__}
+            "source": source, "images": [i.name for i in images], "inference": inference.__dict__,
+            "pixel_size": pixel_size}
     return evaluate_by_type(images, preds), info

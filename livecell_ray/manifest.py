@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pandas as pd
 
 from livecell_ray.config import IMAGE_SUFFIXES, LIVECELL_PATTERN
 
 COLUMNS = ["field_id", "path", "plate", "well", "row", "column", "field", "crop", "timepoint",
-           "cell_type", "site", "t_index", "n_timepoints"]
+           "cell_type", "site", "t_index", "n_timepoints", "plane", "pixel_size"]
 
 _WELL = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
 
@@ -115,6 +116,12 @@ def field_id(plate: str, well: str, field: str, crop: int, timepoint: float) -> 
 def _finish(df: pd.DataFrame) -> pd.DataFrame:
     """Add ids, NGFF site names and time indices; reject duplicates."""
     df = df.copy()
+    if "plane" not in df:
+        df["plane"] = -1  # the whole file is the field (-1), or this plane of a stack (--stack-axis t)
+    if "pixel_size" not in df:
+        df["pixel_size"] = np.nan  # um/px given for this field (a manifest column); NaN: --pixel-size or the file's
+    df["plane"] = df["plane"].fillna(-1).astype(int)
+    df["pixel_size"] = df["pixel_size"].astype(float)
     df["well"] = [f"{r}{c}" for r, c in zip(df["row"], df["column"])]
     df["field_id"] = [field_id(p, w, f, c, t) for p, w, f, c, t in
                       zip(df["plate"], df["well"], df["field"], df["crop"], df["timepoint"])]
@@ -231,6 +238,50 @@ def load(manifest_url: str, storage_options: dict[str, Any] | None = None) -> Ma
         plate=df["plate"].astype(str), path=df["path"].astype(str),
     )
     return Manifest(_finish(df))
+
+
+def expand_stacks(man: Manifest, interval_h: float | None, storage_options: dict[str, Any] | None = None
+                  ) -> Manifest:
+    """--stack-axis t: each plane of each time-lapse TIFF becomes its own field-timepoint, ``interval_h`` apart
+    (from the file's OME TimeIncrement when not given). Reads each file's header only (tifffile)."""
+    import tifffile
+
+    rows = []
+    for r in man.fields.to_dict("records"):
+        path = r["path"]
+        try:
+            with fsspec.open(path, "rb", **(storage_options or {})) as f, tifffile.TiffFile(f) as tif:
+                series = tif.series[0]
+                axes, shape = series.axes, tuple(series.shape)
+                step = interval_h or _ome_interval_h(tif)
+        except Exception as exc:
+            raise ManifestError(f"{path}: --stack-axis t: cannot read it as a TIFF stack "
+                                f"({type(exc).__name__}: {exc})") from exc
+        extra = [(a, n) for a, n in zip(axes, shape) if a not in "YX" and n > 1]
+        n = dict(extra).get("T") or (extra[0][1] if len(extra) == 1 and extra[0][0] in "SIQZ" else None)
+        if not n:
+            raise ManifestError(f"{path}: --stack-axis t does not fit the file: {axes} {shape} has "
+                                f"{'no plane axis' if not extra else 'no single time axis'}")
+        if not step or step <= 0:
+            raise ManifestError(f"{path}: --stack-axis t needs --interval HOURS (the file does not say its own)")
+        rows += [{**r, "plane": k, "timepoint": round(float(r["timepoint"]) + k * step, 4)} for k in range(n)]
+    cols = [c for c in COLUMNS if c not in ("field_id", "site", "t_index", "n_timepoints")]
+    return Manifest(_finish(pd.DataFrame(rows)[cols]), man.unmatched)
+
+
+def _ome_interval_h(tif: Any) -> float | None:
+    """Hours between timepoints from OME-XML's Pixels TimeIncrement, when the file records it."""
+    import tifffile
+
+    if not tif.is_ome:
+        return None
+    try:
+        image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        px = (image[0] if isinstance(image, list) else image)["Pixels"]
+        unit = {"s": 1 / 3600, "ms": 1 / 3.6e6, "min": 1 / 60, "h": 1.0}[str(px.get("TimeIncrementUnit", "s"))]
+        return float(px["TimeIncrement"]) * unit
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def build(source: str, pattern: str = LIVECELL_PATTERN, manifest: str | None = None,

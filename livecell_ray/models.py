@@ -65,6 +65,9 @@ class Weights:
     name: str
     path: str
     sha256: str
+    # Micrometres per pixel of its training data (weights/models.json for shipped files; None: not known, and
+    # every field is taken to be at the model's scale).
+    pixel_size: float | None = None
 
 
 def resolve(spec: str, trust: bool = False) -> Weights:
@@ -90,7 +93,20 @@ def resolve(spec: str, trust: bool = False) -> Weights:
     if expected is None and digest not in sums.values() and not trust:
         raise WeightsError(f"{path}: not a shipped model (sha256 {digest[:12]}... unknown); "
                            f"pass --trust-weights to load your own file")
-    return Weights(spec, str(path.resolve()), digest)
+    shipped = {v: k for k, v in sums.items()}.get(digest)
+    return Weights(spec, str(path.resolve()), digest, model_pixel_size(shipped, wdir) if shipped else None)
+
+
+def model_pixel_size(file_name: str, directory: Path | None = None) -> float | None:
+    """A shipped file's training pixel size (um/px) from weights/models.json."""
+    import json
+
+    p = (directory or weights_dir()) / "models.json"
+    if not p.exists():
+        return None
+    entry = json.loads(p.read_text()).get(file_name) or {}
+    value = entry.get("pixel_size_um")
+    return float(value) if value else None
 
 
 def resolve_map(spec: str, trust: bool = False) -> dict[str, Weights]:
@@ -134,7 +150,7 @@ def resolve_classifier(spec: str | None, trust: bool = False) -> Weights | None:
         if expected != digest:
             raise WeightsError(f"{path}: sha256 {digest[:12]}... does not match weights/SHA256SUMS; "
                                f"refusing to unpickle")
-        return Weights(spec, str(path.resolve()), digest)
+        return Weights(spec, str(path.resolve()), digest, model_pixel_size(path.name))
     return resolve(spec, trust)
 
 

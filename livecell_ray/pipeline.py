@@ -35,7 +35,7 @@ import livecell_ray
 from livecell_ray import credentials, models, offline, store
 from livecell_ray import manifest as manifest_mod
 from livecell_ray.config import InferenceConfig, NormalizeConfig, SegmentConfig
-from livecell_ray.imaging import ImageError, normalize, read_image
+from livecell_ray.imaging import ImageError, PlaneError, Planes, normalize, read_image_with_info
 from livecell_ray.measure import measure_cells, measure_field
 
 if TYPE_CHECKING:  # segment imports torch, which the reading and measuring workers never need
@@ -69,6 +69,9 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "model": 0.0, "finish": 0.0})
     time_to_first_field: float | None = None
     restarts: list[str] = field(default_factory=list)  # why each stalled execution was thrown away
+    # Fields segmented with no pixel size known (no --pixel-size, manifest column or file metadata): taken to be
+    # at the model's scale, which the CLI's summary says.
+    scale_assumed: int = 0
     compaction: dict[str, Any] | None = None  # what compacting the wells did (None: not asked for)
 
     @property
@@ -94,12 +97,20 @@ class RunSummary:
 
 # --------------------------------------------------------------------------- stages
 def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels: int,
-               norm: NormalizeConfig) -> dict[str, Any]:
-    """Decode and normalise one field; on failure mark it and carry the reason along."""
+               norm: NormalizeConfig, channel: str | None = None, pixel_size: float | None = None) -> dict[str, Any]:
+    """Decode and normalise one field; on failure mark it and carry the reason along.
+
+    Its pixel size is the manifest's for it, else ``pixel_size`` (--pixel-size), else the file's own
+    (OME or TIFF resolution metadata), else unknown (NaN: the model's scale is assumed).
+    """
     row = dict(row)
     t0 = time.perf_counter()
     try:
-        raw = read_image(row["path"], storage_options, max_pixels)
+        plane = int(row.get("plane", -1))
+        raw, info = read_image_with_info(row["path"], storage_options, max_pixels,
+                                         Planes(channel, plane if plane >= 0 else None))
+        given = float(row.get("pixel_size", np.nan))
+        row["pixel_size"] = given if given > 0 else (pixel_size or info.pixel_size or np.nan)
         row["image"] = normalize(raw, norm)
         # The raw plane travels as bytes in its own dtype (uint8 stays 1 byte/px), for intensity statistics.
         row["raw"] = np.ascontiguousarray(raw).tobytes()
@@ -170,7 +181,9 @@ class SegmentActor:
                         log.exception("field classifier failed; cell_type_predicted left empty")
                     if self.route == "auto":
                         types = [predicted[i] for i in ok]
-                res = self.segmenter([batch["image"][i] for i in ok], types)
+                sizes = [float(batch["pixel_size"][i]) if "pixel_size" in batch else np.nan for i in ok]
+                res = self.segmenter([batch["image"][i] for i in ok], types,
+                                     [px if px > 0 else None for px in sizes])
                 for i, r in zip(ok, res):
                     label_out[i], cls_out[i], conf_out[i] = encode_instances(r)
             except Exception as exc:
@@ -237,7 +250,8 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
     summaries = [{"field_id": str(r["field_id"]), "path": str(r["path"]), "status": str(r["status"]), "n_cells": 0,
                   "stage": str(r["stage"]), "error": str(r["error"]), "model_node": str(r.get("model_node", "")),
                   "model_pid": int(r.get("model_pid", 0)), "measure_node": node, "measure_pid": os.getpid(),
-                  "read_s": float(r.get("read_s", 0.0)), "model_s": float(r.get("model_s", 0.0))} for r in rows]
+                  "read_s": float(r.get("read_s", 0.0)), "model_s": float(r.get("model_s", 0.0)),
+                  "pixel_size": float(r.get("pixel_size", np.nan))} for r in rows]
     block: list[tuple[int, store.FieldResult]] = []
     for i, (row, summary) in enumerate(zip(rows, summaries)):
         if summary["status"] != "ok":
@@ -247,7 +261,8 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
             raw = np.frombuffer(row["raw"], np.dtype(str(row["raw_dtype"]))).reshape(labels.shape)
             cls = np.frombuffer(row["class_ids"], np.int16)
             conf = np.frombuffer(row["confidences"], np.float32)
-            cells = measure_cells(labels, raw, cls, conf, pixel_size)
+            px = float(row.get("pixel_size", np.nan))
+            cells = measure_cells(labels, raw, cls, conf, px if px > 0 else pixel_size)
             fstats = measure_field(labels, raw)
         except Exception as exc:
             summary.update(status="failed", stage="measure", error=f"{row['path']}: {type(exc).__name__}: {exc}")
@@ -363,6 +378,18 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
             raise RunError(f"{credentials.redact_url(url)}: the {name} URL holds a password; leave it out and "
                            f"{credentials.HOW}")
     man = manifest_mod.build(cfg.source, cfg.pattern, cfg.manifest, cfg.storage_options)
+    if cfg.stack_axis == "t":
+        man = manifest_mod.expand_stacks(man, cfg.interval_h, cfg.storage_options)
+    # Multi-plane files read without the flags that say which plane (or with a channel they lack) fail here,
+    # on the first file, before anything is written; any other fault of that file is its own failure later.
+    first = man.fields.iloc[0]
+    try:
+        read_image_with_info(first["path"], cfg.storage_options, cfg.max_pixels,
+                             Planes(cfg.channel, int(first["plane"]) if first["plane"] >= 0 else None))
+    except PlaneError as exc:
+        raise RunError(str(exc)) from None
+    except ImageError:
+        pass
     outputs = store.Outputs(cfg.out, cfg.storage_options)
     weights = models.resolve_map(cfg.model, cfg.trust_weights)
     if cfg.route not in ("none", "auto"):
@@ -451,6 +478,7 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
             if res["status"] == "ok":
                 summary.fields_done += 1
                 summary.cells += int(res["n_cells"])
+                summary.scale_assumed += not float(res.get("pixel_size", np.nan)) > 0
             else:
                 summary.fields_failed += 1
                 summary.failures.append({k: res[k] for k in ("path", "stage", "error")})
@@ -468,6 +496,7 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
                      "fields_failed": summary.fields_failed, "fields_skipped": summary.fields_skipped,
                      "cells": summary.cells, "time_to_first_field": summary.time_to_first_field,
                      "restarts": summary.restarts, "compaction": summary.compaction,
+                     "fields_scale_assumed": summary.scale_assumed,
                      "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()}},
         "source": cfg.source, "fields_in_manifest": summary.fields_total, "fields_done": fields_now,
         "unmatched_files": len(man.unmatched),
@@ -591,7 +620,8 @@ def _stream(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str,
     recycle_finish = {"max_calls": max(1, -(-n // finish_rows))} if n else {}
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_task)))
     ds = ds.map(read_field, fn_kwargs={"storage_options": cfg.storage_options, "max_pixels": cfg.max_pixels,
-                                       "norm": cfg.normalize}, num_cpus=0.25, compute=io_pool, **recycle_read)
+                                       "norm": cfg.normalize, "channel": cfg.channel, "pixel_size": cfg.pixel_size},
+                num_cpus=0.25, compute=io_pool, **recycle_read)
     classifier = models.resolve_classifier(cfg.classifier, cfg.trust_weights)
     ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"weights": weights, "inference": cfg.inference,
                                                              "classifier": classifier, "route": cfg.route},

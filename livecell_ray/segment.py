@@ -17,6 +17,7 @@ import numpy as np
 
 from livecell_ray import labels as labels_mod
 from livecell_ray import models
+from livecell_ray import tiles as tiles_mod
 from livecell_ray.config import InferenceConfig
 from livecell_ray.imaging import to_rgb
 
@@ -51,6 +52,7 @@ class Segmenter:
         self.paint_on_device = self.cfg.backend == "torch" and (
             self.cfg.paint_on_device if self.cfg.paint_on_device is not None else self.device.startswith("cuda"))
         self.nets = {}
+        self.pixel_sizes = {key: w.pixel_size for key, w in weights.items()}  # um/px each model was trained at
         if self.cfg.backend == "onnx":
             self.device, self.half = "cpu", False
         for key, w in weights.items():
@@ -69,16 +71,71 @@ class Segmenter:
         """Which network serves this cell type (its own, else the default)."""
         return cell_type if cell_type in self.nets else models.DEFAULT_KEY
 
-    def __call__(self, images: list[np.ndarray], cell_types: list[str] | None = None) -> list[Instances]:
-        """Segment uint8 grey fields; fields are grouped by model and size into network batches."""
-        cell_types = cell_types or [""] * len(images)
+    def __call__(self, images: list[np.ndarray], cell_types: list[str] | None = None,
+                 pixel_sizes: list[float | None] | None = None) -> list[Instances]:
+        """Segment uint8 grey fields; ``pixel_sizes[i]`` is field i's um/px (None: taken as its model's).
+
+        Each field is resampled to its model's scale; one larger than the network's input is cut into
+        overlapping tiles there (:mod:`livecell_ray.tiles`). Whole fields and tiles are grouped by model and
+        size into network batches (tiles of all fields together), and each field's cells come back merged
+        into one label image of its own pixels.
+        """
+        n = len(images)
+        cell_types = cell_types or [""] * n
+        pixel_sizes = pixel_sizes or [None] * n
+        units: list[tuple[str, np.ndarray]] = []
+        layout: list[tuple[tuple[int, int], list | None, list[int]]] = []
+        for im, ct, px in zip(images, cell_types, pixel_sizes):
+            key = self.model_key(ct)
+            m = tiles_mod.resample(im, self.scale(key, px))
+            if self.tiled(m.shape, known_scale=bool(px and self.pixel_sizes.get(key))):
+                plan = tiles_mod.plan(m.shape, self.cfg.imgsz, self.cfg.tile_overlap or self.cfg.imgsz // 4)
+                first = len(units)
+                units += [(key, np.ascontiguousarray(m[t.y:t.y + t.h, t.x:t.x + t.w])) for t in plan]
+                layout.append((m.shape, plan, list(range(first, len(units)))))
+            else:
+                units.append((key, m))
+                layout.append((m.shape, None, [len(units) - 1]))
+        res = self._segment_units(units, max(64, n))
+        out = []
+        for (shape, plan, idx), im in zip(layout, images):
+            if plan is None:
+                r = res[idx[0]]
+                lab, conf, cls = r.labels, r.confidences, r.class_ids
+            else:
+                lab, conf, cls = tiles_mod.merge(shape, plan, [res[i].labels for i in idx],
+                                                 [res[i].confidences for i in idx], [res[i].class_ids for i in idx])
+            if shape != im.shape:
+                lab, conf, cls = tiles_mod.map_back(lab, conf, cls, im.shape)
+            out.append(Instances(lab, cls, conf))
+        return out
+
+    def tiled(self, shape: tuple[int, ...], known_scale: bool) -> bool:
+        """Whether a field (at the model's scale) is cut into tiles rather than letterboxed whole.
+
+        At a known scale, whenever it is larger than the input. At an unknown one, only beyond
+        ``tiles.LETTERBOX_MAX`` times the input: up to there it is letterboxed, as before scales were known,
+        and loses at most a third of its resolution.
+        """
+        limit = self.cfg.imgsz * (1.0 if known_scale else tiles_mod.LETTERBOX_MAX)
+        return max(shape) > limit
+
+    def scale(self, key: str, pixel_size: float | None) -> float:
+        """How much a field of this pixel size is resized to reach the model's (1: unknown on either side)."""
+        model = self.pixel_sizes.get(key)
+        return pixel_size / model if pixel_size and model else 1.0
+
+    def _segment_units(self, units: list[tuple[str, np.ndarray]], chunk: int) -> list[Instances]:
+        """Whole fields or tiles, grouped by model and size into network batches of at most ``chunk``."""
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (im, ct) in enumerate(zip(images, cell_types)):
-            groups[(self.model_key(ct), im.shape)].append(i)
-        out: list[Instances | None] = [None] * len(images)
+        for i, (key, im) in enumerate(units):
+            groups[(key, im.shape)].append(i)
+        out: list[Instances | None] = [None] * len(units)
         for (key, _), idx in groups.items():
-            for i, res in zip(idx, self._predict_same_size(key, [images[i] for i in idx])):
-                out[i] = res
+            for a in range(0, len(idx), chunk):
+                part = idx[a:a + chunk]
+                for i, res in zip(part, self._predict_same_size(key, [units[i][1] for i in part])):
+                    out[i] = res
         return out  # type: ignore[return-value]
 
     def forward(self, key: str, images: list[np.ndarray]):

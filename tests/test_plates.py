@@ -1,0 +1,279 @@
+"""Real plates in: pixel scale, fields larger than the model, channel and stack TIFFs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from livecell_ray import models, pipeline, store, tiles
+from livecell_ray.config import SegmentConfig
+from livecell_ray.imaging import normalize, read_image
+from livecell_ray.segment import Segmenter
+
+from .conftest import EXAMPLES
+
+CLI = [sys.executable, "-m", "livecell_ray.cli"]
+SPARSE = ["A172_Phase_A7_1_00d00h00m_1", "BT474_Phase_A3_2_01d12h00m_2", "SKOV3_Phase_G4_1_00d12h00m_2",
+          "SkBr3_Phase_E3_2_02d08h00m_1"]
+
+
+def _field(name: str) -> np.ndarray:
+    return read_image(str(EXAMPLES / f"{name}.tif"))
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> Segmenter:
+    return Segmenter({models.DEFAULT_KEY: models.resolve("small")})
+
+
+def _best_iou(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """For each label of ref (index = label), the best IoU with any label of other."""
+    g, p = ref.ravel().astype(np.int64), other.ravel().astype(np.int64)
+    ng, npd = int(g.max()), int(p.max())
+    gs, ps = np.bincount(g, minlength=ng + 1), np.bincount(p, minlength=npd + 1)
+    both = (g > 0) & (p > 0)
+    inter = np.bincount(g[both] * (npd + 1) + p[both], minlength=(ng + 1) * (npd + 1)).reshape(ng + 1, npd + 1)
+    j = inter.argmax(1)
+    best = inter[np.arange(ng + 1), j] / np.maximum(1, gs + ps[j] - inter[np.arange(ng + 1), j])
+    best[0] = 0
+    return best
+
+
+def _border_labels(lab: np.ndarray) -> set[int]:
+    return set(np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])).tolist())
+
+
+# --------------------------------------------------------------------------- tiles
+def test_tiles_cover_the_field_and_cores_partition_it():
+    for shape in [(1040, 1408), (520, 704), (10_000, 7_001), (700, 3000)]:
+        plan = tiles.plan(shape, 704, 176)
+        cover = np.zeros(shape, np.int32)
+        core = np.zeros(shape, np.int32)
+        for t in plan:
+            cover[t.y:t.y + t.h, t.x:t.x + t.w] += 1
+            core[t.core_y[0]:t.core_y[1], t.core_x[0]:t.core_x[1]] += 1
+            assert t.y <= t.core_y[0] and t.core_y[1] <= t.y + t.h and t.x <= t.core_x[0] <= t.core_x[1] <= t.x + t.w
+        assert cover.min() >= 1 and (core == 1).all(), shape
+        # between neighbours, the core boundary is at least half the overlap away from either tile's edge
+        for t in plan:
+            for lo, hi, a, n in ((*t.core_y, t.y, t.h), (*t.core_x, t.x, t.w)):
+                if lo > 0:
+                    assert lo - a >= 176 // 2 - 1
+                if hi < (shape[0] if n == t.h and a == t.y else shape[1]):
+                    assert a + n - hi >= 176 // 2 - 1
+
+
+def test_merge_keeps_each_cell_once_across_a_seam():
+    """Two overlapping tiles that both see the same three cells: each cell comes out once, whole."""
+    truth = np.zeros((100, 300), np.uint32)
+    truth[20:40, 130:170] = 1  # straddles the seam
+    truth[60:80, 10:30] = 2  # left tile only
+    truth[60:80, 260:290] = 3  # right tile only
+    plan = tiles.plan(truth.shape, 200, 100)
+    assert [t.x for t in plan] == [0, 100]
+    labs = [truth[:, t.x:t.x + t.w].copy() for t in plan]
+    labs = [np.unique(lab, return_inverse=True)[1].reshape(lab.shape).astype(np.uint32) for lab in labs]
+    conf = [np.linspace(0.9, 0.5, int(lab.max()), dtype=np.float32) for lab in labs]
+    cls = [np.zeros(int(lab.max()), np.int16) for lab in labs]
+    out, c, k = tiles.merge(truth.shape, plan, labs, conf, cls)
+    assert out.max() == 3 and len(c) == 3 and len(k) == 3
+    for cell in (1, 2, 3):
+        assert len(np.unique(out[truth == cell])) == 1 and (out[truth == cell] > 0).all()
+
+
+def test_a_mosaic_of_four_fields_gives_their_cells_and_splits_none_at_a_seam(segmenter):
+    """Four real fields stitched 2x2 (1408x1040, a full Incucyte frame) are tiled at the model's scale:
+    as many cells as the four fields alone (within 5%), the fields' inner cells found again (IoU >= 0.5),
+    and no cell that crosses a tile seam comes out as two labels, one each side of it."""
+    ims = [normalize(_field(n)) for n in SPARSE]
+    alone = segmenter(ims)
+    mosaic = np.block([[ims[0], ims[1]], [ims[2], ims[3]]])
+    m = segmenter([mosaic])[0]
+    n_alone = sum(int(r.labels.max()) for r in alone)
+    assert abs(int(m.labels.max()) - n_alone) <= 0.05 * n_alone, (int(m.labels.max()), n_alone)
+    plan = tiles.plan(mosaic.shape, 704, 704 // 4)
+    assert len(plan) == 6
+    seams_x = sorted({t.core_x[1] for t in plan} - {mosaic.shape[1]})
+    seams_y = sorted({t.core_y[1] for t in plan} - {mosaic.shape[0]})
+    from scipy import ndimage
+
+    ml = m.labels.astype(np.int64)
+    centre = ndimage.center_of_mass(np.ones_like(ml), ml, np.arange(1, ml.max() + 1))
+    matched = inner = crossing = 0
+    for r, (y, x) in zip(alone, [(0, 0), (0, 704), (520, 0), (520, 704)]):
+        lab = r.labels.astype(np.int64)
+        sub = ml[y:y + 520, x:x + 704]
+        best = _best_iou(lab, sub)
+        edge = _border_labels(lab)
+        for i in range(1, int(lab.max()) + 1):
+            if i in edge:
+                continue
+            inner += 1
+            matched += best[i] >= 0.5
+            ys, xs = np.nonzero(lab == i)
+            cuts = [(1, s) for s in seams_x if xs.min() + x < s <= xs.max() + x]
+            cuts += [(0, s) for s in seams_y if ys.min() + y < s <= ys.max() + y]
+            if not cuts:
+                continue
+            crossing += 1
+            v = sub[ys, xs]
+            counts = np.bincount(v[v > 0], minlength=1)
+            pieces = np.nonzero(counts >= 0.25 * len(ys))[0]
+            for axis, s in cuts:
+                sides = {centre[p - 1][axis] >= s for p in pieces}
+                assert len(sides) < 2, f"cell {i} of field at {(y, x)} split across the seam at {s}"
+    assert crossing >= 10  # the check saw cells on the seams
+    assert matched >= 0.8 * inner, (matched, inner)
+
+
+# --------------------------------------------------------------------------- scale
+def test_a_field_at_twice_the_resolution_gives_the_same_cells_with_its_pixel_size(tmp_path, ray_local):
+    """A LIVECell field at twice the resolution (each pixel 2x2), segmented with --pixel-size 0.62 (half
+    LIVECell's 1.24 um/px), is resampled to the model's scale: the same cells as the native field (IoU >=
+    0.5 once mapped onto the native grid) within a few percent, with masks in the 2x field's own pixels.
+    (A bilinear 2x upsample would blur the field, which the model itself notices: 484 against 522 cells.)"""
+    name = "SkBr3_Phase_E3_2_02d08h00m_1"
+    native = _field(name)
+    big = np.repeat(np.repeat(native, 2, axis=0), 2, axis=1)
+    for sub, img in (("native", native), ("twice", big)):
+        (tmp_path / sub).mkdir()
+        tifffile.imwrite(tmp_path / sub / f"{name}.tif", img)
+    runs = {}
+    for sub, px in (("native", None), ("twice", 0.62)):
+        cfg = SegmentConfig(source=str(tmp_path / sub), out=str(tmp_path / f"out_{sub}"), pixel_size=px,
+                            compact=False)
+        s = pipeline.run(cfg)
+        assert s.fields_done == 1 and s.scale_assumed == (1 if px is None else 0)
+        o = store.Outputs(cfg.out)
+        f = o.read_table("fields").iloc[0]
+        runs[sub] = (store.read_labels(o, f.plate, f.zarr_path.split(".zarr/", 1)[1], int(f.t_index)),
+                     o.read_table("cells"))
+    lab_native, cells_native = runs["native"]
+    lab_twice, cells_twice = runs["twice"]
+    assert lab_twice.shape == big.shape  # stored in the input's own pixels
+    assert abs(int(lab_twice.max()) - int(lab_native.max())) <= 0.05 * lab_native.max()
+    back = lab_twice[::2, ::2]
+    best = _best_iou(lab_native.astype(np.int64), back)
+    assert (best[1:] >= 0.5).mean() >= 0.9, (best[1:] >= 0.5).mean()
+    # areas in um^2 agree, in pixels they are four times as large
+    assert np.isclose(cells_twice["area_um2"].median(), cells_native["area_px"].median() * 1.24 ** 2, rtol=0.1)
+    assert np.isclose(cells_twice["area_px"].median(), 4 * cells_native["area_px"].median(), rtol=0.1)
+
+
+def test_pixel_size_is_read_from_an_ome_tiff(tmp_path, ray_local):
+    """The same 2x field as an OME-TIFF that records 0.62 um/px: no flag needed, nothing assumed."""
+    name = "SKOV3_Phase_G4_1_00d12h00m_2"
+    native = _field(name)
+    big = np.repeat(np.repeat(native, 2, axis=0), 2, axis=1)
+    (tmp_path / "ome").mkdir()
+    tifffile.imwrite(tmp_path / "ome" / f"{name}.ome.tif", big, ome=True,
+                     metadata={"PhysicalSizeX": 0.62, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.62,
+                               "PhysicalSizeYUnit": "µm"})
+    s = pipeline.run(SegmentConfig(source=str(tmp_path / "ome"), out=str(tmp_path / "out"), compact=False,
+                                   pattern=r"(?P<cell_type>[A-Za-z0-9]+)_Phase_(?P<well>[A-H]\d+)_(?P<field>\d+)_"
+                                           r"(?P<day>\d+)d(?P<hour>\d+)h(?P<minute>\d+)m_(?P<crop>\d+)\.ome"))
+    assert s.fields_done == 1 and s.scale_assumed == 0
+    cells = store.Outputs(str(tmp_path / "out")).read_table("cells")
+    assert cells["area_um2"].notna().all()
+    ref = Segmenter({models.DEFAULT_KEY: models.resolve("small")})([normalize(native)])[0]
+    assert abs(len(cells) - int(ref.labels.max())) <= 0.05 * ref.labels.max()
+
+
+# --------------------------------------------------------------------------- planes
+def _stack_plate(tmp_path: Path, kind: str) -> tuple[Path, list[np.ndarray]]:
+    """One file holding three different real fields as planes: channels (OME, named) or a time-lapse."""
+    planes = [_field(n) for n in SPARSE[:3]]
+    d = tmp_path / kind
+    d.mkdir()
+    if kind == "channels":
+        tifffile.imwrite(d / "SkBr3_Phase_E3_2_02d08h00m_1.tif", np.stack(planes), ome=True,
+                         metadata={"axes": "CYX", "Channel": {"Name": ["GFP", "Phase", "RFP"]}})
+    elif kind == "stack":
+        tifffile.imwrite(d / "SkBr3_Phase_E3_2_02d08h00m_1.tif", np.stack(planes), imagej=True,
+                         metadata={"axes": "TYX"})
+    else:  # a bare 3-plane TIFF, as numpy arrays are often saved: tifffile marks it RGB
+        tifffile.imwrite(d / "SkBr3_Phase_E3_2_02d08h00m_1.tif", np.stack(planes))
+    return d, planes
+
+
+@pytest.mark.parametrize("kind", ["channels", "stack", "bare"])
+def test_a_multi_plane_file_without_flags_is_refused_not_averaged(kind, tmp_path):
+    src, _ = _stack_plate(tmp_path, kind)
+    p = subprocess.run([*CLI, "segment", str(src), str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr
+    err = p.stderr.strip()
+    assert err.startswith("error:") and "Traceback" not in err
+    assert "SkBr3_Phase_E3_2_02d08h00m_1.tif" in err and "(3, 520, 704)" in err and "--channel" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_channel_by_name_and_index_picks_that_plane(tmp_path, ray_local, segmenter):
+    src, planes = _stack_plate(tmp_path, "channels")
+    ref = segmenter([normalize(planes[1])])[0].labels
+    for i, channel in enumerate(("Phase", "1")):
+        out = tmp_path / f"out{i}"
+        s = pipeline.run(SegmentConfig(source=str(src), out=str(out), channel=channel, compact=False))
+        assert s.fields_done == 1
+        o = store.Outputs(str(out))
+        f = o.read_table("fields").iloc[0]
+        np.testing.assert_array_equal(store.read_labels(o, f.plate, f.zarr_path.split(".zarr/", 1)[1], 0), ref)
+
+
+def test_a_time_lapse_stack_becomes_one_field_timepoint_a_plane(tmp_path, ray_local, segmenter):
+    src, planes = _stack_plate(tmp_path, "stack")
+    out = tmp_path / "out"
+    s = pipeline.run(SegmentConfig(source=str(src), out=str(out), stack_axis="t", interval_h=4.0, compact=False))
+    assert s.fields_done == 3
+    o = store.Outputs(str(out))
+    fields = o.read_table("fields").sort_values("t_index")
+    assert list(fields["t_index"]) == [0, 1, 2]
+    assert list(fields["timepoint"]) == [56.0, 60.0, 64.0]  # 02d08h00m, then every 4 h
+    refs = segmenter([normalize(p) for p in planes])
+    for f, ref in zip(fields.itertuples(), refs):
+        lab = store.read_labels(o, f.plate, f.zarr_path.split(".zarr/", 1)[1], int(f.t_index))
+        np.testing.assert_array_equal(lab, ref.labels)
+
+
+def test_rgb_of_a_grey_field_is_still_read(tmp_path, ray_local, segmenter):
+    grey = _field(SPARSE[0])
+    (tmp_path / "rgb").mkdir()
+    tifffile.imwrite(tmp_path / "rgb" / f"{SPARSE[0]}.tif", np.stack([grey] * 3, axis=-1), photometric="rgb")
+    s = pipeline.run(SegmentConfig(source=str(tmp_path / "rgb"), out=str(tmp_path / "out"), compact=False))
+    assert s.fields_done == 1
+    assert s.cells == int(segmenter([normalize(grey)])[0].labels.max())
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--pixel-size", "0"], ["--pixel-size", "positive"]),
+    (["--pixel-size", "-1.2"], ["--pixel-size", "positive"]),
+    (["--stack-axis", "z"], ["--stack-axis", "'z'"]),
+    (["--interval", "4"], ["--interval", "--stack-axis t"]),
+    (["--channel", "5"], ["--channel 5", "out of range", "SkBr3_Phase_E3_2_02d08h00m_1.tif"]),
+    (["--channel", "DAPI"], ["--channel DAPI", "GFP, Phase, RFP"]),
+])
+def test_bad_plane_and_scale_flags_are_one_clear_line_and_nothing_written(args, words, tmp_path):
+    src, _ = _stack_plate(tmp_path, "channels")
+    p = subprocess.run([*CLI, "segment", str(src), str(tmp_path / "out"), *args], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr
+    err = p.stderr.strip()
+    assert err.startswith("error:") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_stack_axis_on_single_plane_files_names_the_file_and_flag(tmp_path):
+    (tmp_path / "one").mkdir()
+    tifffile.imwrite(tmp_path / "one" / f"{SPARSE[0]}.tif", _field(SPARSE[0]))
+    p = subprocess.run([*CLI, "segment", str(tmp_path / "one"), str(tmp_path / "out"), "--stack-axis", "t",
+                        "--interval", "2"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
+    assert f"{SPARSE[0]}.tif" in p.stderr and "--stack-axis t" in p.stderr
+    assert not (tmp_path / "out").exists()
