@@ -55,6 +55,8 @@ def segment(
     io_tasks: int | None = typer.Option(None, min=1, help="Concurrent read tasks, and measure/write tasks "
                                         "(default: half the cluster's CPUs each)"),
     pattern: str = typer.Option(LIVECELL_PATTERN, help="File-name regex with named groups"),
+    layout: str | None = typer.Option(None, help="Instrument naming preset instead of --pattern: livecell, incucyte, "
+                                      "imagexpress, operetta, cellinsight, cytation, cellvoyager"),
     manifest: str | None = typer.Option(None, help="Explicit CSV/Parquet manifest instead of scanning"),
     pixel_size: float | None = typer.Option(None, help="Micrometres per pixel of the fields: each is resampled to "
                                             "its model's scale (masks and tables stay in the field's pixels) and "
@@ -110,7 +112,7 @@ def segment(
                             max_pixels=max_pixels, stall_timeout_s=stall_timeout or None, compact=compact,
                             inference=inference, wait_for_lease=wait, route=route,
                             classifier=None if classifier == "none" else classifier, channel=channel,
-                            stack_axis=stack_axis, interval_h=interval)
+                            stack_axis=stack_axis, interval_h=interval, layout=layout)
     except ValueError as exc:
         fail(str(exc))
 
@@ -128,7 +130,7 @@ def segment(
             from livecell_ray import manifest as manifest_mod
 
             pm = platemap_mod.read(platemap, opts)
-            fields = manifest_mod.build(source, pattern, manifest, opts).fields
+            fields = manifest_mod.build(source, pattern, manifest, opts, channel, layout).fields
             platemap_mod.check_wells(pm, fields[["plate", "well"]], platemap)
     except platemap_mod.PlateMapError as exc:
         fail(str(exc))

@@ -64,6 +64,7 @@ class SegmentConfig:
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 0.5
     pattern: str = LIVECELL_PATTERN
+    layout: str | None = None  # an instrument's naming preset (livecell_ray.layouts), instead of pattern
     manifest: str | None = None
     # Micrometres per pixel of the plate's fields (a manifest's pixel_size column, then the file's own OME or
     # TIFF resolution metadata, win for their fields): each field is resampled to its model's pixel size
@@ -137,7 +138,7 @@ class SegmentConfig:
             d.pop(k, None)
         if self.route == "none":  # as before routing existed, so earlier outputs still resume
             d.pop("route")
-        for k in ("channel", "stack_axis", "interval_h"):  # likewise for multi-plane files
+        for k in ("channel", "stack_axis", "interval_h", "layout"):  # likewise for multi-plane files, presets
             if d[k] is None:
                 d.pop(k)
         if self.inference.tile_overlap is None:  # as before tiling existed, so earlier outputs still resume
@@ -162,7 +163,7 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "io_worker_max_fields": "io_worker_max_fields", "stall_timeout_s": "stall_timeout_s",
               "stall_restarts": "stall_restarts", "compact": "compact", "wait": "wait_for_lease",
               "lease_ttl_s": "lease_ttl_s", "classifier": "classifier", "route": "route", "channel": "channel",
-              "stack_axis": "stack_axis", "interval": "interval_h"}
+              "stack_axis": "stack_axis", "interval": "interval_h", "layout": "layout"}
 _INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend", "tile_overlap"}
 
 

@@ -35,6 +35,7 @@ class Manifest:
 
     fields: pd.DataFrame
     unmatched: list[str] = field(default_factory=list)
+    channel_from_names: bool = False  # the files are one a channel, and --channel chose among them by name
 
     def __len__(self) -> int:
         return len(self.fields)
@@ -76,9 +77,15 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
     (hours) or day/hour/minute. Plate falls back to cell type, then to 'plate'.
     """
     rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-    stem = name.rsplit("/", 1)[-1]
-    base = stem.rsplit(".", 1)[0] if "." in stem else stem
-    m = rx.fullmatch(base) or rx.fullmatch(stem)
+    parts = name.split("/")
+    m = None
+    # A pattern with folders in it (ImageXpress' TimePoint_<n>/) matches the path's last components.
+    for k in range(min(len(parts), rx.pattern.count("/") + 1), 0, -1):
+        stem = "/".join(parts[-k:])
+        base = stem.rsplit(".", 1)[0] if "." in parts[-1] else stem
+        m = rx.fullmatch(base) or rx.fullmatch(stem)
+        if m:
+            break
     if not m:
         return None
     g = {k: v for k, v in m.groupdict().items() if v is not None}
@@ -92,6 +99,13 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
         return None
     if "timepoint" in g:
         t = float(g["timepoint"])
+    elif "year" in g:  # a calendar time (Incucyte exports): hours since 2000-01-01, stable across runs
+        from datetime import datetime
+
+        when = datetime(int(g["year"]), int(g["month"]), int(g["mday"]), int(g.get("hour", 0)), int(g.get("minute", 0)))
+        t = (when - datetime(2000, 1, 1)).total_seconds() / 3600
+    elif "t" in g and not ({"day", "hour", "minute"} & g.keys()):  # a timepoint index (Harmony, CellVoyager)
+        t = float(int(g["t"]))
     else:
         t = int(g.get("day", 0)) * 24 + int(g.get("hour", 0)) + int(g.get("minute", 0)) / 60
     cell_type = g.get("cell_type", "")
@@ -104,6 +118,7 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
         "crop": int(g.get("crop", 0)),
         "timepoint": round(t, 4),
         "cell_type": cell_type,
+        **({"channel": g["channel"]} if "channel" in g else {}),
     }
 
 
@@ -176,9 +191,14 @@ def _natural(v: Any) -> Any:
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
 
 
-def scan(source: str, pattern: str = LIVECELL_PATTERN,
-         storage_options: dict[str, Any] | None = None) -> Manifest:
-    """List images under an fsspec URL (recursively) and parse their names."""
+def scan(source: str, pattern: str = LIVECELL_PATTERN, storage_options: dict[str, Any] | None = None,
+         channel: str | None = None, example: str | None = None) -> Manifest:
+    """List images under an fsspec URL (recursively) and parse their names.
+
+    Files named one a channel (a ``channel`` group) are narrowed to ``channel``, the phase one; without it
+    a plate of several channels is refused rather than segmented channel by channel. ``example`` is a
+    layout preset's file name, shown when nothing matches.
+    """
     if not _has_protocol(source):
         source = os.path.abspath(source)
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
@@ -205,9 +225,35 @@ def scan(source: str, pattern: str = LIVECELL_PATTERN,
         else:
             rows.append({"path": url, **meta})
     if not rows:
+        if example:
+            raise ManifestError(f"{source}: {len(images)} images but none is named as the layout expects, e.g. "
+                                f"{example} (first: {images[0].rsplit('/', 1)[-1]}); give --pattern or --manifest")
         raise ManifestError(f"{source}: {len(images)} images but none matches the file-name pattern "
                             f"(first: {images[0].rsplit('/', 1)[-1]}); give --pattern or --manifest")
-    return Manifest(_finish(pd.DataFrame(rows)), unmatched)
+    by_name = "channel" in rows[0]
+    if by_name:
+        rows = _phase_channel(rows, channel, source)
+    df = pd.DataFrame(rows).drop(columns=["channel"], errors="ignore")
+    return Manifest(_finish(df), unmatched, channel_from_names=by_name and channel is not None)
+
+
+def _same_channel(a: str, b: str) -> bool:
+    a, b = a.strip(), b.strip()
+    return a.lower() == b.lower() or (a.isdigit() and b.isdigit() and int(a) == int(b))
+
+
+def _phase_channel(rows: list[dict[str, Any]], channel: str | None, source: str) -> list[dict[str, Any]]:
+    """The files of the phase channel, when a plate's files are one a channel."""
+    found = sorted({str(r["channel"]) for r in rows}, key=_natural)
+    if channel is None:
+        if len(found) > 1:
+            raise ManifestError(f"{source}: files of {len(found)} channels ({', '.join(found)}); give --channel "
+                                f"with the phase (or bright-field) one")
+        return rows
+    keep = [r for r in rows if _same_channel(str(r["channel"]), channel)]
+    if not keep:
+        raise ManifestError(f"{source}: --channel {channel}: no file of that channel (channels: {', '.join(found)})")
+    return keep
 
 
 def _has_protocol(url: str) -> bool:
@@ -285,8 +331,16 @@ def _ome_interval_h(tif: Any) -> float | None:
 
 
 def build(source: str, pattern: str = LIVECELL_PATTERN, manifest: str | None = None,
-          storage_options: dict[str, Any] | None = None) -> Manifest:
-    """The manifest for a run: an explicit manifest file wins over scanning the source."""
+          storage_options: dict[str, Any] | None = None, channel: str | None = None,
+          layout: str | None = None) -> Manifest:
+    """The manifest for a run: an explicit manifest file wins over scanning the source; ``layout`` names an
+    instrument's naming preset (livecell_ray.layouts), which stands for ``pattern``."""
     if manifest:
         return load(manifest, storage_options)
-    return scan(source, pattern, storage_options)
+    from livecell_ray import layouts
+
+    try:
+        rx = layouts.pattern_for(layout, pattern)
+    except layouts.LayoutError as exc:
+        raise ManifestError(str(exc)) from None
+    return scan(source, rx, storage_options, channel, layouts.LAYOUTS[layout].example if layout else None)

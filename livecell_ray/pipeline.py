@@ -18,6 +18,7 @@ is written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -352,6 +353,11 @@ def _same_provenance(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return sha(a) == sha(b) and a.get("parameters") == b.get("parameters")
 
 
+def reader_channel(cfg: SegmentConfig, man: manifest_mod.Manifest) -> str | None:
+    """The plane a reader picks inside each file: --channel, unless it already chose the files by name."""
+    return None if man.channel_from_names else cfg.channel
+
+
 def init_ray(cfg: SegmentConfig) -> None:
     """Join a cluster (address) or start a local Ray with offline workers."""
     import ray
@@ -377,7 +383,7 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
         if credentials.url_password(url):  # it would be in every path column, run.json and the logs
             raise RunError(f"{credentials.redact_url(url)}: the {name} URL holds a password; leave it out and "
                            f"{credentials.HOW}")
-    man = manifest_mod.build(cfg.source, cfg.pattern, cfg.manifest, cfg.storage_options)
+    man = manifest_mod.build(cfg.source, cfg.pattern, cfg.manifest, cfg.storage_options, cfg.channel, cfg.layout)
     if cfg.stack_axis == "t":
         man = manifest_mod.expand_stacks(man, cfg.interval_h, cfg.storage_options)
     # Multi-plane files read without the flags that say which plane (or with a channel they lack) fail here,
@@ -385,7 +391,7 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
     first = man.fields.iloc[0]
     try:
         read_image_with_info(first["path"], cfg.storage_options, cfg.max_pixels,
-                             Planes(cfg.channel, int(first["plane"]) if first["plane"] >= 0 else None))
+                             Planes(reader_channel(cfg, man), int(first["plane"]) if first["plane"] >= 0 else None))
     except PlaneError as exc:
         raise RunError(str(exc)) from None
     except ImageError:
@@ -468,7 +474,9 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
     meta = {"livecell_ray": __import__("json").dumps(prov)}
     if len(todo):
         init_ray(cfg)
-        for res in _results(cfg, todo, outputs.url, weights, meta, summary.restarts):
+        # Files chosen by their names' channel are read whole: the reader is told no channel.
+        stream_cfg = dataclasses.replace(cfg, channel=reader_channel(cfg, man))
+        for res in _results(stream_cfg, todo, outputs.url, weights, meta, summary.restarts):
             if lease.lost:  # the renewal found another run holding OUT: stop here (what is committed stands)
                 raise store.LeaseLost(lease.lost)
             if summary.time_to_first_field is None:
