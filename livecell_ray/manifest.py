@@ -83,6 +83,7 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
     for k in range(min(len(parts), rx.pattern.count("/") + 1), 0, -1):
         stem = "/".join(parts[-k:])
         base = stem.rsplit(".", 1)[0] if "." in parts[-1] else stem
+        base = base[:-4] if base.lower().endswith(".ome") else base  # name.ome.tif: an OME-TIFF
         m = rx.fullmatch(base) or rx.fullmatch(stem)
         if m:
             break

@@ -39,3 +39,39 @@ def test_the_link_check_sees_a_broken_link(tmp_path):
     page.write_text("[ok](page.md) [gone](nowhere.md#x) ![img](pic.png) [web](https://example.org)")
     assert [link for link in _relative_links(page) if not (tmp_path / link.split("#")[0]).exists()] == \
         ["nowhere.md#x", "pic.png"]
+
+
+@pytest.mark.slow
+def test_your_own_plates_commands_run_as_documented(tmp_path):
+    """docs/plates.md's commands, run as written on the plates examples/own_plates.py makes."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from livecell_ray import store
+
+    text = (ROOT / "docs" / "plates.md").read_text()
+    block = text.split("```", 2)[1]
+    commands = [ln.strip() for ln in block.splitlines() if ln.strip()]
+    assert commands[0].startswith("python examples/own_plates.py") and len(commands) == 4
+    env = {**os.environ, "COLUMNS": "200"}
+    for cmd in commands:
+        argv = shlex.split(cmd)
+        if argv[0] == "python":
+            argv = [sys.executable, str(ROOT / argv[1]), *argv[2:]]
+        else:
+            argv = [sys.executable, "-m", "livecell_ray.cli", *argv[1:], "--num-cpus", "2"]
+        p = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+        assert p.returncode == 0, (cmd, p.stderr[-2000:])
+    expect = {"incucyte": (4, (1040, 1408)), "imagexpress": (4, (1040, 1408)), "stitched": (1, (3000, 3000))}
+    for name, (n, shape) in expect.items():
+        out = store.Outputs(str(tmp_path / "out" / name))
+        fields = out.read_table("fields")
+        assert len(fields) == n and (fields["n_cells"] > 10).all(), name
+        f = fields.iloc[0]
+        assert store.read_labels(out, f.plate, f.zarr_path.split(".zarr/", 1)[1], int(f.t_index)).shape == shape
+        assert out.read_run()["last_run"]["fields_scale_assumed"] == 0, name  # every scale known
+        assert np.isfinite(out.read_table("cells")["area_um2"]).all(), name
