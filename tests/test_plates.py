@@ -174,9 +174,7 @@ def test_pixel_size_is_read_from_an_ome_tiff(tmp_path, ray_local):
     tifffile.imwrite(tmp_path / "ome" / f"{name}.ome.tif", big, ome=True,
                      metadata={"PhysicalSizeX": 0.62, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.62,
                                "PhysicalSizeYUnit": "µm"})
-    s = pipeline.run(SegmentConfig(source=str(tmp_path / "ome"), out=str(tmp_path / "out"), compact=False,
-                                   pattern=r"(?P<cell_type>[A-Za-z0-9]+)_Phase_(?P<well>[A-H]\d+)_(?P<field>\d+)_"
-                                           r"(?P<day>\d+)d(?P<hour>\d+)h(?P<minute>\d+)m_(?P<crop>\d+)\.ome"))
+    s = pipeline.run(SegmentConfig(source=str(tmp_path / "ome"), out=str(tmp_path / "out"), compact=False))
     assert s.fields_done == 1 and s.scale_assumed == 0
     cells = store.Outputs(str(tmp_path / "out")).read_table("cells")
     assert cells["area_um2"].notna().all()
