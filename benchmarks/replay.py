@@ -51,7 +51,7 @@ class ReplaySegmenter:
             self.results = {k: Instances(z[f"labels{i}"], z[f"cls{i}"], z[f"conf{i}"]) for i, k in enumerate(keys)}
         self.device = "replay"
 
-    def __call__(self, images, cell_types=None):
+    def __call__(self, images, cell_types=None, pixel_sizes=None):
         return [self.results[_key(im)] for im in images]
 
 
@@ -63,10 +63,11 @@ def install() -> None:
     """
     from livecell_ray import pipeline
 
-    def replaying_init(self, weights, inference):
+    def replaying_init(self, weights, inference, classifier=None, route="none"):
         import ray
 
         self.segmenter = ReplaySegmenter()
+        self.classifier, self.route = None, route  # the field classifier is a network too: not replayed
         self.node_id = ray.get_runtime_context().get_node_id()
 
     pipeline.SegmentActor.__init__ = replaying_init
