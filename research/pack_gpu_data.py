@@ -20,17 +20,21 @@ from PIL import Image
 from livecell_ray import dataset
 
 
+def write_field(d: Path, f: dataset.LabelledField) -> None:
+    """One field in the Usiigaci layout: d/raw.tif (its normalised uint8 plane, zlib) and instances_ids.png."""
+    d.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(d / "raw.tif", f.image, compression="zlib", compressionargs={"level": 9})
+    if f.labels.max() > 65535:
+        raise ValueError(f"{f.name}: more than 65,535 instances")
+    dtype = np.uint8 if f.labels.max() < 256 else np.uint16
+    Image.fromarray(f.labels.astype(dtype)).save(d / "instances_ids.png", optimize=True)
+
+
 def pack(src: str, dst: str) -> None:
     """Write dst/<field>/raw.tif (normalised uint8) and instances_ids.png, then check the round trip."""
     fields = dataset.read_mask_folder(src)
     for f in fields:
-        d = Path(dst) / f.name
-        d.mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(d / "raw.tif", f.image, compression="zlib", compressionargs={"level": 9})
-        if f.labels.max() > 65535:
-            raise ValueError(f"{f.name}: more than 65,535 instances")
-        dtype = np.uint8 if f.labels.max() < 256 else np.uint16
-        Image.fromarray(f.labels.astype(dtype)).save(d / "instances_ids.png", optimize=True)
+        write_field(Path(dst) / f.name, f)
     back = {b.name: b for b in dataset.read_mask_folder(dst)}
     for f in fields:
         same = np.array_equal(back[f.name].image, f.image) and np.array_equal(back[f.name].labels, f.labels)

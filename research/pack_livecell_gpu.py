@@ -18,23 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image
 
 from livecell_ray import dataset
 from livecell_ray.imaging import normalize, read_image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack_gpu_data import write_field  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BASE_COMMIT = "01890f0"  # the Usiigaci-only small.pt
 HELD_OUT = {"set41", "set42", "set43", "set44", "set45"}
-
-
-def _write_field(d: Path, f: dataset.LabelledField) -> None:
-    d.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(d / "raw.tif", f.image, compression="zlib", compressionargs={"level": 9})
-    if f.labels.max() > 65535:
-        raise ValueError(f"{f.name}: more than 65,535 instances")
-    dtype = np.uint8 if f.labels.max() < 256 else np.uint16
-    Image.fromarray(f.labels.astype(dtype)).save(d / "instances_ids.png", optimize=True)
 
 
 def pack(out: str) -> None:
@@ -42,11 +35,11 @@ def pack(out: str) -> None:
     root = Path(out)
     lc = dataset.read_coco(DATA / "livecell/annotated/livecell_coco_val.json", DATA / "livecell/annotated/images")
     for f in lc:
-        _write_field(root / "lc" / f.name, f)
+        write_field(root / "lc" / f.name, f)
     for f in dataset.read_mask_folder(DATA / "usiigaci/train"):
         if f.name in HELD_OUT:  # scored here, after the call, never trained on
             continue
-        _write_field(root / "usi" / f.name, dataset.resize_field(f, 0.5))
+        write_field(root / "usi" / f.name, dataset.resize_field(f, 0.5))
     (root / "unl").mkdir(parents=True, exist_ok=True)
     # One well's time series is 15 of the 47 fields: 5 of them (one timepoint's four crops and one more)
     # carry its cells, the rest only its time.
