@@ -83,18 +83,21 @@ class Segmenter:
         n = len(images)
         cell_types = cell_types or [""] * n
         pixel_sizes = pixel_sizes or [None] * n
-        units: list[tuple[str, np.ndarray]] = []
+        units: list[tuple[str, np.ndarray, bool]] = []  # (model, image, may the letterbox enlarge it)
         layout: list[tuple[tuple[int, int], list | None, list[int]]] = []
         for im, ct, px in zip(images, cell_types, pixel_sizes):
             key = self.model_key(ct)
             m = tiles_mod.resample(im, self.scale(key, px))
-            if self.tiled(m.shape, known_scale=bool(px and self.pixel_sizes.get(key))):
+            known = bool(px and self.pixel_sizes.get(key))
+            if self.tiled(m.shape, known_scale=known):
                 plan = tiles_mod.plan(m.shape, self.cfg.imgsz, self.cfg.tile_overlap or self.cfg.imgsz // 4)
                 first = len(units)
-                units += [(key, np.ascontiguousarray(m[t.y:t.y + t.h, t.x:t.x + t.w])) for t in plan]
+                units += [(key, np.ascontiguousarray(m[t.y:t.y + t.h, t.x:t.x + t.w]), False) for t in plan]
                 layout.append((m.shape, plan, list(range(first, len(units)))))
             else:
-                units.append((key, m))
+                # At a known scale a field smaller than the input is padded, never enlarged: the network sees
+                # cells at its own scale. At an unknown one it is letterboxed to the input, as before.
+                units.append((key, m, not known))
                 layout.append((m.shape, None, [len(units) - 1]))
         res = self._segment_units(units, max(64, n))
         out = []
@@ -125,30 +128,30 @@ class Segmenter:
         model = self.pixel_sizes.get(key)
         return pixel_size / model if pixel_size and model else 1.0
 
-    def _segment_units(self, units: list[tuple[str, np.ndarray]], chunk: int) -> list[Instances]:
+    def _segment_units(self, units: list[tuple[str, np.ndarray, bool]], chunk: int) -> list[Instances]:
         """Whole fields or tiles, grouped by model and size into network batches of at most ``chunk``."""
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (key, im) in enumerate(units):
-            groups[(key, im.shape)].append(i)
+        for i, (key, im, scaleup) in enumerate(units):
+            groups[(key, im.shape, scaleup)].append(i)
         out: list[Instances | None] = [None] * len(units)
-        for (key, _), idx in groups.items():
+        for (key, _, scaleup), idx in groups.items():
             for a in range(0, len(idx), chunk):
                 part = idx[a:a + chunk]
-                for i, res in zip(part, self._predict_same_size(key, [units[i][1] for i in part])):
+                for i, res in zip(part, self._predict_same_size(key, [units[i][1] for i in part], scaleup)):
                     out[i] = res
         return out  # type: ignore[return-value]
 
-    def forward(self, key: str, images: list[np.ndarray]):
+    def forward(self, key: str, images: list[np.ndarray], scaleup: bool = True):
         """Letterbox, run the network and NMS; returns (input tensor, detections, prototypes)."""
-        x, preds, protos = self.network(key, images)
+        x, preds, protos = self.network(key, images, scaleup)
         return x, self.nms(key, preds), protos
 
-    def network(self, key: str, images: list[np.ndarray]):
+    def network(self, key: str, images: list[np.ndarray], scaleup: bool = True):
         """Letterbox and run the network: (input tensor, raw predictions, prototypes)."""
         import torch
 
         net, _ = self.nets[key]
-        x = letterbox(images, self.cfg.imgsz, self.device)
+        x = letterbox(images, self.cfg.imgsz, self.device, scaleup)
         x = x.half() if self.half else x.float()
         x /= 255.0
         with torch.inference_mode():
@@ -168,8 +171,8 @@ class Segmenter:
                                        nc=self.nets[key][1], max_nms=max(30000, 10 * self.cfg.max_det),
                                        max_time_img=60.0)
 
-    def _predict_same_size(self, key: str, images: list[np.ndarray]) -> list[Instances]:
-        x, dets, protos = self.forward(key, self.network_batch(images))
+    def _predict_same_size(self, key: str, images: list[np.ndarray], scaleup: bool = True) -> list[Instances]:
+        x, dets, protos = self.forward(key, self.network_batch(images), scaleup)
         return self.paint(x.shape[2:], dets, protos, len(images), images[0].shape)
 
     def network_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -266,7 +269,7 @@ class Segmenter:
         return self._axis[key]
 
 
-def letterbox(images: list[np.ndarray], imgsz: int, device: str):
+def letterbox(images: list[np.ndarray], imgsz: int, device: str, scaleup: bool = True):
     """ultralytics' LetterBox (auto, stride 32) of same-size grey fields, as a (B, 3, H, W) uint8 tensor.
 
     When a field needs no resizing (LIVECell's 704x520 at imgsz 704 only gets 12 rows of padding), the
@@ -277,7 +280,7 @@ def letterbox(images: list[np.ndarray], imgsz: int, device: str):
     import torch.nn.functional as F
     from ultralytics.data.augment import LetterBox
 
-    lb = LetterBox((imgsz, imgsz), auto=True, stride=32)
+    lb = LetterBox((imgsz, imgsz), auto=True, stride=32, scaleup=scaleup)
     h, w = images[0].shape
     p = lb.get_params({"img": images[0]})
     if tuple(p["new_unpad"]) == (w, h):

@@ -275,3 +275,24 @@ def test_stack_axis_on_single_plane_files_names_the_file_and_flag(tmp_path):
     assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
     assert f"{SPARSE[0]}.tif" in p.stderr and "--stack-axis t" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_field_smaller_than_the_input_is_padded_at_a_known_scale(segmenter, monkeypatch):
+    """At its model's scale a small field is padded to the network's stride, not enlarged to the input (the
+    cells keep their size); at an unknown scale it is letterboxed to the input, as before."""
+    from livecell_ray import segment
+
+    seen = []
+    real = segment.letterbox
+
+    def spy(images, imgsz, device, scaleup=True):
+        x = real(images, imgsz, device, scaleup)
+        seen.append(tuple(x.shape[2:]))
+        return x
+
+    monkeypatch.setattr(segment, "letterbox", spy)
+    crop = normalize(_field(SPARSE[3]))[:400, :500]
+    known = segmenter([crop], None, [1.24])[0]
+    unknown = segmenter([crop])[0]
+    assert seen == [(416, 512), (576, 704)]
+    assert known.labels.shape == unknown.labels.shape == (400, 500)
