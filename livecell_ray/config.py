@@ -39,7 +39,7 @@ class InferenceConfig:
     paint_on_device: bool | None = None  # None: label images are painted on the GPU when the model is on one
     # Test-time augmentation: the network also sees each field mirrored left-right and top-bottom, and a
     # cell's mask is the mean of the passes' logits (twins matched by box IoU >= tta_match_iou). Three
-    # times the network's work; small.pt's held-out mask AP 0.343 -> 0.363 (weights/README.md).
+    # times the network's work; the Usiigaci-only small.pt's held-out mask AP 0.343 -> 0.363 (weights/README.md).
     tta: bool = False
     tta_match_iou: float = 0.6
     # A field larger than imgsz (at the model's scale) is cut into imgsz tiles overlapping by this many
