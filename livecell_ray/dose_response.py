@@ -35,7 +35,15 @@ def logistic4(dose: np.ndarray, bottom: float, top: float, ic50: float, hill: fl
 
 
 def _model(logd: np.ndarray, bottom: float, top: float, log_ic50: float, hill: float) -> np.ndarray:
-    return bottom + (top - bottom) / (1.0 + 10.0 ** (hill * (logd - log_ic50)))
+    with np.errstate(over="ignore"):  # a steep curve far from its middle: 10**x overflows to inf, y to bottom
+        return bottom + (top - bottom) / (1.0 + np.power(10.0, hill * (logd - log_ic50)))
+
+
+def _pow10(x: float) -> float:
+    """10**x as a float, inf (or 0) beyond the float range rather than OverflowError: an interval that wide
+    says the data do not bound the IC50."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.power(10.0, x))
 
 
 def fit(dose: np.ndarray, y: np.ndarray, cfg: DoseConfig | None = None) -> dict[str, object]:
@@ -71,7 +79,7 @@ def fit(dose: np.ndarray, y: np.ndarray, cfg: DoseConfig | None = None) -> dict[
     dof = max(1, len(y) - 4)
     se = float(np.sqrt(cov[2, 2])) if np.all(np.isfinite(cov)) else np.inf
     t = float(stats.t.ppf(0.5 + cfg.confidence / 2, dof))
-    out.update(ic50=10.0**log_ic50, ic50_low=10.0 ** (log_ic50 - t * se), ic50_high=10.0 ** (log_ic50 + t * se),
+    out.update(ic50=_pow10(log_ic50), ic50_low=_pow10(log_ic50 - t * se), ic50_high=_pow10(log_ic50 + t * se),
                hill=hill, top=top, bottom=bottom, r2=r2)
     if not logd.min() - 1 <= log_ic50 <= logd.max() + 1:
         out["reason"] = "IC50 lies more than 10x outside the doses tested: the curve's middle was not reached"

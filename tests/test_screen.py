@@ -102,6 +102,16 @@ def test_dose_response_reasons():
     assert "outside the doses tested" in out_of_range["reason"]
 
 
+def test_a_flat_response_gives_an_unbounded_interval_not_an_error():
+    """No effect of the compound (noise around 100 over ten decades): the interval's bound is inf, the
+    reason says the fit explains nothing; 10**x of the wide interval once raised OverflowError."""
+    doses = np.repeat(10.0 ** np.arange(-5, 5, 1.0), 4)
+    y = 100 + np.random.default_rng(1).normal(0, 5, len(doses))
+    out = dose_response.fit(doses, y)
+    assert out["ic50_high"] == np.inf and out["ic50_low"] == 0.0
+    assert "poor fit" in out["reason"]
+
+
 def _wells_with_controls() -> pd.DataFrame:
     doses = np.logspace(-2, 2, 8)
     rows = [{"plate": "P", "well": f"B{i + 2}", "compound": "X", "dose": d, "unit": "uM", "control": None,
