@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from livecell_ray.config import LIVECELL_PATTERN, InferenceConfig, SegmentConfig
+from livecell_ray.config import LIVECELL_PATTERN, InferenceConfig, SegmentConfig, check_positive
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Segment phase-contrast cell plates with YOLOv8 on Ray; query per-well results.")
@@ -268,12 +268,10 @@ def evaluate(
 ) -> None:
     """LIVECell-protocol COCO evaluation (mask/box AP at maxDets 2000, AP50, AP75, F1, count error)."""
     from livecell_ray import evaluate as ev
-
-    if pixel_size is not None and not pixel_size > 0:
-        fail(f"--pixel-size must be a positive number of micrometres, got {pixel_size}")
     from livecell_ray.models import WeightsError
 
     try:
+        check_positive(pixel_size, "--pixel-size", "micrometres")
         results, info = ev.run(weights, annotations, images_dir,
                                InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, tta=tta), trust_weights,
                                [s for s in select.split(",") if s] or None, pixel_size)

@@ -115,13 +115,10 @@ class SegmentConfig:
 
     def __post_init__(self) -> None:
         """Values no run could use fail here, naming the flag (and spec key), before anything is written."""
-        if self.pixel_size is not None and not self.pixel_size > 0:
-            raise ValueError(f"--pixel-size (pixel_size) must be a positive number of micrometres, "
-                             f"got {self.pixel_size}")
+        check_positive(self.pixel_size, "--pixel-size (pixel_size)", "micrometres")
         if self.stack_axis not in (None, "t"):
             raise ValueError(f"--stack-axis (stack_axis) {self.stack_axis!r}: the only stack axis read is t (time)")
-        if self.interval_h is not None and not self.interval_h > 0:
-            raise ValueError(f"--interval (interval) must be a positive number of hours, got {self.interval_h}")
+        check_positive(self.interval_h, "--interval (interval)", "hours")
         if self.interval_h is not None and self.stack_axis is None:
             raise ValueError("--interval (interval) applies to --stack-axis t only")
         if self.channel is not None and str(self.channel).lstrip("-").isdigit() and int(self.channel) < 0:
@@ -147,6 +144,12 @@ class SegmentConfig:
             d["inference"].pop("tta")
             d["inference"].pop("tta_match_iou")
         return json.loads(json.dumps(d))
+
+
+def check_positive(value: float | None, flag: str, unit: str) -> None:
+    """A size or time that must be positive when given; the error names the flag."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{flag} must be a positive number of {unit}, got {value}")
 
 
 class SpecError(ValueError):

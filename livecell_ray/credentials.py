@@ -5,7 +5,7 @@ in clear, so a spec that holds a credential is refused before it is submitted. C
 object store another way: the nodes' environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
 GOOGLE_APPLICATION_CREDENTIALS), instance roles or workload identity, a credentials file, or a profile
 name. A local run may still be given credentials on the command line; they are never written to
-run.json, Parquet metadata or a log (``redact`` for anything printed).
+run.json, Parquet metadata or a log.
 """
 
 from __future__ import annotations
@@ -71,13 +71,3 @@ def spec_secrets(spec: dict[str, Any]) -> list[str]:
     found += [k for k in ("source", "output", "out", "manifest", "platemap")
               if isinstance(spec.get(k), str) and url_password(spec[k])]
     return found
-
-
-def redact(obj: Any) -> Any:
-    """A copy safe to print or store: credential values replaced by '***'."""
-    if isinstance(obj, dict):
-        return {k: (redact(v) if isinstance(v, (dict, list)) or not SECRET_NAME.search(str(k)) or _is_reference(v)
-                    else "***") for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj

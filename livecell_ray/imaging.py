@@ -41,6 +41,7 @@ class ImageInfo:
     axes: str = "YX"
     shape: tuple[int, ...] = ()
     channels: tuple[str, ...] = ()
+    interval_h: float | None = None  # hours between timepoints (OME TimeIncrement), when recorded
 
 
 def decode(data: bytes, path: str, max_pixels: int = 64_000_000, planes: Planes | None = None) -> np.ndarray:
@@ -137,10 +138,7 @@ def _select_plane(arr: np.ndarray, axes: str, extra: list[int], info: ImageInfo,
                              f"({shape})")
         index[ax] = k
     if planes.plane is not None:
-        rest = [i for i in extra if i not in index]
-        ax = next((i for i in rest if axes[i] == "T"), None)
-        if ax is None and len(rest) == 1 and axes[rest[0]] in "SIQZ":
-            ax = rest[0]
+        ax = time_axis(axes, [i for i in extra if i not in index])
         if ax is None:
             raise PlaneError(f"{path}: --stack-axis t: no single time axis among {shape}")
         if not 0 <= planes.plane < arr.shape[ax]:
@@ -154,8 +152,17 @@ def _select_plane(arr: np.ndarray, axes: str, extra: list[int], info: ImageInfo,
     return arr[sl]
 
 
+def time_axis(axes: str, candidates: list[int]) -> int | None:
+    """Which of a file's plane axes is its time axis: T, else the only one when it is unnamed (S, I, Q) or Z."""
+    ax = next((i for i in candidates if axes[i] == "T"), None)
+    if ax is None and len(candidates) == 1 and axes[candidates[0]] in "SIQZ":
+        ax = candidates[0]
+    return ax
+
+
 def tiff_info(tif: Any) -> ImageInfo:
-    """Pixel size and channel names from OME-XML (tifffile's parser), ImageJ metadata or resolution tags."""
+    """Pixel size, channel names and time increment from OME-XML (tifffile's parser), ImageJ metadata or
+    resolution tags."""
     import tifffile
 
     series = tif.series[0]
@@ -170,6 +177,9 @@ def tiff_info(tif: Any) -> ImageInfo:
             info.channels = tuple(str(c.get("Name", "")) for c in ch if isinstance(c, dict))
             if "PhysicalSizeX" in px:
                 info.pixel_size = float(px["PhysicalSizeX"]) * _UNIT_UM.get(str(px.get("PhysicalSizeXUnit", "µm")), 0)
+            if "TimeIncrement" in px:
+                unit = _UNIT_H.get(str(px.get("TimeIncrementUnit", "s")))
+                info.interval_h = float(px["TimeIncrement"]) * unit if unit else None
         except (KeyError, TypeError, ValueError, IndexError):
             pass
     if info.pixel_size is None:
@@ -181,6 +191,8 @@ def tiff_info(tif: Any) -> ImageInfo:
 
 #: Length units (OME's spellings) in micrometres.
 _UNIT_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+#: Time units (OME's spellings) in hours.
+_UNIT_H = {"s": 1 / 3600, "ms": 1 / 3.6e6, "min": 1 / 60, "h": 1.0}
 
 
 def _resolution_um(tif: Any) -> float | None:

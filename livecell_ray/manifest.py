@@ -293,42 +293,28 @@ def expand_stacks(man: Manifest, interval_h: float | None, storage_options: dict
     (from the file's OME TimeIncrement when not given). Reads each file's header only (tifffile)."""
     import tifffile
 
+    from livecell_ray.imaging import tiff_info, time_axis
+
     rows = []
     for r in man.fields.to_dict("records"):
         path = r["path"]
         try:
             with fsspec.open(path, "rb", **(storage_options or {})) as f, tifffile.TiffFile(f) as tif:
-                series = tif.series[0]
-                axes, shape = series.axes, tuple(series.shape)
-                step = interval_h or _ome_interval_h(tif)
+                info = tiff_info(tif)
         except Exception as exc:
             raise ManifestError(f"{path}: --stack-axis t: cannot read it as a TIFF stack "
                                 f"({type(exc).__name__}: {exc})") from exc
-        extra = [(a, n) for a, n in zip(axes, shape) if a not in "YX" and n > 1]
-        n = dict(extra).get("T") or (extra[0][1] if len(extra) == 1 and extra[0][0] in "SIQZ" else None)
-        if not n:
+        axes, shape, step = info.axes, info.shape, interval_h or info.interval_h
+        extra = [i for i, (a, n) in enumerate(zip(axes, shape)) if a not in "YX" and n > 1]
+        ax = time_axis(axes, extra)
+        if ax is None:
             raise ManifestError(f"{path}: --stack-axis t does not fit the file: {axes} {shape} has "
                                 f"{'no plane axis' if not extra else 'no single time axis'}")
         if not step or step <= 0:
             raise ManifestError(f"{path}: --stack-axis t needs --interval HOURS (the file does not say its own)")
-        rows += [{**r, "plane": k, "timepoint": round(float(r["timepoint"]) + k * step, 4)} for k in range(n)]
+        rows += [{**r, "plane": k, "timepoint": round(float(r["timepoint"]) + k * step, 4)} for k in range(shape[ax])]
     cols = [c for c in COLUMNS if c not in ("field_id", "site", "t_index", "n_timepoints")]
     return Manifest(_finish(pd.DataFrame(rows)[cols]), man.unmatched)
-
-
-def _ome_interval_h(tif: Any) -> float | None:
-    """Hours between timepoints from OME-XML's Pixels TimeIncrement, when the file records it."""
-    import tifffile
-
-    if not tif.is_ome:
-        return None
-    try:
-        image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-        px = (image[0] if isinstance(image, list) else image)["Pixels"]
-        unit = {"s": 1 / 3600, "ms": 1 / 3.6e6, "min": 1 / 60, "h": 1.0}[str(px.get("TimeIncrementUnit", "s"))]
-        return float(px["TimeIncrement"]) * unit
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def build(source: str, pattern: str = LIVECELL_PATTERN, manifest: str | None = None,

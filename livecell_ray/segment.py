@@ -87,8 +87,9 @@ class Segmenter:
         layout: list[tuple[tuple[int, int], list | None, list[int]]] = []
         for im, ct, px in zip(images, cell_types, pixel_sizes):
             key = self.model_key(ct)
-            m = tiles_mod.resample(im, self.scale(key, px))
-            known = bool(px and self.pixel_sizes.get(key))
+            scale = self.scale(key, px)
+            known = scale is not None
+            m = tiles_mod.resample(im, scale or 1.0)
             if self.tiled(m.shape, known_scale=known):
                 plan = tiles_mod.plan(m.shape, self.cfg.imgsz, self.cfg.tile_overlap or self.cfg.imgsz // 4)
                 first = len(units)
@@ -123,10 +124,10 @@ class Segmenter:
         limit = self.cfg.imgsz * (1.0 if known_scale else tiles_mod.LETTERBOX_MAX)
         return max(shape) > limit
 
-    def scale(self, key: str, pixel_size: float | None) -> float:
-        """How much a field of this pixel size is resized to reach the model's (1: unknown on either side)."""
+    def scale(self, key: str, pixel_size: float | None) -> float | None:
+        """How much a field of this pixel size is resized to reach the model's; None when either is unknown."""
         model = self.pixel_sizes.get(key)
-        return pixel_size / model if pixel_size and model else 1.0
+        return pixel_size / model if pixel_size and model else None
 
     def _segment_units(self, units: list[tuple[str, np.ndarray, bool]], chunk: int) -> list[Instances]:
         """Whole fields or tiles, grouped by model and size into network batches of at most ``chunk``."""
