@@ -6,8 +6,8 @@
 (1) the limit: the network alone, fp16, on 704x520 fields (letterboxed to 544x704), at batch sizes
     8..256, inputs already on the GPU; the best fields/s is the ceiling for any pipeline;
     then the model side alone (letterbox, forward, NMS, painting) on real fields, one replica;
-(2) the pipeline: Ray Data read/decode on CPU tasks -> one model replica on the GPU (fp16) -> NMS,
-    box-local painting -> regionprops and Zarr/Parquet writes on CPU tasks, over N real LIVECell fields.
+(2) the pipeline: shard tasks on the CPUs read and decode -> one model replica on the GPU (fp16):
+    NMS, box-local painting -> the same tasks measure and write Zarr/Parquet, over N real LIVECell fields.
 Prints both, their ratio (target >= 0.7) and the end-to-end fields/s (target >= 1,000 for n-seg on
 an H100), and writes them as JSON.
 """

@@ -1,6 +1,6 @@
 """What the pipeline around the model sustains: `livecell-ray segment` with the network's answers replayed.
 
-    python benchmarks/replay.py --fields 400 [--batch 64] [--io-tasks N]
+    python benchmarks/replay.py --fields 400 [--batch 64] [--io-tasks N] [--baseline WORKTREE] [--rounds R]
 
 On a GPU node the network is nearly free (forward-only fp16: thousands of fields/s); what is left is
 reading, decoding, moving fields through Ray's object store, measuring and writing. This runs exactly
@@ -8,9 +8,13 @@ that part of `livecell-ray segment` on this machine's CPUs: every Ray worker get
 swaps the Segmenter for one returning the real results that small.pt computed beforehand for each of
 the bundled LIVECell fields (same labels, classes, confidences). Nothing else differs, so fields/s
 here is the ceiling the CPUs put on a GPU node of this many cores, and its per-field time splits into
-the stage costs printed first (each measured alone, in this process). The CPU use of this process
-after the first field (it watches the execution and walks the summaries; Ray Data's executor runs in
-the pipeline's StreamDriver actor) is printed last.
+the stage costs printed first (each measured alone, in this process).
+
+Each pipeline run is a fresh process (its own local Ray); it reports fields/s end to end and after the
+first field, the first field's time (from `pipeline.run`, and from before `ray.init`), and the CPU
+time of the driver and every Ray process it started, a field. ``--baseline`` names a checkout of other
+code (a git worktree of an earlier commit): its package runs the same plate in turns with this one's,
+``--rounds`` times each, and the ratios are printed.
 
 A diagnostic for benchmarks only: the product never runs without its model.
 """
@@ -19,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +35,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# Which checkout's package runs: this one, or the one --baseline names (set for the run's process and
+# its Ray workers alike, so that both import the same code).
+CODE_ENV = "LIVECELL_RAY_REPLAY_CODE"
+CODE = Path(os.environ.get(CODE_ENV, str(ROOT)))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(CODE))
 
 ENV = "LIVECELL_RAY_REPLAY"
 
@@ -119,21 +129,127 @@ def stage_costs(plate: Path, recorded: Path, out: Path, repeats: int = 20) -> di
     return {k: 1000 * v for k, v in costs.items()}
 
 
+class CpuMeter:
+    """CPU seconds of this process and every process it started (Ray's GCS, raylet, agents, workers,
+    actors), polled every 0.1 s so that a process that ends (an actor killed with its run) keeps what it
+    used until its last poll."""
+
+    def __init__(self, interval: float = 0.1):
+        import threading
+
+        import psutil
+
+        self._me, self._seen, self._lock = psutil.Process(), {}, threading.Lock()
+        self._done = threading.Event()
+        self._poll()
+        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        import psutil
+
+        for p in [self._me, *self._me.children(recursive=True)]:
+            try:
+                t, key = p.cpu_times(), (p.pid, p.create_time())
+            except psutil.Error:
+                continue  # gone meanwhile
+            with self._lock:
+                self._seen[key] = t.user + t.system
+
+    def _loop(self, interval: float) -> None:
+        while not self._done.wait(interval):
+            self._poll()
+
+    def seconds(self) -> float:
+        self._poll()
+        with self._lock:
+            return sum(self._seen.values())
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def run_once(plate: Path, recorded: Path, out: Path, batch: int, io_tasks: int | None) -> dict[str, float]:
+    """One pipeline run over the plate in this process (a fresh local Ray); its figures."""
+    from livecell_ray import offline
+
+    offline.configure()
+    import ray
+
+    from livecell_ray import pipeline
+    from livecell_ray.config import SegmentConfig
+
+    meter = CpuMeter()
+    cpu = meter.seconds
+
+    cpus = os.cpu_count() or 2
+    env = dict(offline.worker_env(), **{ENV: str(recorded), CODE_ENV: str(CODE),
+                                        "PYTHONPATH": os.pathsep.join([str(CODE), str(ROOT / "benchmarks")])})
+    t_init = time.perf_counter()
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env, "worker_process_setup_hook": "replay.install"})
+    try:
+        cfg = SegmentConfig(source=str(plate), out=str(out), batch_size=batch, io_tasks=io_tasks,
+                            cpus_per_replica=0.5)
+        first: list[float] = []  # CPU seconds of all processes when the first field came out
+
+        def on_field(res, done, total):
+            if not first:
+                first.append(cpu())
+
+        t0, c0 = time.perf_counter(), cpu()
+        s = pipeline.run(cfg, progress=on_field)
+        t, c1 = time.perf_counter() - t0, cpu()
+    finally:
+        meter.stop()
+        ray.shutdown()
+    if s.fields_failed:
+        raise SystemExit(f"{s.fields_failed} fields failed: {s.failures[:3]}")
+    return {"fields": s.fields_done, "seconds": t, "end_to_end": s.fields_done / t,
+            "steady": s.steady_fields_per_second, "first_field": s.time_to_first_field,
+            "first_field_with_init": s.time_to_first_field + (t0 - t_init),
+            "cpu_ms_a_field": 1000 * (c1 - c0) / s.fields_done,
+            "steady_cpu_ms_a_field": 1000 * (c1 - first[0]) / max(1, s.fields_done - 1),
+            "stage_report": s.stage_report()}
+
+
+def _subprocess_run(code: Path, plate: Path, recorded: Path, out: Path, a: argparse.Namespace) -> dict[str, float]:
+    """run_once in a fresh process with ``code``'s package (Ray's start-up is part of what is measured)."""
+    res = out.with_suffix(".json")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--fields", str(a.fields), "--batch", str(a.batch),
+           "--_run", str(plate), str(recorded), str(out), str(res)]
+    if a.io_tasks:
+        cmd += ["--io-tasks", str(a.io_tasks)]
+    subprocess.run(cmd, check=True, env={**os.environ, CODE_ENV: str(code)})
+    return json.loads(res.read_text())
+
+
+def _line(name: str, r: dict[str, float]) -> str:
+    return (f"  {name:9s} {r['end_to_end']:6.1f} fields/s end to end ({r['seconds']:.1f} s), {r['steady']:6.1f} after "
+            f"the first field; first field {r['first_field']:.1f} s ({r['first_field_with_init']:.1f} s with "
+            f"ray.init); CPU {r['cpu_ms_a_field']:.1f} ms a field ({r['steady_cpu_ms_a_field']:.1f} after the first)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fields", type=int, default=400)
     ap.add_argument("--model", default="small")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--io-tasks", type=int, default=None)
+    ap.add_argument("--baseline", type=Path, default=None, help="a checkout of the code to compare with")
+    ap.add_argument("--rounds", type=int, default=None, help="runs of each code, in turns (default 2 with "
+                                                             "--baseline, else 1)")
+    ap.add_argument("--_run", nargs=4, type=Path, help=argparse.SUPPRESS)  # PLATE RECORDED OUT JSON: one run here
     a = ap.parse_args()
+    if a._run:
+        plate, recorded, out, res = a._run
+        res.write_text(json.dumps(run_once(plate, recorded, out, a.batch, a.io_tasks)))
+        return
     from livecell_ray import offline
 
     offline.configure()
-    import ray
     from throughput import build_plate
-
-    from livecell_ray import pipeline
-    from livecell_ray.config import SegmentConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="lcr-replay-"))
     try:
@@ -142,42 +258,33 @@ def main() -> None:
         plate = build_plate(a.fields, tmp / "plate")
         cpus = os.cpu_count() or 2
         print(f"{a.fields} fields of 704x520, {cells} cells a field on average ({a.model} results replayed), "
-              f"{cpus} CPUs")
+              f"batch {a.batch}, {cpus} CPUs")
         costs = stage_costs(plate, recorded, tmp / "alone")
         for k, v in costs.items():
             print(f"  {k:34s} {v:6.1f} ms a field")
         total = sum(costs.values())
         print(f"  {'sum':34s} {total:6.1f} ms a field -> at most {1000 * cpus / total:.0f} fields/s on {cpus} CPUs")
-        env = dict(offline.worker_env(), **{ENV: str(recorded),
-                                            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])})
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env, "worker_process_setup_hook": "replay.install"})
-        cfg = SegmentConfig(source=str(plate), out=str(tmp / "out"), batch_size=a.batch, io_tasks=a.io_tasks,
-                            cpus_per_replica=0.5)
-        first: list[float] = []  # the driver's CPU time when the first field came out
-
-        def on_field(res, done, total):
-            if not first:
-                first.append(time.process_time())
-
-        t0, c0 = time.perf_counter(), time.process_time()
-        s = pipeline.run(cfg, progress=on_field)
-        t, c1 = time.perf_counter() - t0, time.process_time()
-        if s.fields_failed:
-            raise SystemExit(f"{s.fields_failed} fields failed: {s.failures[:3]}")
-        steady = s.steady_fields_per_second
-        print(f"pipeline, model replayed: {s.fields_done / t:.1f} fields/s end to end ({t:.1f} s), "
-              f"{steady:.1f} fields/s after the first field; batch {a.batch}, io_tasks {cfg.io_tasks or 'auto'}")
-        print(f"  {s.stage_report()}")
-        print(f"  after the first field: {steady * total / (1000 * cpus):.2f} of the CPU-bound ceiling above")
-        # The job's process (the watcher and the summary loop; Ray Data's executor runs in the StreamDriver
-        # actor): if its CPU time grew with the fields it would bound a node's fields/s.
-        steady_wall = max(t - s.time_to_first_field, 1e-9)
-        print(f"  this process: {first[0] - c0:.1f} s of CPU before the first field (manifest, plate metadata, start), "
-              f"then {100 * (c1 - first[0]) / steady_wall:.0f}% of a core "
-              f"({1000 * (c1 - first[0]) / max(1, s.fields_done - 1):.1f} ms a field)")
+        codes = {"this code": ROOT}
+        if a.baseline:
+            codes = {"baseline": a.baseline.resolve(), "this code": ROOT}
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in codes}
+        for r in range(a.rounds or (2 if a.baseline else 1)):
+            for name, code in codes.items():
+                results[name].append(_subprocess_run(code, plate, recorded, tmp / f"out-{r}-{len(results[name])}"
+                                                     f"-{name.replace(' ', '_')}", a))
+                print(_line(name, results[name][-1]), flush=True)
+        print(f"pipeline, model replayed ({codes['this code']}):")
+        print(f"  {results['this code'][-1]['stage_report']}")
+        if a.baseline:
+            med = {k: {m: float(np.median([x[m] for x in v])) for m in v[0] if m != "stage_report"}
+                   for k, v in results.items()}
+            print(f"medians over {len(results['baseline'])} runs each, this code / baseline ({a.baseline}):")
+            for m, what in (("end_to_end", "fields/s end to end"), ("steady", "fields/s after the first field"),
+                            ("first_field", "first field, s"), ("cpu_ms_a_field", "CPU ms a field"),
+                            ("steady_cpu_ms_a_field", "CPU ms a field after the first")):
+                b, c = med["baseline"][m], med["this code"][m]
+                print(f"  {what:32s} {c:7.1f} vs {b:7.1f}: {c / b:.2f}x")
     finally:
-        ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -7,7 +7,7 @@ well names, then runs in this one script:
   (a) the seed-style loop: for each image, ultralytics predict at batch 1 with retina masks, a
       label image from the dense masks, the same statistics (through scikit-image's regionprops,
       one cell at a time, as the seed measured them), the same Zarr + Parquet files;
-  (b) livecell-ray segment (Ray Data, local, CPU) with the same weights and thresholds.
+  (b) livecell-ray segment (Ray, local, CPU) with the same weights and thresholds.
 Prints fields/s of both and their ratio, and the peak RSS (driver + Ray processes, sampled).
 Also times the mask post-processing alone: ultralytics' process_mask_native vs our box-local
 painting on the same instances. --memory runs (b) on N and on 10N fields, each in a fresh process,

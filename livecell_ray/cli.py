@@ -52,8 +52,8 @@ def segment(
     replicas: int = typer.Option(1, min=1, help="Model replicas (Ray actors)"),
     gpus_per_replica: float = typer.Option(0.0, min=0.0, help="GPUs per model replica (0: CPU)"),
     cpus_per_replica: float = typer.Option(0.5, min=0.01, help="CPUs reserved per model replica"),
-    io_tasks: int | None = typer.Option(None, min=1, help="Concurrent read tasks, and measure/write tasks "
-                                        "(default: half the cluster's CPUs each)"),
+    io_tasks: int | None = typer.Option(None, min=1, help="Shards in flight (each a task that reads, waits "
+                                        "for the model, measures and writes; default: the cluster's CPUs)"),
     pattern: str = typer.Option(LIVECELL_PATTERN, help="File-name regex with named groups"),
     layout: str | None = typer.Option(None, help="Instrument naming preset instead of --pattern: livecell, incucyte, "
                                       "imagexpress, operetta, cellinsight, cytation, cellvoyager"),

@@ -81,17 +81,20 @@ class SegmentConfig:
     max_pixels: int = 64_000_000
     overwrite: bool = False
     replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica
-    object_store_budget_mb: int = 1024  # Ray Data's streaming budget: how far reading may run ahead
-    # Concurrent read tasks and concurrent measure/write tasks, each; None: half the cluster's CPUs.
-    # Each running task holds a worker process (numpy, zarr, scikit-image: ~150 MB), so the bound also
-    # bounds memory: fractional-CPU tasks would otherwise start four workers per CPU as a plate grows.
+    # How much the shards in flight may hold at once (about 4 bytes a pixel of 704x520 fields: normalised
+    # plane, labels, raw plane): bounds pipeline.in_flight, so memory stays flat however large the plate.
+    object_store_budget_mb: int = 1024
+    # Shards in flight at once, each a task that reads its fields, waits for its batch from a replica, then
+    # measures and writes; None: as many as the cluster has CPUs. Each running task holds a worker
+    # process (numpy, zarr, pyarrow: ~150 MB), so the bound also bounds memory.
     io_tasks: int | None = None
-    # An I/O worker process is replaced after this many fields: zarr, Arrow and the allocator keep about
-    # 70 KB a field that no call gives back, which over a 100,000-field run would be gigabytes per worker.
-    # A fresh worker costs a second or two of start-up; None keeps workers for the whole run.
+    # A shard worker process is replaced after about this many fields: zarr, Arrow and the allocator keep
+    # about 70 KB a field that no call gives back, which over a 100,000-field run would be gigabytes per
+    # worker. A fresh worker costs a second or two of start-up; None keeps workers for the whole run.
     io_worker_max_fields: int | None = 2000
-    # Ray Data can hang for good after a node or an actor is lost. When no field finishes for this long,
-    # the execution is thrown away and started again over the fields left, at most stall_restarts times.
+    # A replica that hangs without dying (a stuck GPU call) stops its shards for good. When no field
+    # finishes for this long, every task and replica of the execution is killed and a new one takes the
+    # fields left, at most stall_restarts times.
     # Generous by default: an autoscaled cluster may take many minutes to bring up its first GPU node.
     # None: wait forever.
     stall_timeout_s: float | None = 1800.0

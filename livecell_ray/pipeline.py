@@ -1,19 +1,22 @@
-"""Distribution: the plate's manifest streamed through Ray Data.
+"""Distribution: the plate's manifest cut into shards, each a Ray task beside the model replicas.
 
-    manifest rows --map(read_field, CPU tasks)--> decoded + normalised fields
-        --map_batches(SegmentActor, actor pool of model replicas, GPU or CPU)--> label images
-        --map_batches(finish_block, CPU tasks)--> measured, written to Zarr + Parquet; a summary row a field
+    manifest rows --shards of batch_size fields--> process_shard (a CPU task each):
+        read + decode + normalise --> SegmentActor.segment (a replica: Ray actor, GPU or CPU, one batch)
+        --> measure + write to Zarr + Parquet, committed; a summary row a field back to the driver
 
-Reading, segmenting and writing overlap through Ray Data's streaming executor; the driver only
-walks the summaries to drive the progress bar. Every stage catches its own errors and passes the
-field on marked failed, so one bad file never stops the plate: it ends in failures/ instead.
+A shard's fields are read, sent to a replica as one model batch, and measured and written by the same
+task: the raw planes never leave the process that read them, and only the normalised planes and the
+label images cross the object store. Several shards are in flight at once, so reading and measuring of
+some overlap the model's work on others; how many is bounded (``in_flight``), so memory stays flat from
+ten fields to a whole plate. Every stage catches its own errors and passes the field on marked failed,
+so one bad file never stops the plate: it ends in failures/ instead.
 
-The execution itself runs in a small actor (:class:`StreamDriver`) beside the job's driver, watched
-from here: Ray Data can hang for good after a node or actor is lost (ray-project/ray#62746, #59518,
-#47606), and a plate run overnight must not. When no field finishes for ``stall_timeout_s``, the
-actor is killed, which ends every task and actor of that execution, and a new one streams the
-fields still to do: exactly once still holds, since a field counts as done only when its fields/ row
-is written.
+Fault tolerance is Ray's own: a replica whose process or node dies is restarted and its pending batches
+retried (max_restarts, max_task_retries), a shard task whose worker dies is run again (max_retries);
+both are safe because a field counts as done only when its fields/ row is committed, and rewriting it
+replaces rather than duplicates. A replica that hangs without dying (a stuck GPU call) is caught by the
+driver's watchdog: when no shard finishes for ``stall_timeout_s``, every task and replica of that
+execution is killed and a new one takes the fields still to do.
 """
 
 from __future__ import annotations
@@ -40,8 +43,6 @@ from livecell_ray.imaging import ImageError, PlaneError, Planes, normalize, read
 from livecell_ray.measure import measure_cells, measure_field
 
 if TYPE_CHECKING:  # segment imports torch, which the reading and measuring workers never need
-    import ray.data
-
     from livecell_ray.segment import Instances
 
 
@@ -113,9 +114,7 @@ def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels:
         given = float(row.get("pixel_size", np.nan))
         row["pixel_size"] = given if given > 0 else (pixel_size or info.pixel_size or np.nan)
         row["image"] = normalize(raw, norm)
-        # The raw plane travels as bytes in its own dtype (uint8 stays 1 byte/px), for intensity statistics.
-        row["raw"] = np.ascontiguousarray(raw).tobytes()
-        row["raw_dtype"] = raw.dtype.str
+        row["raw"] = raw  # in the camera's units, for intensity statistics; it never leaves the shard's task
         row["status"], row["stage"], row["error"] = "ok", "", ""
     except ImageError as exc:
         _mark_failed(row, "read", str(exc))
@@ -127,8 +126,7 @@ def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels:
 
 def _mark_failed(row: dict[str, Any], stage: str, error: str) -> None:
     row["image"] = np.zeros((0, 0), np.uint8)
-    row["raw"] = b""
-    row["raw_dtype"] = "|u1"
+    row["raw"] = np.zeros((0, 0), np.uint8)
     row["status"], row["stage"], row["error"] = "failed", stage, error
 
 
@@ -158,51 +156,35 @@ class SegmentActor:
 
         self.node_id = ray.get_runtime_context().get_node_id()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        n = len(batch["field_id"])
-        predicted, probability = [""] * n, np.full(n, np.nan)
-        label_out: list[np.ndarray] = [np.zeros((0, 0), np.uint32)] * n
-        cls_out: list[bytes] = [b""] * n
-        conf_out: list[bytes] = [b""] * n
-        status = list(batch["status"])
-        stage = list(batch["stage"])
-        error = list(batch["error"])
-        ok = [i for i in range(n) if status[i] == "ok"]
+    def segment(self, images: list[np.ndarray], cell_types: list[str], pixel_sizes: list[float],
+                paths: list[str]) -> dict[str, Any]:
+        """One model batch: a shard's readable fields. Returns, per field, its label image (uint16 when it
+        fits), class ids and confidences as bytes, its predicted cell type and probability, and an error
+        ("" when segmented); then where and how long (model_node, model_pid, model_s a field).
+        """
+        n = len(images)
         t0 = time.perf_counter()
-        if ok:
-            try:
-                types = [str(batch["cell_type"][i]) for i in ok]
-                if self.classifier is not None:  # every field's type from its pixels, whatever the routing
-                    try:
-                        for i, (t, prob, _) in zip(ok, self.classifier([batch["image"][i] for i in ok])):
-                            predicted[i], probability[i] = t, prob
-                    except Exception:
-                        if self.route == "auto":
-                            raise  # no type, no route: the batch fails with the reason
-                        log.exception("field classifier failed; cell_type_predicted left empty")
+        out: dict[str, Any] = {"labels": [np.zeros((0, 0), np.uint16)] * n, "class_ids": [b""] * n,
+                               "confidences": [b""] * n, "cell_type_predicted": [""] * n,
+                               "cell_type_probability": [float("nan")] * n, "error": [""] * n}
+        try:
+            types = list(cell_types)
+            if self.classifier is not None:  # every field's type from its pixels, whatever the routing
+                try:
+                    for i, (t, prob, _) in enumerate(self.classifier(images)):
+                        out["cell_type_predicted"][i], out["cell_type_probability"][i] = t, prob
+                except Exception:
                     if self.route == "auto":
-                        types = [predicted[i] for i in ok]
-                sizes = [float(batch["pixel_size"][i]) if "pixel_size" in batch else np.nan for i in ok]
-                res = self.segmenter([batch["image"][i] for i in ok], types,
-                                     [px if px > 0 else None for px in sizes])
-                for i, r in zip(ok, res):
-                    label_out[i], cls_out[i], conf_out[i] = encode_instances(r)
-            except Exception as exc:
-                for i in ok:
-                    status[i], stage[i] = "failed", "segment"
-                    error[i] = f"{batch['path'][i]}: model failed ({type(exc).__name__}: {exc})"
-        out = {k: v for k, v in batch.items() if k not in ("labels",)}
-        out["model_node"] = np.array([self.node_id] * n)
-        out["model_pid"] = np.full(n, os.getpid())
-        out["model_s"] = np.full(n, (time.perf_counter() - t0) / n)
-        out["cell_type_predicted"], out["cell_type_probability"] = np.array(predicted), probability
-        # One (n, H, W) array when the batch's label images share a shape (nearly always): Ray Data then
-        # wraps it as it is instead of concatenating n separate arrays into a variable-shaped column.
-        same = len({(a.shape, a.dtype) for a in label_out}) == 1
-        out.update(labels=np.stack(label_out) if same else _ragged(label_out),
-                   class_ids=np.array(cls_out, dtype=object),
-                   confidences=np.array(conf_out, dtype=object), status=np.array(status),
-                   stage=np.array(stage), error=np.array(error))
+                        raise  # no type, no route: the batch fails with the reason
+                    log.exception("field classifier failed; cell_type_predicted left empty")
+                if self.route == "auto":
+                    types = list(out["cell_type_predicted"])
+            res = self.segmenter(images, types, [px if px > 0 else None for px in pixel_sizes])
+            for i, r in enumerate(res):
+                out["labels"][i], out["class_ids"][i], out["confidences"][i] = encode_instances(r)
+        except Exception as exc:
+            out["error"] = [f"{path}: model failed ({type(exc).__name__}: {exc})" for path in paths]
+        out.update(model_node=self.node_id, model_pid=os.getpid(), model_s=(time.perf_counter() - t0) / max(1, n))
         return out
 
 
@@ -216,25 +198,48 @@ def encode_instances(result: Instances) -> tuple[np.ndarray, bytes, bytes]:
     return labels, result.class_ids.astype(np.int16).tobytes(), result.confidences.astype(np.float32).tobytes()
 
 
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        out[i] = a
-    return out
+def process_shard(rows: list[dict[str, Any]], replica: Any, cfg: SegmentConfig, out: str,
+                  provenance_meta: dict[str, str]) -> list[dict[str, Any]]:
+    """A shard of the manifest, start to end, in one CPU task: read its fields, have ``replica`` segment
+    the readable ones as one batch, then measure, write and commit them; one summary a field.
+
+    One task a shard rather than a task a stage: a field's raw plane stays where it was read, and Ray
+    schedules, serialises and tracks one task per batch_size fields instead of three per field.
+    """
+    import ray
+
+    fields = [read_field(r, cfg.storage_options, cfg.max_pixels, cfg.normalize, cfg.channel, cfg.pixel_size)
+              for r in rows]
+    ok = [f for f in fields if f["status"] == "ok"]
+    if ok:
+        try:
+            seg = ray.get(replica.segment.remote([f["image"] for f in ok], [str(f["cell_type"]) for f in ok],
+                                                 [float(f["pixel_size"]) for f in ok], [str(f["path"]) for f in ok]))
+        except Exception as exc:  # the replica is gone for good (its restarts spent) or cannot be reached
+            seg = {"error": [f"{f['path']}: model failed ({format_error(exc)})" for f in ok]}
+        for i, f in enumerate(ok):
+            f.update(model_node=seg.get("model_node", ""), model_pid=seg.get("model_pid", 0),
+                     model_s=seg.get("model_s", 0.0))
+            if seg["error"][i]:
+                f["status"], f["stage"], f["error"] = "failed", "segment", seg["error"][i]
+                continue
+            for k in ("labels", "class_ids", "confidences", "cell_type_predicted", "cell_type_probability"):
+                f[k] = seg[k][i]
+    return finish_fields(fields, out, cfg.storage_options, cfg.pixel_size, provenance_meta)
+
+
+def write_plates(out: str, storage_options: dict[str, Any], fields: pd.DataFrame, pixel_size: float | None,
+                 prov: dict[str, Any], layouts: dict[str, dict[str, Any]]) -> None:
+    """The plates' NGFF metadata and layout (:func:`livecell_ray.store.init_plates`), retried on transient
+    errors; before any field of them is written."""
+    outputs = store.Outputs(out, storage_options)
+    store.retry(store.init_plates, outputs, fields, pixel_size, prov, layouts)
 
 
 def finish_field(row: dict[str, Any], out: str, storage_options: dict[str, Any], pixel_size: float | None,
                  provenance_meta: dict[str, str]) -> dict[str, Any]:
     """Measure and write one field (see :func:`finish_fields`); returns its summary."""
     return finish_fields([row], out, storage_options, pixel_size, provenance_meta)[0]
-
-
-def finish_block(batch: dict[str, np.ndarray], out: str, storage_options: dict[str, Any],
-                 pixel_size: float | None, provenance_meta: dict[str, str]) -> dict[str, list[Any]]:
-    """:func:`finish_fields` over a Ray Data block (columns in, columns of summaries out)."""
-    rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["field_id"]))]
-    summaries = finish_fields(rows, out, storage_options, pixel_size, provenance_meta)
-    return {k: [s[k] for s in summaries] for k in summaries[0]} if summaries else {}
 
 
 def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[str, Any], pixel_size: float | None,
@@ -259,7 +264,7 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
             continue
         try:
             labels = np.asarray(row["labels"])
-            raw = np.frombuffer(row["raw"], np.dtype(str(row["raw_dtype"]))).reshape(labels.shape)
+            raw = np.asarray(row["raw"])
             cls = np.frombuffer(row["class_ids"], np.int16)
             conf = np.frombuffer(row["confidences"], np.float32)
             px = float(row.get("pixel_size", np.nan))
@@ -459,8 +464,6 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
     known = store.retry(store.read_layouts, outputs, man.fields["plate"].unique())
     fields, layouts = manifest_mod.apply_layout(man.fields, known)
     man = manifest_mod.Manifest(fields, man.unmatched)
-    lease.check()  # still this run's OUT before the plate's layout is extended
-    store.retry(store.init_plates, outputs, man.fields, cfg.pixel_size, prov, layouts)
     done = outputs.done_field_ids()
     # Fields done since they failed (their rows' removal itself failed).
     outputs.remove_many([outputs.table_path("failures", None, None, key) for key in outputs.failure_keys() & done])
@@ -472,11 +475,15 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
         summary.failures.append(write_failure(outputs, key, path, "", "", "", "manifest",
                                               f"{path}: file name does not match the pattern"))
     meta = {"livecell_ray": __import__("json").dumps(prov)}
-    if len(todo):
+    lease.check()  # still this run's OUT before the plate's layout is extended
+    plates = (outputs.url, cfg.storage_options, man.fields, cfg.pixel_size, prov, layouts)
+    if not len(todo):
+        write_plates(*plates)
+    else:
         init_ray(cfg)
         # Files chosen by their names' channel are read whole: the reader is told no channel.
         stream_cfg = dataclasses.replace(cfg, channel=reader_channel(cfg, man))
-        for res in _results(stream_cfg, todo, outputs.url, weights, meta, summary.restarts):
+        for res in _results(stream_cfg, todo, outputs.url, weights, meta, summary.restarts, plates):
             if lease.lost:  # the renewal found another run holding OUT: stop here (what is committed stands)
                 raise store.LeaseLost(lease.lost)
             if summary.time_to_first_field is None:
@@ -537,42 +544,61 @@ def _compact(cfg: SegmentConfig, outputs: store.Outputs, todo: pd.DataFrame) -> 
 
 
 def _results(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str, models.Weights],
-             meta: dict[str, str], restarts: list[str]) -> Iterator[dict[str, Any]]:
-    """One summary per field, from a watched execution that is started again if it stalls.
+             meta: dict[str, str], restarts: list[str], plates: tuple[Any, ...]) -> Iterator[dict[str, Any]]:
+    """One summary per field, from shards run as Ray tasks beside the model replicas, watched for stalls.
 
-    ``restarts`` gets one line per execution thrown away. After ``stall_restarts`` of them the run
-    stops with a RunError; what finished is kept, so the same command resumes.
+    The plate metadata (``plates``: :func:`write_plates`' arguments) is written here, before any shard is
+    submitted but after the replicas are started, so that their start-up (process, imports, network)
+    overlaps it. At most ``in_flight`` shards are submitted at a time (each holds its fields in memory);
+    the next is submitted as one finishes. ``restarts`` gets one line per execution thrown away because
+    no shard finished for ``stall_timeout_s``; after ``stall_restarts`` of them the run stops with a
+    RunError. What finished is kept, so the same command resumes.
     """
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # Beside this process, on its node: the execution's owner must not vanish with a worker node.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    driver_cls = ray.remote(StreamDriver).options(num_cpus=0, max_restarts=0, scheduling_strategy=here)
-    remaining = todo
+    outputs = store.Outputs(out, cfg.storage_options)
+    remaining = _shard_rows(todo, outputs)
+    cfg_ref = ray.put(cfg)
+    task = ray.remote(num_cpus=SHARD_CPUS, **_recycle(cfg))(process_shard)
     while True:
-        driver = driver_cls.remote()
-        gen = driver.stream.remote(cfg, remaining, out, weights, meta)
+        replicas = start_replicas(cfg, weights)
+        if plates:
+            store.make_folders(outputs, todo)  # first: the plate's group documents then go straight in
+            write_plates(*plates)
+            plates = ()
+        limit = in_flight(cfg, len(replicas))
+        shards = _shards(remaining, cfg.batch_size, ramp=limit)
+        pending: dict[Any, list[dict[str, Any]]] = {}
         finished: set[str] = set()
+        next_shard, reason = 0, ""
         try:
-            while True:
-                ready, _ = ray.wait([gen], timeout=cfg.stall_timeout_s or None)
+            while next_shard < len(shards) or pending:
+                while next_shard < len(shards) and len(pending) < limit:
+                    rows = shards[next_shard]
+                    ref = task.remote(rows, replicas[next_shard % len(replicas)], cfg_ref, out, meta)
+                    pending[ref] = rows
+                    next_shard += 1
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.stall_timeout_s or None)
                 if not ready:
                     reason = f"no field finished for {cfg.stall_timeout_s:g} s"
                     break
-                try:
-                    rows = ray.get(next(gen))
-                except StopIteration:
-                    return
-                except ray.exceptions.ActorDiedError as exc:  # the driver's own process died (OOM, killed)
-                    reason = f"the pipeline's driver process died ({format_error(exc)})"
-                    break
-                for res in rows:
-                    finished.add(res["field_id"])
-                    yield res
+                for ref in ready:
+                    rows = pending.pop(ref)
+                    try:
+                        summaries = ray.get(ref)
+                    except Exception as exc:  # the task's worker died past its retries, or Ray lost its result
+                        summaries = [_lost(outputs, r, exc) for r in rows]
+                    for res in summaries:
+                        finished.add(res["field_id"])
+                        yield res
+            if not reason:
+                return
         finally:
-            ray.kill(driver)  # ends the execution's tasks and actors with it
-        remaining = remaining[~remaining["field_id"].isin(finished)]
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            for r in replicas:
+                ray.kill(r, no_restart=True)  # a frozen replica too: its process is killed
+        remaining = [r for r in remaining if r["field_id"] not in finished]
         restarts.append(f"{reason}; started again over the {len(remaining)} fields left")
         if len(restarts) > cfg.stall_restarts:
             n = len(restarts)
@@ -582,67 +608,77 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str
         log.warning("%s: %s", out, restarts[-1])
 
 
-class StreamDriver:
-    """Holds one execution of the pipeline (made a Ray actor by :func:`_results`): killing it ends all of it."""
-
-    def stream(self, cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str, models.Weights],
-               meta: dict[str, str]) -> Iterator[list[dict[str, Any]]]:
-        """The summaries, one list per block of fields: one object for the watcher per block, not per field."""
-        for batch in _stream(cfg, todo, out, weights, meta).iter_batches(batch_size=None, batch_format="numpy"):
-            cols = {k: v.tolist() for k, v in batch.items()}
-            yield [dict(zip(cols, values)) for values in zip(*cols.values())]
+# A shard task's CPU reservation: reading and measuring are single-threaded and light next to a model on the
+# CPU, so fractional CPUs keep them running beside the replicas on a 2-CPU laptop; how many run at once is
+# in_flight's bound, not the CPU count's.
+SHARD_CPUS = 0.25
+# A replica whose process (or node) dies comes back this many times; its batches in flight are retried.
+REPLICA_RESTARTS = 8
 
 
-def _stream(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str, models.Weights],
-            meta: dict[str, str]) -> ray.data.Dataset:
-    """The Ray Data pipeline over the fields to do: one summary row per field."""
-    import ray.data
+def start_replicas(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> list[Any]:
+    """The model replicas (Ray actors); they load their networks while the first shards are read."""
+    import ray
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # Bound what reading may run ahead of the model: memory stays flat from 10 fields to a whole plate.
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=cfg.object_store_budget_mb * 2**20)
+    classifier = models.resolve_classifier(cfg.classifier, cfg.trust_weights)
+    actor = ray.remote(SegmentActor).options(
+        num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica or None,
+        resources=cfg.replica_resources or None, max_restarts=REPLICA_RESTARTS, max_task_retries=-1)
+    return [actor.remote(weights, cfg.inference, classifier, cfg.route) for _ in range(cfg.replicas)]
+
+
+def in_flight(cfg: SegmentConfig, replicas: int) -> int:
+    """Shards submitted at once: enough that every replica has a batch queued while others are read and
+    measured (io_tasks, by default the cluster's CPUs, beside one a replica), and no more than
+    ``object_store_budget_mb`` holds at about 4 bytes a pixel of 704x520 fields (normalised plane, labels,
+    raw plane)."""
+    import ray
+
+    io = cfg.io_tasks or max(1, int(ray.cluster_resources().get("CPU", 2)))
+    by_memory = int(cfg.object_store_budget_mb * 2**20 // (cfg.batch_size * 704 * 520 * 4))
+    return max(replicas + 1, min(io, by_memory))
+
+
+def _recycle(cfg: SegmentConfig) -> dict[str, int]:
+    """Replace a shard worker process after about ``io_worker_max_fields`` fields (max_calls counts tasks)."""
+    n = cfg.io_worker_max_fields
+    return {"max_calls": max(1, n // cfg.batch_size)} if n else {}
+
+
+def _shards(rows: list[dict[str, Any]], batch: int, ramp: int) -> list[list[dict[str, Any]]]:
+    """Shards of ``batch`` fields, but the first ``ramp`` of them (those submitted at the start) and the
+    last fields (``ramp`` full shards' worth) in shards of a quarter of that (at least 4 fields): the
+    first fields come out sooner, and the run does not end on one full shard while the other workers
+    have nothing left.
+    """
+    small = min(batch, max(4, batch // 4))
+    head = min(len(rows), small * ramp)
+    tail = max(head, len(rows) - batch * ramp)
+    cut = [(i, min(i + small, head)) for i in range(0, head, small)]
+    cut += [(i, min(i + batch, tail)) for i in range(head, tail, batch)]
+    cut += [(i, min(i + small, len(rows))) for i in range(tail, len(rows), small)]
+    return [rows[i:j] for i, j in cut]
+
+
+def _shard_rows(todo: pd.DataFrame, outputs: store.Outputs) -> list[dict[str, Any]]:
+    """The manifest rows to do, as plain dicts for the shard tasks."""
     rows = todo.to_dict("records")
-    failed_before = store.Outputs(out, cfg.storage_options).failure_keys()  # one listing, not a check a field
+    failed_before = outputs.failure_keys()  # one listing, not a check a field
     for r in rows:
         r["column"] = int(r["column"])
         r["crop"] = int(r["crop"])
         r["failed_before"] = r["field_id"] in failed_before
-    # Reading and writing are light: fractional CPUs keep them running beside the model actors, which
-    # on a 2-CPU laptop would otherwise take every slot and starve the read tasks.
-    io_tasks = cfg.io_tasks or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
-    io_pool = ray.data.TaskPoolStrategy(size=io_tasks)
-    # A read task takes a quarter of a model batch: every Ray task costs scheduling and bookkeeping in
-    # the driver. At one field a task an H200 node ran 36 fields/s with 8 or with 14 I/O tasks alike,
-    # and 2 CPUs here went from 19 to 38 fields/s (model replayed, batch 64) at 16 fields a task.
-    per_task = max(1, -(-cfg.batch_size // 4))
-    # A large model batch goes on to measuring in slices, so that several tasks measure and write it at
-    # once and more of them fit the object-store budget; a slice has at least 4 fields.
-    finish_rows = min(cfg.batch_size, max(4, per_task))
-    # max_calls counts tasks: per_task fields a read task, finish_rows a measure/write task.
-    n = cfg.io_worker_max_fields
-    recycle_read = {"max_calls": max(1, -(-n // per_task))} if n else {}
-    recycle_finish = {"max_calls": max(1, -(-n // finish_rows))} if n else {}
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_task)))
-    ds = ds.map(read_field, fn_kwargs={"storage_options": cfg.storage_options, "max_pixels": cfg.max_pixels,
-                                       "norm": cfg.normalize, "channel": cfg.channel, "pixel_size": cfg.pixel_size},
-                num_cpus=0.25, compute=io_pool, **recycle_read)
-    classifier = models.resolve_classifier(cfg.classifier, cfg.trust_weights)
-    ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"weights": weights, "inference": cfg.inference,
-                                                             "classifier": classifier, "route": cfg.route},
-                        batch_size=cfg.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
-                        num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica or None,
-                        resources=cfg.replica_resources or None, zero_copy_batch=False)
-    if finish_rows < cfg.batch_size:
-        ds = ds.repartition(target_num_rows_per_block=finish_rows)
-    ds = ds.map_batches(finish_block, batch_size=None, batch_format="numpy",
-                        fn_kwargs={"out": out, "storage_options": cfg.storage_options, "pixel_size": cfg.pixel_size,
-                                   "provenance_meta": meta}, num_cpus=0.25, compute=io_pool, **recycle_finish)
-    return ds
+    return rows
+
+
+def _lost(outputs: store.Outputs, row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """A field whose shard task could not finish (its worker died past its retries): its failures/ row and
+    summary, so that the rest of the plate goes on and a rerun tries it again."""
+    error = f"{row['path']}: its task could not finish ({format_error(exc)})"
+    write_failure(outputs, str(row["field_id"]), str(row["path"]), str(row["field_id"]), str(row["plate"]),
+                  str(row["well"]), "worker", error)
+    return {"field_id": str(row["field_id"]), "path": str(row["path"]), "status": "failed", "n_cells": 0,
+            "stage": "worker", "error": error}
 
 
 def format_error(exc: BaseException) -> str:

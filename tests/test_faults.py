@@ -151,7 +151,7 @@ def test_model_actor_killed_mid_run(tmp_path, example_plate, ray_local):
 
 
 def test_frozen_replica_stall_is_started_again(tmp_path, example_plate, ray_local):
-    """A model replica that freezes without dying (a hung GPU call; SIGSTOP here) leaves Ray Data
+    """A model replica that freezes without dying (a hung GPU call; SIGSTOP here) leaves its shards
     waiting for good. With stall_restarts=0 the run stops with a clear error and keeps what finished;
     the rerun freezes again, throws that execution away after stall_timeout_s, starts it again over
     the fields left and finishes the plate: every field exactly once."""
@@ -223,8 +223,7 @@ def test_node_removed_mid_run(tmp_path, example_plate):
                 cluster.remove_node(victim)  # the node running the model replica disappears
                 removed.append(victim.node_id)
 
-        # Ray Data sometimes never recovers from a lost node (an intermittent hang, ray-project/ray#62746):
-        # the stall watchdog starts the execution again, which this test also covers.
+        # Should a lost node ever leave the execution hanging, the stall watchdog starts it again.
         cfg = SegmentConfig(source=str(plate), out=str(tmp_path / "out"), batch_size=1,
                             replica_resources={"gpu_standin": 1}, address=cluster.address, stall_timeout_s=60)
         t, box = _run_in_thread(cfg, on_result)

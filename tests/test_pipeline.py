@@ -99,14 +99,14 @@ def test_labels_and_cells_match_exactly_and_stats_recompute(result):
 
 
 def test_large_batches_go_through_in_slices_with_the_same_results(result, ray_local, tmp_path):
-    """Batch 16: reads of 4 fields a task and the model's batch measured in slices of 4 (a repartition
-    after the model); batch 3 reads one field a task and measures a whole batch a task. Same outputs."""
+    """Batch 16 over 13 fields: shards of 4 at the start and the end (pipeline._shards), each a task that
+    reads, has the model segment and measures its fields; batch 3: shards of 3. Same outputs."""
     cfg, _, out, _ = result
     big = dataclasses.replace(cfg, out=str(tmp_path / "b16"), batch_size=16, io_worker_max_fields=4)
     pids = []
     s = pipeline.run(big, lambda res, done, total: pids.append(res["measure_pid"]))
     assert s.fields_done == 13 and s.fields_failed == 0 and s.cells == result[1].cells
-    # Measure/write workers are replaced after 4 fields: one slice each, so the slices had 4 fields or fewer.
+    # Shard workers are replaced after 4 fields: one shard each, so the shards had 4 fields or fewer.
     assert len(set(pids)) >= 13 // 4 and max(pids.count(p) for p in set(pids)) <= 4
     key = ["field_id", "label"]
     cols = ["field_id", "label", "area_px", "mean_intensity", "confidence", "perimeter_px", "solidity"]
@@ -242,3 +242,15 @@ def test_a_plate_imaged_between_runs_grows_in_place(ray_local, tmp_path):
         "well"]["images"]] == ["0", "1"]
     labels_meta = json.loads((root / "A" / "7" / "0" / "labels" / "cells" / "0" / "zarr.json").read_text())
     assert labels_meta["shape"] == [4, 520, 704]
+
+
+@pytest.mark.parametrize("n,batch,ramp", [(400, 64, 2), (13, 16, 2), (10, 4, 3), (1, 64, 2), (0, 8, 2),
+                                         (2000, 256, 17)])
+def test_shards_cover_every_field_once_in_order_with_small_ones_first_and_last(n, batch, ramp):
+    shards = pipeline._shards(list(range(n)), batch, ramp)
+    assert [f for s in shards for f in s] == list(range(n))
+    small = min(batch, max(4, batch // 4))
+    assert all(0 < len(s) <= batch for s in shards)
+    assert all(len(s) <= small for s in shards[:ramp])  # the first fields come out soon
+    if n >= batch * 2 * ramp:  # and the run ends on small shards, not one full one
+        assert all(len(s) <= small for s in shards[-ramp:])

@@ -181,3 +181,28 @@ def test_ngff_time_axis_states_hours_while_timepoints_are_evenly_spaced(tmp_path
     assert _ome(root)  # still a plate
     assert json.loads((root / "zarr.json").read_text())["attributes"][store.LAYOUT_KEY]["timepoints"] == [
         24.0, 30.0, 36.0, 27.0]
+
+
+def test_group_documents_are_zarr_s_own_bytes_and_folders_made_ahead_take_the_writes(tmp_path):
+    """init_plates writes group documents itself (not through zarr's event loop): byte for byte what
+    zarr writes, so zarr opens every group; make_folders' empty folders hold nothing zarr or a table
+    reader would see, and a field written after lands in them."""
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.group import GroupMetadata
+
+    attrs = {"ome": {"version": "0.5", "labels": ["cells"], "x": [1.5, None, "é"]}}
+    want = GroupMetadata(attributes=attrs).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    assert store.group_document(attrs) == want
+    out = store.Outputs(str(tmp_path / "out"))
+    fields = _plate(tmp_path, ["A172_Phase_A7_1_00d00h00m_1.tif", "A172_Phase_B1_2_00d04h00m_1.tif"])
+    assert store.make_folders(out, fields) == 2 * 2 + 2 * 2  # two arrays a field, two tables a well
+    store.init_plates(out, fields, None, {})
+    root = zarr.open_group(out.zarr_store("A172"), mode="r", zarr_format=3)
+    for image in ("A/7/0", "B/1/0"):
+        assert root[image].attrs["ome"]["multiscales"][0]["datasets"][0]["path"] == "0"
+        assert root[f"{image}/labels/cells"].attrs["ome"]["image-label"]["source"]["image"] == "../../"
+    assert out.read_table("fields").empty and out.done_field_ids() == set()
+    labels = np.arange(520 * 704, dtype=np.uint32).reshape(520, 704) % 5
+    store.write_masks(out, "A172", "B", 1, "0", 1, 2, np.zeros((520, 704), np.uint8), labels)
+    np.testing.assert_array_equal(store.read_labels(out, "A172", "B/1/0", 1), labels)

@@ -27,6 +27,7 @@ from livecell_ray.store._chunks import (
     CHUNK_ZSTD_LEVEL,
     array_document,
     field_zarr_path,
+    make_folders,
     mask_documents,
     mask_files,
     read_image,
@@ -45,14 +46,15 @@ from livecell_ray.store._files import (
     table_from_columns,
 )
 from livecell_ray.store._lease import Lease, LeaseBusy, LeaseLost, acquire
-from livecell_ray.store._ngff import LAYOUT_KEY, fields_in_plate, init_plates, read_layouts, time_axis
+from livecell_ray.store._ngff import LAYOUT_KEY, fields_in_plate, group_document, init_plates, read_layouts, time_axis
 from livecell_ray.store._write import FieldResult, write_block
 
 __all__ = [
     "Lease", "LeaseBusy", "LeaseLost", "acquire",
     "CHUNK_ZSTD_LEVEL", "LAYOUT_KEY", "PART_PREFIX", "SUPERSEDES_KEY", "Committed", "FieldResult", "Outputs",
-    "array_document", "field_zarr_path", "fields_in_plate", "file_key", "filesystem", "init_plates", "is_local",
-    "is_part", "join", "mask_documents", "mask_files", "parquet_bytes", "read_documents", "read_image",
+    "array_document", "field_zarr_path", "fields_in_plate", "file_key", "filesystem", "group_document", "init_plates",
+    "is_local",
+    "is_part", "join", "make_folders", "mask_documents", "mask_files", "parquet_bytes", "read_documents", "read_image",
     "read_labels", "read_layouts", "retry", "safe", "table_from_columns", "time_axis", "write_block",
     "write_masks",
 ]

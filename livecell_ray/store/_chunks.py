@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from livecell_ray.retry import retry
-from livecell_ray.store._files import Outputs, join, read_documents, safe
+from livecell_ray.store._files import Outputs, is_local, join, read_documents, safe
 
 #: Chunks are compressed with zstd level 1: the same size as zarr's default (level 3) on label and
 #: phase-contrast planes, at two thirds of the CPU time (2.5 vs 3.4 ms a label chunk).
@@ -120,6 +120,31 @@ def mask_files(outputs: Outputs, plate: str, row: str, column: int, site: str, t
         else:
             retry(_open_array(outputs.zarr_store(plate), path).__setitem__, t_index, plane)
     return image_path, files
+
+
+def make_folders(outputs: Outputs, fields: Any) -> int:
+    """On a local OUT, the folders that these fields' files will go to (their chunks' c/<t>/0 under both
+    arrays, their wells' table partitions), made all at once; returns how many leaf folders.
+
+    Each field would otherwise make about ten nested folders as it is written, a third of the CPU time of
+    measuring and writing it on an ext4 disk; made here, by the driver while the model replicas start, they
+    cost the shards nothing. Object stores have no folders: nothing to do there.
+    """
+    if not is_local(outputs.url):
+        return 0
+    import os
+
+    leaves = set()
+    for plate, row, column, site, t in zip(fields["plate"], fields["row"], fields["column"], fields["site"],
+                                           fields["t_index"]):
+        base = outputs.plate_path(plate)
+        for array in _mask_arrays(str(row), int(column), str(site))[1:]:
+            leaves.add(join(base, array, "c", str(int(t)), "0"))
+    for plate, well in set(zip(fields["plate"], fields["well"])):
+        leaves.update(os.path.dirname(outputs.table_path(t, plate, well, "x")) for t in ("cells", "fields"))
+    for leaf in sorted(leaves):
+        os.makedirs(leaf, exist_ok=True)
+    return len(leaves)
 
 
 def write_masks(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int,
