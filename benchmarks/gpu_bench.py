@@ -41,7 +41,7 @@ def forward_limit(weights: str, batches: list[int], seconds: float = 5.0) -> dic
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     half = dev == "cuda"
-    net = models.load(models.Weights("bench", weights, "")).model.fuse().to(dev).eval()
+    net = models.load(models.Weights("bench", weights, models.sha256(weights))).model.fuse().to(dev).eval()
     if half:
         net = net.half()
     out = {}
@@ -81,7 +81,7 @@ def segmenter_limit(weights: str, batch: int, seconds: float = 5.0) -> float:
 
     fields = example_fields()
     images = [fields[i % len(fields)] for i in range(batch)]
-    seg = Segmenter({models.DEFAULT_KEY: models.Weights("bench", weights, "")})
+    seg = Segmenter({models.DEFAULT_KEY: models.Weights("bench", weights, models.sha256(weights))})
     seg(images)  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

@@ -165,6 +165,15 @@ class CpuMeter:
         with self._lock:
             return sum(self._seen.values())
 
+    def by_pid(self) -> dict[int, float]:
+        """CPU seconds so far of each process (by pid; a pid reused keeps the sum of its processes)."""
+        self._poll()
+        out: dict[int, float] = {}
+        with self._lock:
+            for (pid, _), v in self._seen.items():
+                out[pid] = out.get(pid, 0.0) + v
+        return out
+
     def stop(self) -> None:
         self._done.set()
         self._thread.join()
@@ -193,17 +202,29 @@ def run_once(plate: Path, recorded: Path, out: Path, batch: int, io_tasks: int |
         cfg = SegmentConfig(source=str(plate), out=str(out), batch_size=batch, io_tasks=io_tasks,
                             cpus_per_replica=0.5)
         first: list[float] = []  # CPU seconds of all processes when the first field came out
+        pids = {"model replicas": set(), "reading + measuring + writing": set()}
 
         def on_field(res, done, total):
             if not first:
                 first.append(cpu())
+            pids["model replicas"].add(int(res.get("model_pid", 0)))
+            pids["reading + measuring + writing"].add(int(res.get("measure_pid", 0)))
 
+        before = meter.by_pid()
         t0, c0 = time.perf_counter(), cpu()
         s = pipeline.run(cfg, progress=on_field)
         t, c1 = time.perf_counter() - t0, cpu()
+        after = meter.by_pid()
     finally:
         meter.stop()
         ray.shutdown()
+    # Where the CPU went, ms a field: the job's process, the replicas, the shard (or read and measure/write)
+    # workers, and everything else (Ray's GCS, raylet, agents, its executor's actors, idle workers).
+    used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+    split = {"driver": used.pop(os.getpid(), 0.0)}
+    for name, group in pids.items():
+        split[name] = sum(used.pop(pid, 0.0) for pid in group)
+    split["Ray's own processes and the rest"] = sum(used.values())
     if s.fields_failed:
         raise SystemExit(f"{s.fields_failed} fields failed: {s.failures[:3]}")
     return {"fields": s.fields_done, "seconds": t, "end_to_end": s.fields_done / t,
@@ -211,6 +232,7 @@ def run_once(plate: Path, recorded: Path, out: Path, batch: int, io_tasks: int |
             "first_field_with_init": s.time_to_first_field + (t0 - t_init),
             "cpu_ms_a_field": 1000 * (c1 - c0) / s.fields_done,
             "steady_cpu_ms_a_field": 1000 * (c1 - first[0]) / max(1, s.fields_done - 1),
+            "cpu_ms_by_process": {k: 1000 * v / s.fields_done for k, v in split.items()},
             "stage_report": s.stage_report()}
 
 
@@ -273,10 +295,14 @@ def main() -> None:
                 results[name].append(_subprocess_run(code, plate, recorded, tmp / f"out-{r}-{len(results[name])}"
                                                      f"-{name.replace(' ', '_')}", a))
                 print(_line(name, results[name][-1]), flush=True)
+        for name, runs in results.items():
+            split = runs[-1]["cpu_ms_by_process"]
+            print(f"CPU ms a field by process, {name} (last run): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
         print(f"pipeline, model replayed ({codes['this code']}):")
         print(f"  {results['this code'][-1]['stage_report']}")
         if a.baseline:
-            med = {k: {m: float(np.median([x[m] for x in v])) for m in v[0] if m != "stage_report"}
+            med = {k: {m: float(np.median([x[m] for x in v])) for m in v[0] if isinstance(v[0][m], float)}
                    for k, v in results.items()}
             print(f"medians over {len(results['baseline'])} runs each, this code / baseline ({a.baseline}):")
             for m, what in (("end_to_end", "fields/s end to end"), ("steady", "fields/s after the first field"),

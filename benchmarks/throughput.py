@@ -201,7 +201,7 @@ def postprocess_ratio(weights_path: str, imgsz: int, conf: float, max_det: int, 
     from livecell_ray import models
     from livecell_ray.segment import Segmenter
 
-    seg = Segmenter({"*": models.Weights("bench", weights_path, "")},
+    seg = Segmenter({"*": models.Weights("bench", weights_path, models.sha256(weights_path))},
                     __import__("livecell_ray.config", fromlist=["InferenceConfig"]).InferenceConfig(
                         imgsz=imgsz, conf=conf, max_det=max_det))
     t_dense = t_fast = t_batch = 0.0
