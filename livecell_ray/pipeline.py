@@ -215,7 +215,9 @@ def process_shard(rows: list[dict[str, Any]], replica: Any, cfg: SegmentConfig, 
         try:
             seg = ray.get(replica.segment.remote([f["image"] for f in ok], [str(f["cell_type"]) for f in ok],
                                                  [float(f["pixel_size"]) for f in ok], [str(f["path"]) for f in ok]))
-        except Exception as exc:  # the replica is gone for good (its restarts spent) or cannot be reached
+        except ray.exceptions.RayActorError:
+            raise  # the replica is gone for good (its restarts spent): the run stops, see _results
+        except Exception as exc:  # its answer was lost on the way, or could not be sent
             seg = {"error": [f"{f['path']}: model failed ({format_error(exc)})" for f in ok]}
         for i, f in enumerate(ok):
             f.update(model_node=seg.get("model_node", ""), model_pid=seg.get("model_pid", 0),
@@ -586,6 +588,11 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str
                     rows = pending.pop(ref)
                     try:
                         summaries = ray.get(ref)
+                    except ray.exceptions.RayActorError as exc:
+                        # A replica that died past its restarts (or failed to load) fails every batch sent to
+                        # it: stop with the reason rather than record the whole plate as failed.
+                        raise RunError(f"{out}: a model replica stopped for good ({_root_cause(exc)}); the fields "
+                                       f"finished are kept: run the same command again to resume") from None
                     except Exception as exc:  # the task's worker died past its retries, or Ray lost its result
                         summaries = [_lost(outputs, r, exc) for r in rows]
                     for res in summaries:
@@ -628,10 +635,11 @@ def start_replicas(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> li
 
 
 def in_flight(cfg: SegmentConfig, replicas: int) -> int:
-    """Shards submitted at once: enough that every replica has a batch queued while others are read and
-    measured (io_tasks, by default the cluster's CPUs, beside one a replica), and no more than
-    ``object_store_budget_mb`` holds at about 4 bytes a pixel of 704x520 fields (normalised plane, labels,
-    raw plane)."""
+    """Shards submitted at once: io_tasks (by default the cluster's CPUs: each shard task is one CPU's work
+    while it reads or measures), at least one more than the replicas so that each has a batch while
+    another is measured, and no more than ``object_store_budget_mb`` holds at about 4 bytes a pixel of
+    704x520 fields (normalised plane, labels, raw plane). More than the CPUs starts more worker
+    processes than can run, each a second of start-up: 2.4 s more to the first field on 2 CPUs."""
     import ray
 
     io = cfg.io_tasks or max(1, int(ray.cluster_resources().get("CPU", 2)))
@@ -669,6 +677,16 @@ def _shard_rows(todo: pd.DataFrame, outputs: store.Outputs) -> list[dict[str, An
         r["crop"] = int(r["crop"])
         r["failed_before"] = r["field_id"] in failed_before
     return rows
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last line of the innermost error Ray wraps (an actor's traceback ends with its exception)."""
+    import re
+
+    inner = getattr(exc, "cause", None) or exc
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(inner).splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else type(inner).__name__
 
 
 def _lost(outputs: store.Outputs, row: dict[str, Any], exc: BaseException) -> dict[str, Any]:

@@ -199,6 +199,38 @@ def test_frozen_replica_stall_is_started_again(tmp_path, example_plate, ray_loca
     _check_exactly_once(out, {p.name for p in GOOD}, set())
 
 
+def test_a_replica_that_cannot_load_stops_the_run_with_its_reason(tmp_path, example_plate, monkeypatch):
+    """A replica whose model fails to load (a CUDA out-of-memory, here raised by its constructor) fails
+    every batch sent to it: the run stops with one error naming the cause, records no field as failed,
+    and the same command resumes once the cause is gone."""
+    import ray
+
+    from livecell_ray import offline
+
+    if ray.is_initialized():
+        ray.shutdown()  # a fresh Ray: the replica class is exported with the fault below
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": offline.worker_env()})
+    out = tmp_path / "out"
+    cfg = SegmentConfig(source=str(example_plate), out=str(out), batch_size=4)
+    try:
+        def cannot_load(self, *args, **kwargs):
+            raise RuntimeError("CUDA out of memory (test)")
+
+        monkeypatch.setattr(pipeline.SegmentActor, "__init__", cannot_load)
+        with pytest.raises(pipeline.RunError, match=r"a model replica stopped for good \(RuntimeError: CUDA out "
+                                                    r"of memory \(test\)\).*run the same command again"):
+            pipeline.run(cfg)
+        o = store.Outputs(str(out))
+        assert o.read_table("failures").empty and o.done_field_ids() == set()
+    finally:
+        ray.shutdown()  # the next user starts Ray again, with the class as it is
+    monkeypatch.undo()
+    summary = pipeline.run(cfg)
+    assert summary.fields_done == len(GOOD) and summary.fields_failed == 0
+    _check_exactly_once(out, {p.name for p in GOOD}, set())
+
+
 def test_node_removed_mid_run(tmp_path, example_plate):
     import ray
     from ray.cluster_utils import Cluster
