@@ -143,8 +143,8 @@ def main() -> None:
                     help="comma-separated replica counts; the replicas of one run share the GPU "
                          "(default 1,2 on a GPU, 1 without)")
     ap.add_argument("--io-tasks", default=None,
-                    help="comma-separated read/measure task bounds to try (default: half the CPUs, and all "
-                         "but two of them on a GPU)")
+                    help="comma-separated shards-in-flight bounds to try (default: the CPUs, and all but "
+                         "two of them on a GPU)")
     ap.add_argument("--out", default=None, help="write results JSON here")
     a = ap.parse_args()
     import ray
@@ -167,7 +167,7 @@ def main() -> None:
         model_side = segmenter_limit(w.path, batch, 5.0 if gpu else 2.0)
         runs = []
         cpus = os.cpu_count() or 2
-        io_default = f"{max(1, cpus // 2)},{max(1, cpus - 2)}" if gpu else str(max(1, cpus // 2))
+        io_default = f"{cpus},{max(1, cpus - 2)}" if gpu else str(cpus)
         grid = [(int(r), int(io)) for r in (a.replicas or ("1,2" if gpu else "1")).split(",")
                 for io in (a.io_tasks or io_default).split(",")]
         for k, (replicas, io_tasks) in enumerate(grid):
