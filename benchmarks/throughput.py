@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument("--max-det", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--memory", action="store_true", help="also run 10N fields and compare peak RSS")
-    ap.add_argument("--io-tasks", type=int, default=None, help="read and measure/write task bound each")
+    ap.add_argument("--io-tasks", type=int, default=None, help="shards in flight (default: the CPUs)")
     ap.add_argument("--onnx", action="store_true", help="also run --backend onnx (ONNX Runtime, CPU)")
     ap.add_argument("--io-worker-max-fields", type=int, default=2000,
                     help="fields per I/O worker process before it is replaced (0: never)")
