@@ -1,6 +1,6 @@
 """What the pipeline around the model sustains: `livecell-ray segment` with the network's answers replayed.
 
-    python benchmarks/replay.py --fields 400 [--batch 64] [--io-tasks N] [--baseline WORKTREE] [--rounds R]
+    python benchmarks/replay.py --fields 400 [--batch 64] [--io-tasks N] [--baseline REV|FOLDER] [--rounds R]
 
 On a GPU node the network is nearly free (forward-only fp16: thousands of fields/s); what is left is
 reading, decoding, moving fields through Ray's object store, measuring and writing. This runs exactly
@@ -12,9 +12,9 @@ the stage costs printed first (each measured alone, in this process).
 
 Each pipeline run is a fresh process (its own local Ray); it reports fields/s end to end and after the
 first field, the first field's time (from `pipeline.run`, and from before `ray.init`), and the CPU
-time of the driver and every Ray process it started, a field. ``--baseline`` names a checkout of other
-code (a git worktree of an earlier commit): its package runs the same plate in turns with this one's,
-``--rounds`` times each, and the ratios are printed.
+time of the driver and every Ray process it started, a field. ``--baseline`` names other code (a git
+revision, checked out as a temporary worktree, or a checkout's folder): its package runs the same
+plate in turns with this one's, ``--rounds`` times each, and the ratios are printed.
 
 A diagnostic for benchmarks only: the product never runs without its model.
 """
@@ -259,7 +259,8 @@ def main() -> None:
     ap.add_argument("--model", default="small")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--io-tasks", type=int, default=None)
-    ap.add_argument("--baseline", type=Path, default=None, help="a checkout of the code to compare with")
+    ap.add_argument("--baseline", default=None, help="the code to compare with: a checkout's folder, or a git "
+                                                     "revision (checked out here as a temporary worktree)")
     ap.add_argument("--rounds", type=int, default=None, help="runs of each code, in turns (default 2 with "
                                                              "--baseline, else 1)")
     ap.add_argument("--_run", nargs=4, type=Path, help=argparse.SUPPRESS)  # PLATE RECORDED OUT JSON: one run here
@@ -288,7 +289,7 @@ def main() -> None:
         print(f"  {'sum':34s} {total:6.1f} ms a field -> at most {1000 * cpus / total:.0f} fields/s on {cpus} CPUs")
         codes = {"this code": ROOT}
         if a.baseline:
-            codes = {"baseline": a.baseline.resolve(), "this code": ROOT}
+            codes = {"baseline": _checkout(a.baseline, tmp / "baseline"), "this code": ROOT}
         results: dict[str, list[dict[str, float]]] = {k: [] for k in codes}
         for r in range(a.rounds or (2 if a.baseline else 1)):
             for name, code in codes.items():
@@ -311,7 +312,19 @@ def main() -> None:
                 b, c = med["baseline"][m], med["this code"][m]
                 print(f"  {what:32s} {c:7.1f} vs {b:7.1f}: {c / b:.2f}x")
     finally:
+        if (tmp / "baseline").exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "baseline")],
+                           check=False, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checkout(baseline: str, where: Path) -> Path:
+    """The baseline's folder: as given if it is one, else a worktree of that git revision at ``where``."""
+    if Path(baseline).is_dir():
+        return Path(baseline).resolve()
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(where), baseline],
+                   check=True)
+    return where
 
 
 if __name__ == "__main__":
