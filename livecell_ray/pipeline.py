@@ -565,8 +565,10 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str
     while True:
         replicas = start_replicas(cfg, weights)
         if plates:
-            store.make_folders(outputs, todo)  # first: the plate's group documents then go straight in
             write_plates(*plates)
+            # Then the folders the shards' files go to (on a fresh plate, after its groups: the groups'
+            # listing then finds no folders to walk; 0.6 instead of 0.75 s of CPU for 400 wells).
+            store.make_folders(outputs, todo)
             plates = ()
         limit = in_flight(cfg, len(replicas))
         shards = _shards(remaining, cfg.batch_size, ramp=limit)

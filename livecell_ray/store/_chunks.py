@@ -126,9 +126,9 @@ def make_folders(outputs: Outputs, fields: Any) -> int:
     """On a local OUT, the folders that these fields' files will go to (their chunks' c/<t>/0 under both
     arrays, their wells' table partitions), made all at once; returns how many leaf folders.
 
-    Each field would otherwise make about ten nested folders as it is written, a third of the CPU time of
-    measuring and writing it on an ext4 disk; made here, by the driver while the model replicas start, they
-    cost the shards nothing. Object stores have no folders: nothing to do there.
+    Each field would otherwise make about ten nested folders as it is written (each after a failed open),
+    a third of the CPU time of measuring and writing it on an ext4 disk; made here, by the driver while the
+    model replicas start, they cost the shards nothing. Object stores have no folders: nothing to do there.
     """
     if not is_local(outputs.url):
         return 0
