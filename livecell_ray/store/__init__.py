@@ -50,11 +50,9 @@ from livecell_ray.store._ngff import LAYOUT_KEY, fields_in_plate, group_document
 from livecell_ray.store._write import FieldResult, write_block
 
 __all__ = [
-    "Lease", "LeaseBusy", "LeaseLost", "acquire",
-    "CHUNK_ZSTD_LEVEL", "LAYOUT_KEY", "PART_PREFIX", "SUPERSEDES_KEY", "Committed", "FieldResult", "Outputs",
-    "array_document", "field_zarr_path", "fields_in_plate", "file_key", "filesystem", "group_document", "init_plates",
-    "is_local",
-    "is_part", "join", "make_folders", "mask_documents", "mask_files", "parquet_bytes", "read_documents", "read_image",
-    "read_labels", "read_layouts", "retry", "safe", "table_from_columns", "time_axis", "write_block",
-    "write_masks",
+    "Lease", "LeaseBusy", "LeaseLost", "acquire", "CHUNK_ZSTD_LEVEL", "LAYOUT_KEY", "PART_PREFIX", "SUPERSEDES_KEY",
+    "Committed", "FieldResult", "Outputs", "array_document", "field_zarr_path", "fields_in_plate", "file_key",
+    "filesystem", "group_document", "init_plates", "is_local", "is_part", "join", "make_folders", "mask_documents",
+    "mask_files", "parquet_bytes", "read_documents", "read_image", "read_labels", "read_layouts", "retry", "safe",
+    "table_from_columns", "time_axis", "write_block", "write_masks",
 ]

@@ -55,6 +55,7 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
     """
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_plate_metadata, write_well_metadata
+
     fmt = FormatV05()
     # ome-zarr writes the well metadata (so it stays the authority on its form) into this scratch group.
     scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
