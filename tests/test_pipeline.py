@@ -254,3 +254,12 @@ def test_shards_cover_every_field_once_in_order_with_small_ones_first_and_last(n
     assert all(len(s) <= small for s in shards[:ramp])  # the first fields come out soon
     if n >= batch * 2 * ramp:  # and the run ends on small shards, not one full one
         assert all(len(s) <= small for s in shards[-ramp:])
+
+
+def test_shards_in_flight_follow_the_cpus_and_stay_within_the_memory_budget(ray_local):
+    base = SegmentConfig(source="unused", out="unused", batch_size=64)
+    assert pipeline.in_flight(base, replicas=1) == 2  # the local Ray's 2 CPUs
+    many = dataclasses.replace(base, io_tasks=40)
+    assert pipeline.in_flight(many, replicas=1) == 2048 * 2**20 // (64 * 704 * 520 * 4) == 22
+    tight = dataclasses.replace(many, object_store_budget_mb=64)
+    assert pipeline.in_flight(tight, replicas=3) == 4  # never fewer than a shard a replica and one more
