@@ -83,7 +83,7 @@ class SegmentConfig:
     replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica
     # How much the shards in flight may hold at once (about 4 bytes a pixel of 704x520 fields: normalised
     # plane, labels, raw plane): bounds pipeline.in_flight, so memory stays flat however large the plate.
-    # 2 GiB: 21 shards of 64 fields, so that a 16-CPU GPU node keeps every CPU busy.
+    # 2 GiB: 22 shards of 64 fields, so that a 16-CPU GPU node keeps every CPU busy.
     object_store_budget_mb: int = 2048
     # Shards in flight at once, each a task that reads its fields, waits for its batch from a replica, then
     # measures and writes; None: as many as the cluster has CPUs. Each running task holds a worker

@@ -98,7 +98,7 @@ def test_labels_and_cells_match_exactly_and_stats_recompute(result):
         assert (c["solidity"] <= 1 + 1e-9).all() and (c["eccentricity"].between(0, 1)).all()
 
 
-def test_large_batches_go_through_in_slices_with_the_same_results(result, ray_local, tmp_path):
+def test_large_batches_go_through_in_shards_with_the_same_results(result, ray_local, tmp_path):
     """Batch 16 over 13 fields: shards of 4 at the start and the end (pipeline._shards), each a task that
     reads, has the model segment and measures its fields; batch 3: shards of 3. Same outputs."""
     cfg, _, out, _ = result
