@@ -79,7 +79,58 @@ def plan(shape: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
 
 def merge(shape: tuple[int, int], tiles: list[Tile], labels: list[np.ndarray], confidences: list[np.ndarray],
           class_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One label image (1..K, no overlaps) with each cell once, from the tiles' own label images."""
+    """One label image (1..K, no overlaps) with each cell once, from the tiles' own label images.
+
+    Tile by tile, every cell of a tile at once: a tile's cells never overlap each other, so whether one
+    is kept (centroid in the core, at most half of it labelled already) depends only on the tiles
+    before it, and painting them together gives exactly what painting them one by one in label order
+    does (:func:`merge_reference`), at a fraction of the time on a field of 100,000 cells.
+    """
+    from scipy import ndimage
+
+    out = np.zeros(shape, np.uint32)
+    conf: list[np.ndarray] = []
+    cls: list[np.ndarray] = []
+    n_kept = 0
+    for t, lab, c, k in zip(tiles, labels, confidences, class_ids):
+        n = int(lab.max(initial=0))
+        if n == 0:
+            continue
+        window = out[t.y:t.y + lab.shape[0], t.x:t.x + lab.shape[1]]
+        flat = lab.ravel().astype(np.int64)
+        area = np.bincount(flat, minlength=n + 1)[1:]
+        present = np.flatnonzero(area) + 1
+        # Centroids as the reference computes them: the tile's offset plus the cell's box corner, plus the
+        # mean of its pixels' coordinates within that box (exact integer sums, one float division).
+        boxes = ndimage.find_objects(lab)
+        y0 = np.array([boxes[i - 1][0].start for i in present], np.int64)
+        x0 = np.array([boxes[i - 1][1].start for i in present], np.int64)
+        ys, xs = np.divmod(np.arange(flat.size, dtype=np.int64), lab.shape[1])
+        sy = np.bincount(flat, weights=ys, minlength=n + 1)[present] - area[present - 1] * y0
+        sx = np.bincount(flat, weights=xs, minlength=n + 1)[present] - area[present - 1] * x0
+        cy = (t.y + y0) + sy / area[present - 1]
+        cx = (t.x + x0) + sx / area[present - 1]
+        inside = ((t.core_y[0] - CORE_MARGIN <= cy) & (cy < t.core_y[1] + CORE_MARGIN)
+                  & (t.core_x[0] - CORE_MARGIN <= cx) & (cx < t.core_x[1] + CORE_MARGIN))
+        taken = np.bincount(flat, weights=(window.ravel() != 0), minlength=n + 1)[present]
+        keep = present[inside & ~(taken / area[present - 1] > DUPLICATE_FRACTION)]
+        if not len(keep):
+            continue
+        new_id = np.zeros(n + 1, np.uint32)
+        new_id[keep] = np.arange(n_kept + 1, n_kept + 1 + len(keep), dtype=np.uint32)
+        paint = new_id[lab] * (window == 0)
+        np.copyto(window, paint, where=paint > 0)
+        conf.append(np.asarray(c, np.float32)[keep - 1])
+        cls.append(np.asarray(k, np.int16)[keep - 1])
+        n_kept += len(keep)
+    return (out, np.concatenate(conf) if conf else np.zeros(0, np.float32),
+            np.concatenate(cls) if cls else np.zeros(0, np.int16))
+
+
+def merge_reference(shape: tuple[int, int], tiles: list[Tile], labels: list[np.ndarray],
+                    confidences: list[np.ndarray], class_ids: list[np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`merge` one cell at a time, as the rule reads (the tests hold merge to it)."""
     from scipy import ndimage
 
     out = np.zeros(shape, np.uint32)
