@@ -467,8 +467,9 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
     fields, layouts = manifest_mod.apply_layout(man.fields, known)
     man = manifest_mod.Manifest(fields, man.unmatched)
     done = outputs.done_field_ids()
+    failed = outputs.failure_keys()  # one listing: stale rows go, the fields to redo are marked from it
     # Fields done since they failed (their rows' removal itself failed).
-    outputs.remove_many([outputs.table_path("failures", None, None, key) for key in outputs.failure_keys() & done])
+    outputs.remove_many([outputs.table_path("failures", None, None, key) for key in failed & done])
     todo = man.fields[~man.fields["field_id"].isin(done)]
     summary = RunSummary(out=outputs.url, fields_total=len(man.fields), fields_skipped=len(man.fields) - len(todo),
                          unmatched=len(man.unmatched))
@@ -485,7 +486,7 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
         init_ray(cfg)
         # Files chosen by their names' channel are read whole: the reader is told no channel.
         stream_cfg = dataclasses.replace(cfg, channel=reader_channel(cfg, man))
-        for res in _results(stream_cfg, todo, outputs.url, weights, meta, summary.restarts, plates):
+        for res in _results(stream_cfg, todo, failed, outputs.url, weights, meta, summary.restarts, plates):
             if lease.lost:  # the renewal found another run holding OUT: stop here (what is committed stands)
                 raise store.LeaseLost(lease.lost)
             if summary.time_to_first_field is None:
@@ -545,7 +546,7 @@ def _compact(cfg: SegmentConfig, outputs: store.Outputs, todo: pd.DataFrame) -> 
             "files_after": c.files_after, "errors": c.errors, "seconds": round(time.time() - t, 3)}
 
 
-def _results(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str, models.Weights],
+def _results(cfg: SegmentConfig, todo: pd.DataFrame, failed: set[str], out: str, weights: dict[str, models.Weights],
              meta: dict[str, str], restarts: list[str], plates: tuple[Any, ...]) -> Iterator[dict[str, Any]]:
     """One summary per field, from shards run as Ray tasks beside the model replicas, watched for stalls.
 
@@ -559,23 +560,22 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, out: str, weights: dict[str
     import ray
 
     outputs = store.Outputs(out, cfg.storage_options)
-    remaining = _shard_rows(todo, outputs)
+    remaining = _shard_rows(todo, failed)
     cfg_ref = ray.put(cfg)
     task = ray.remote(num_cpus=SHARD_CPUS, **_recycle(cfg))(process_shard)
     while True:
         replicas = start_replicas(cfg, weights)
-        if plates:
-            write_plates(*plates)
-            # Then the folders the shards' files go to (on a fresh plate, after its groups: the groups'
-            # listing then finds no folders to walk; 0.6 instead of 0.75 s of CPU for 400 wells).
-            store.make_folders(outputs, todo)
-            plates = ()
         limit = in_flight(cfg, len(replicas))
         shards = _shards(remaining, cfg.batch_size, ramp=limit)
         pending: dict[Any, list[dict[str, Any]]] = {}
         finished: set[str] = set()
         next_shard, reason = 0, ""
         try:
+            if not restarts:  # the first execution: while its replicas load
+                write_plates(*plates)
+                # Then the folders the shards' files go to (on a fresh plate, after its groups: the groups'
+                # listing then finds no folders to walk; 0.6 instead of 0.75 s of CPU for 400 wells).
+                store.make_folders(outputs, todo)
             while next_shard < len(shards) or pending:
                 while next_shard < len(shards) and len(pending) < limit:
                     rows = shards[next_shard]
@@ -670,14 +670,13 @@ def _shards(rows: list[dict[str, Any]], batch: int, ramp: int) -> list[list[dict
     return [rows[i:j] for i, j in cut]
 
 
-def _shard_rows(todo: pd.DataFrame, outputs: store.Outputs) -> list[dict[str, Any]]:
-    """The manifest rows to do, as plain dicts for the shard tasks."""
+def _shard_rows(todo: pd.DataFrame, failed: set[str]) -> list[dict[str, Any]]:
+    """The manifest rows to do, as plain dicts for the shard tasks; ``failed``: the keys in failures/."""
     rows = todo.to_dict("records")
-    failed_before = outputs.failure_keys()  # one listing, not a check a field
     for r in rows:
         r["column"] = int(r["column"])
         r["crop"] = int(r["crop"])
-        r["failed_before"] = r["field_id"] in failed_before
+        r["failed_before"] = r["field_id"] in failed
     return rows
 
 

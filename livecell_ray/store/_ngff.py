@@ -107,8 +107,7 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
                 nodes.update({k: {"ome": v} for k, v in wanted.items() if k not in have})
         if nodes:
             # Parents (row groups) are added where missing; existing ones are left as they are.
-            rows_missing = {n.split("/")[0] for n in nodes} - _existing_rows(outputs, plate)
-            nodes.update({r: {} for r in rows_missing})
+            nodes.update({r: {} for r in {n.split("/")[0] for n in nodes} - have})
             outputs.write_many({join(outputs.plate_path(plate), path, "zarr.json"): group_document(attrs)
                                 for path, attrs in nodes.items()})
         # The layout last: a call cut short before this point (and retried, or rerun) still sees the old
@@ -134,8 +133,6 @@ def group_document(attributes: dict[str, Any]) -> bytes:
     """A group's zarr.json, byte for byte as zarr writes it: zarr's own document of an empty group, with
     these attributes, dumped as zarr dumps it (its GroupMetadata costs 0.3 ms a group, a plate of 2,000
     fields has 8,000 of them)."""
-    import zarr
-
     doc = {**_empty_group(), "attributes": attributes}
     return json.dumps(doc, indent=zarr.config.get("json_indent"), allow_nan=True).encode()
 
@@ -148,21 +145,14 @@ def _empty_group() -> dict[str, Any]:
     return json.loads(GroupMetadata().to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
 
 
-def _existing_rows(outputs: Outputs, plate: str) -> set[str]:
-    """The plate's row groups that exist (one listing)."""
-    base = outputs.plate_path(plate)
-    return {hit.rstrip("/")[len(base.rstrip("/")) + 1:-len("/zarr.json")]
-            for hit in outputs.fs.glob(join(base, "*", "zarr.json"))}
-
-
 def _existing_groups(outputs: Outputs, plate: str) -> set[str]:
-    """Paths of the plate's well, image, labels and labels/cells groups that exist (one listing each)."""
+    """Paths of the plate's row, well, image, labels and labels/cells groups that exist (one listing each)."""
     base = outputs.plate_path(plate)
     outputs.fs.invalidate_cache()  # object stores' listings are cached per filesystem instance: list afresh
     if not outputs.fs.exists(base):
         return set()
     found: set[str] = set()
-    for pattern in ("*/*", "*/*/*", "*/*/*/labels", "*/*/*/labels/cells"):
+    for pattern in ("*", "*/*", "*/*/*", "*/*/*/labels", "*/*/*/labels/cells"):
         for hit in outputs.fs.glob(join(base, pattern, "zarr.json")):
             found.add(hit.rstrip("/")[len(base.rstrip("/")) + 1:-len("/zarr.json")])
     return found
