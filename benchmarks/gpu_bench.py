@@ -3,7 +3,7 @@
     bash benchmarks/gpu.sh [N_FIELDS]          # on the GPU machine (see the script)
     python benchmarks/gpu_bench.py --fields 64  # anywhere; falls back to the CPU (fp32) without a GPU
 
-(1) the limit: the network alone, fp16, on 704x520 fields (letterboxed to 544x704), at batch sizes
+(1) the limit: the network alone, fp16, on 704x520 fields (at --imgsz 704 letterboxed to 544x704), at batch sizes
     8..256, inputs already on the GPU; the best fields/s is the ceiling for any pipeline;
     then the model side alone (letterbox, forward, NMS, painting) on real fields, one replica;
 (2) the pipeline: shard tasks on the CPUs read and decode -> one model replica on the GPU (fp16):
@@ -34,7 +34,17 @@ from livecell_ray import offline  # noqa: E402
 offline.configure()
 
 
-def forward_limit(weights: str, batches: list[int], seconds: float = 5.0) -> dict:
+def input_shape(imgsz: int) -> tuple[int, int]:
+    """The network input a 704x520 field becomes at this input size (ultralytics' LetterBox, stride 32)."""
+    import numpy as np
+    from ultralytics.data.augment import LetterBox
+
+    p = LetterBox((imgsz, imgsz), auto=True, stride=32).get_params({"img": np.zeros((520, 704), np.uint8)})
+    w, h = p["new_unpad"]
+    return h + p["top"] + p["bottom"], w + p["left"] + p["right"]
+
+
+def forward_limit(weights: str, batches: list[int], seconds: float = 5.0, imgsz: int = 704) -> dict:
     import torch
 
     from livecell_ray import models
@@ -47,7 +57,7 @@ def forward_limit(weights: str, batches: list[int], seconds: float = 5.0) -> dic
     out = {}
     for b in batches:
         try:
-            x = torch.rand(b, 3, 544, 704, device=dev, dtype=torch.float16 if half else torch.float32)
+            x = torch.rand(b, 3, *input_shape(imgsz), device=dev, dtype=torch.float16 if half else torch.float32)
             with torch.inference_mode():
                 for _ in range(3):
                     net(x)
@@ -67,7 +77,7 @@ def forward_limit(weights: str, batches: list[int], seconds: float = 5.0) -> dic
     return {"device": dev, "by_batch": out, "best_batch": max(out, key=out.get), "best": max(out.values())}
 
 
-def segmenter_limit(weights: str, batch: int, seconds: float = 5.0) -> float:
+def segmenter_limit(weights: str, batch: int, seconds: float = 5.0, imgsz: int = 704) -> float:
     """The model side alone on real fields: letterbox, forward, NMS, painting, labels back on the host.
 
     Between the forward-only limit and end-to-end: what one replica can do if reading and measuring
@@ -77,11 +87,13 @@ def segmenter_limit(weights: str, batch: int, seconds: float = 5.0) -> float:
     from throughput import example_fields
 
     from livecell_ray import models
+    from livecell_ray.config import InferenceConfig
     from livecell_ray.segment import Segmenter
 
     fields = example_fields()
     images = [fields[i % len(fields)] for i in range(batch)]
-    seg = Segmenter({models.DEFAULT_KEY: models.Weights("bench", weights, models.sha256(weights))})
+    seg = Segmenter({models.DEFAULT_KEY: models.Weights("bench", weights, models.sha256(weights))},
+                    InferenceConfig(imgsz=imgsz))
     seg(images)  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -139,6 +151,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fields", type=int, default=2000)
     ap.add_argument("--model", default="small")
+    ap.add_argument("--imgsz", type=int, default=704, help="network input of all three measurements (704: the "
+                    "GPU table's; small.pt's own default is 832)")
     ap.add_argument("--replicas", default=None,
                     help="comma-separated replica counts; the replicas of one run share the GPU "
                          "(default 1,2 on a GPU, 1 without)")
@@ -159,12 +173,12 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name(0) if gpu else 'CPU (no GPU found)'}; {os.cpu_count()} CPUs; "
           f"model {w.path}", flush=True)
     batches = [8, 16, 32, 64, 128, 256] if gpu else [1, 2, 4]
-    limit = forward_limit(w.path, batches, 5.0 if gpu else 2.0)
+    limit = forward_limit(w.path, batches, 5.0 if gpu else 2.0, a.imgsz)
     tmp = Path(tempfile.mkdtemp(prefix="lcr-gpu-"))
     try:
         plate = build_plate(a.fields, tmp / "plate")
         batch = min(limit["best_batch"], 64)
-        model_side = segmenter_limit(w.path, batch, 5.0 if gpu else 2.0)
+        model_side = segmenter_limit(w.path, batch, 5.0 if gpu else 2.0, a.imgsz)
         runs = []
         cpus = os.cpu_count() or 2
         io_default = f"{cpus},{max(1, cpus - 2)}" if gpu else str(cpus)
@@ -174,7 +188,7 @@ def main() -> None:
             cfg = SegmentConfig(source=str(plate), out=str(tmp / f"out{k}"), model=a.model, batch_size=batch,
                                 replicas=replicas, gpus_per_replica=1.0 / replicas if gpu else 0.0,
                                 cpus_per_replica=1.0 if gpu else 0.5, io_tasks=io_tasks,
-                                inference=InferenceConfig(half=gpu or None))
+                                inference=InferenceConfig(imgsz=a.imgsz, half=gpu or None))
             pipeline.init_ray(cfg)
             # Warm-up run on a few fields so model loading and Ray start-up are not timed.
             warm = build_plate(min(a.fields, 2 * batch * replicas), tmp / f"warm{k}")

@@ -66,7 +66,8 @@ def segment(
     stack_axis: str | None = typer.Option(None, help="t: each plane of a time-lapse TIFF stack is a timepoint"),
     interval: float | None = typer.Option(None, help="Hours between the planes of a --stack-axis t stack "
                                           "(default: the file's OME TimeIncrement)"),
-    imgsz: int = typer.Option(704, min=32, help="Network input size (long side); larger fields are tiled"),
+    imgsz: int | None = typer.Option(None, min=32, help="Network input size (long side); larger fields are tiled "
+                                     "(default: the model's own, 832 for small, 704 for big)"),
     conf: float = typer.Option(0.25, min=0.0, max=1.0, help="Detection confidence threshold"),
     max_det: int = typer.Option(3000, min=1, help="Most cells kept per field"),
     tta: bool = typer.Option(False, help="Test-time augmentation: masks averaged with the field's two mirror "
@@ -256,7 +257,7 @@ def evaluate(
     weights: str = typer.Argument(..., help="'small', 'big' or a .pt path"),
     annotations: str = typer.Argument(..., help="COCO json (LIVECell) or a mask folder (Usiigaci layout)"),
     images_dir: str | None = typer.Argument(None, help="Images folder for a COCO json"),
-    imgsz: int = typer.Option(704, min=32),
+    imgsz: int | None = typer.Option(None, min=32, help="Network input size (default: the model's own)"),
     conf: float = typer.Option(0.25, min=0.0, max=1.0),
     max_det: int = typer.Option(3000, min=1),
     tta: bool = typer.Option(False, help="Test-time augmentation, as in segment --tta"),
@@ -324,7 +325,7 @@ def pseudo_label(
     max_extent: float = typer.Option(0.92, min=0.0, max=1.0, help="Drop box-shaped masks (area / box area above)"),
     min_solidity: float = typer.Option(0.75, min=0.0, max=1.0, help="Drop ragged masks (area / convex area below)"),
     tta: bool = typer.Option(True, help="Test-time augmentation while labelling"),
-    imgsz: int = typer.Option(704, min=32),
+    imgsz: int | None = typer.Option(None, min=32, help="Network input size (default: the model's own)"),
     trust_weights: bool = typer.Option(False),
 ) -> None:
     """Label unlabelled fields with a model's confident, well-shaped cells, for self-training."""

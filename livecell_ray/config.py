@@ -25,11 +25,17 @@ class NormalizeConfig:
     high_percentile: float = 99.8
 
 
+#: Network input size of weights that do not state their own (weights/models.json).
+DEFAULT_IMGSZ = 704
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """How the model runs on one batch of fields."""
 
-    imgsz: int = 704
+    # Network input size (long side). None: the model's own (weights/models.json: 832 for small.pt, which
+    # segments LIVECell's cells best enlarged 832/704 times), DEFAULT_IMGSZ for weights without one.
+    imgsz: int | None = None
     conf: float = 0.25
     iou: float = 0.6
     max_det: int = 3000
@@ -42,7 +48,7 @@ class InferenceConfig:
     # times the network's work; the Usiigaci-only small.pt's held-out mask AP 0.343 -> 0.363 (weights/README.md).
     tta: bool = False
     tta_match_iou: float = 0.6
-    # A field larger than imgsz (at the model's scale) is cut into imgsz tiles overlapping by this many
+    # A field larger than imgsz (at the model's working scale) is cut into imgsz tiles overlapping by this many
     # pixels, more than a cell is wide (livecell_ray.tiles); None: a quarter of imgsz.
     tile_overlap: int | None = None
 

@@ -68,6 +68,16 @@ class Weights:
     # Micrometres per pixel of its training data (weights/models.json for shipped files; None: not known, and
     # every field is taken to be at the model's scale).
     pixel_size: float | None = None
+    # The scale it segments best at, when not its training data's: a field of known pixel size is resampled to
+    # this before the network (small.pt: LIVECell's fields enlarged 832/704 times; weights/README.md).
+    input_pixel_size: float | None = None
+    # Its network input size (long side) when the run does not set one; None: InferenceConfig.DEFAULT_IMGSZ.
+    imgsz: int | None = None
+
+    @property
+    def working_pixel_size(self) -> float | None:
+        """The pixel size (um/px) fields are resampled to before this model's network."""
+        return self.input_pixel_size or self.pixel_size
 
 
 def resolve(spec: str, trust: bool = False) -> Weights:
@@ -94,19 +104,23 @@ def resolve(spec: str, trust: bool = False) -> Weights:
         raise WeightsError(f"{path}: not a shipped model (sha256 {digest[:12]}... unknown); "
                            f"pass --trust-weights to load your own file")
     shipped = {v: k for k, v in sums.items()}.get(digest)
-    return Weights(spec, str(path.resolve()), digest, model_pixel_size(shipped, wdir) if shipped else None)
+    return shipped_weights(spec, path, digest, shipped, wdir)
 
 
-def model_pixel_size(file_name: str, directory: Path | None = None) -> float | None:
-    """A shipped file's training pixel size (um/px) from weights/models.json."""
+def shipped_weights(spec: str, path: Path, digest: str, file_name: str | None,
+                    directory: Path | None = None) -> Weights:
+    """Verified weights with their scale and input size from weights/models.json (none for a file of one's own)."""
     import json
 
     p = (directory or weights_dir()) / "models.json"
-    if not p.exists():
-        return None
-    entry = json.loads(p.read_text()).get(file_name) or {}
-    value = entry.get("pixel_size_um")
-    return float(value) if value else None
+    entry = (json.loads(p.read_text()).get(file_name) or {}) if file_name and p.exists() else {}
+
+    def number(key: str) -> float | None:
+        return float(entry[key]) if entry.get(key) else None
+
+    imgsz = number("imgsz")
+    return Weights(spec, str(path.resolve()), digest, number("pixel_size_um"), number("input_pixel_size_um"),
+                   int(imgsz) if imgsz else None)
 
 
 def resolve_map(spec: str, trust: bool = False) -> dict[str, Weights]:
@@ -150,7 +164,7 @@ def resolve_classifier(spec: str | None, trust: bool = False) -> Weights | None:
         if expected != digest:
             raise WeightsError(f"{path}: sha256 {digest[:12]}... does not match weights/SHA256SUMS; "
                                f"refusing to unpickle")
-        return Weights(spec, str(path.resolve()), digest, model_pixel_size(path.name))
+        return shipped_weights(spec, path, digest, path.name)
     return resolve(spec, trust)
 
 

@@ -38,7 +38,7 @@ import pandas as pd
 import livecell_ray
 from livecell_ray import credentials, models, offline, store
 from livecell_ray import manifest as manifest_mod
-from livecell_ray.config import InferenceConfig, NormalizeConfig, SegmentConfig
+from livecell_ray.config import DEFAULT_IMGSZ, InferenceConfig, NormalizeConfig, SegmentConfig
 from livecell_ray.imaging import ImageError, PlaneError, Planes, normalize, read_image_with_info
 from livecell_ray.measure import measure_cells, measure_field
 
@@ -350,14 +350,17 @@ def provenance(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> dict[s
             raise RunError("--route auto needs a field classifier: weights/celltype.pt is not installed "
                            "and --classifier names none (train one with `livecell-ray train-classifier`)")
         used["classifier"] = clf
+    # Each network's input size as it ran (a run that sets none takes the model's own from weights/models.json).
+    sizes = {k: cfg.inference.imgsz or w.imgsz or DEFAULT_IMGSZ for k, w in weights.items()}
     return {"package": "livecell-ray", "version": livecell_ray.__version__,
-            "models": {k: {"path": w.path, "sha256": w.sha256} for k, w in used.items()},
+            "models": {k: {"path": w.path, "sha256": w.sha256, **({"imgsz": sizes[k]} if k in sizes else {})}
+                       for k, w in used.items()},
             "parameters": cfg.provenance()}
 
 
 def _same_provenance(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    sha = lambda p: {k: v["sha256"] for k, v in p.get("models", {}).items()}  # noqa: E731
-    return sha(a) == sha(b) and a.get("parameters") == b.get("parameters")
+    used = lambda p: {k: (v["sha256"], v.get("imgsz")) for k, v in p.get("models", {}).items()}  # noqa: E731
+    return used(a) == used(b) and a.get("parameters") == b.get("parameters")
 
 
 def reader_channel(cfg: SegmentConfig, man: manifest_mod.Manifest) -> str | None:

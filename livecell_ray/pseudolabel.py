@@ -29,7 +29,7 @@ class PseudoConfig:
     min_area: int = 20  # px; smaller fragments are noise at LIVECell's scale
     max_extent: float = 0.92  # area / box area; above it the mask is a box, not an outline
     min_solidity: float = 0.75  # area / convex area; below it the mask is ragged
-    imgsz: int = 704
+    imgsz: int | None = None  # the model's own
     tta: bool = True
 
 

@@ -18,8 +18,7 @@ import numpy as np
 from livecell_ray import labels as labels_mod
 from livecell_ray import models
 from livecell_ray import tiles as tiles_mod
-from livecell_ray.config import InferenceConfig
-from livecell_ray.imaging import to_rgb
+from livecell_ray.config import DEFAULT_IMGSZ, InferenceConfig
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +51,9 @@ class Segmenter:
         self.paint_on_device = self.cfg.backend == "torch" and (
             self.cfg.paint_on_device if self.cfg.paint_on_device is not None else self.device.startswith("cuda"))
         self.nets = {}
-        self.pixel_sizes = {key: w.pixel_size for key, w in weights.items()}  # um/px each model was trained at
+        self.pixel_sizes = {key: w.working_pixel_size for key, w in weights.items()}  # um/px each model works at
+        self.trained_at = {key: w.pixel_size for key, w in weights.items()}  # um/px of each model's training data
+        self.imgsz = {key: self.cfg.imgsz or w.imgsz or DEFAULT_IMGSZ for key, w in weights.items()}
         if self.cfg.backend == "onnx":
             self.device, self.half = "cpu", False
         for key, w in weights.items():
@@ -73,12 +74,13 @@ class Segmenter:
 
     def __call__(self, images: list[np.ndarray], cell_types: list[str] | None = None,
                  pixel_sizes: list[float | None] | None = None) -> list[Instances]:
-        """Segment uint8 grey fields; ``pixel_sizes[i]`` is field i's um/px (None: taken as its model's).
+        """Segment uint8 grey fields; ``pixel_sizes[i]`` is field i's um/px (None: not known).
 
-        Each field is resampled to its model's scale; one larger than the network's input is cut into
-        overlapping tiles there (:mod:`livecell_ray.tiles`). Whole fields and tiles are grouped by model and
-        size into network batches (tiles of all fields together), and each field's cells come back merged
-        into one label image of its own pixels.
+        Each field is resampled to its model's working scale (one of unknown pixel size is letterboxed to the
+        input, or, beyond ``tiles.LETTERBOX_MAX`` times it, taken at the model's training scale); one larger
+        than the network's input is cut into overlapping tiles there (:mod:`livecell_ray.tiles`). Whole
+        fields and tiles are grouped by model and size into network batches (tiles of all fields together),
+        and each field's cells come back merged into one label image of its own pixels.
         """
         n = len(images)
         cell_types = cell_types or [""] * n
@@ -88,10 +90,15 @@ class Segmenter:
         for im, ct, px in zip(images, cell_types, pixel_sizes):
             key = self.model_key(ct)
             scale = self.scale(key, px)
+            if scale is None and self.tiled(key, im.shape, known_scale=False):
+                # Too large to letterbox: taken to be at its model's training scale, and tiled at the working one
+                # (small.pt: enlarged 1.18x, as a letterboxed LIVECell field is).
+                scale = self.scale(key, self.trained_at[key])
             known = scale is not None
             m = tiles_mod.resample(im, scale or 1.0)
-            if self.tiled(m.shape, known_scale=known):
-                plan = tiles_mod.plan(m.shape, self.cfg.imgsz, self.cfg.tile_overlap or self.cfg.imgsz // 4)
+            if self.tiled(key, m.shape, known_scale=known):
+                size = self.imgsz[key]
+                plan = tiles_mod.plan(m.shape, size, self.cfg.tile_overlap or size // 4)
                 first = len(units)
                 units += [(key, np.ascontiguousarray(m[t.y:t.y + t.h, t.x:t.x + t.w]), False) for t in plan]
                 layout.append((m.shape, plan, list(range(first, len(units)))))
@@ -114,18 +121,19 @@ class Segmenter:
             out.append(Instances(lab, cls, conf))
         return out
 
-    def tiled(self, shape: tuple[int, ...], known_scale: bool) -> bool:
+    def tiled(self, key: str, shape: tuple[int, ...], known_scale: bool) -> bool:
         """Whether a field (at the model's scale) is cut into tiles rather than letterboxed whole.
 
         At a known scale, whenever it is larger than the input. At an unknown one, only beyond
         ``tiles.LETTERBOX_MAX`` times the input: up to there it is letterboxed, as before scales were known,
         and loses at most a third of its resolution.
         """
-        limit = self.cfg.imgsz * (1.0 if known_scale else tiles_mod.LETTERBOX_MAX)
+        limit = self.imgsz[key] * (1.0 if known_scale else tiles_mod.LETTERBOX_MAX)
         return max(shape) > limit
 
     def scale(self, key: str, pixel_size: float | None) -> float | None:
-        """How much a field of this pixel size is resized to reach the model's; None when either is unknown."""
+        """How much a field of this pixel size is resized to reach the model's working scale; None when either
+        is unknown."""
         model = self.pixel_sizes.get(key)
         return pixel_size / model if pixel_size and model else None
 
@@ -152,7 +160,7 @@ class Segmenter:
         import torch
 
         net, _ = self.nets[key]
-        x = letterbox(images, self.cfg.imgsz, self.device, scaleup)
+        x = letterbox(images, self.imgsz[key], self.device, scaleup)
         x = x.half() if self.half else x.float()
         x /= 255.0
         with torch.inference_mode():
@@ -273,10 +281,12 @@ class Segmenter:
 def letterbox(images: list[np.ndarray], imgsz: int, device: str, scaleup: bool = True):
     """ultralytics' LetterBox (auto, stride 32) of same-size grey fields, as a (B, 3, H, W) uint8 tensor.
 
-    When a field needs no resizing (LIVECell's 704x520 at imgsz 704 only gets 12 rows of padding), the
-    grey planes go to the device as they are and are padded and widened to 3 channels there: a third
-    of the host-to-device bytes and no CPU time per field. Otherwise LetterBox resizes on the CPU.
+    Pixel for pixel what LetterBox gives for the fields as RGB, with a third of the work: a grey plane is
+    resized once (cv2, LetterBox's interpolation; channels are resized independently, so three equal ones
+    stay equal) and only where it needs it (LIVECell's 704x520 at imgsz 704 only gets 12 rows of
+    padding); the planes go to the device as they are and are padded and widened to 3 channels there.
     """
+    import cv2
     import torch
     import torch.nn.functional as F
     from ultralytics.data.augment import LetterBox
@@ -284,9 +294,9 @@ def letterbox(images: list[np.ndarray], imgsz: int, device: str, scaleup: bool =
     lb = LetterBox((imgsz, imgsz), auto=True, stride=32, scaleup=scaleup)
     h, w = images[0].shape
     p = lb.get_params({"img": images[0]})
-    if tuple(p["new_unpad"]) == (w, h):
-        g = torch.from_numpy(np.stack(images)).to(device)
-        g = F.pad(g, (p["left"], p["right"], p["top"], p["bottom"]), value=lb.padding_value)
-        return g.unsqueeze(1).expand(-1, 3, -1, -1)
-    batch = np.stack([lb(image=to_rgb(im)) for im in images])
-    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).contiguous()
+    size = tuple(p["new_unpad"])
+    if size != (w, h):
+        images = [cv2.resize(im, size, interpolation=lb.interpolation) for im in images]
+    g = torch.from_numpy(np.stack(images)).to(device)
+    g = F.pad(g, (p["left"], p["right"], p["top"], p["bottom"]), value=lb.padding_value)
+    return g.unsqueeze(1).expand(-1, 3, -1, -1)

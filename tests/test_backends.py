@@ -99,9 +99,12 @@ def test_nms_runs_in_torchvision_not_the_python_loop():
     assert int(done.stdout.split("cells")[-1]) > 50
 
 
+@pytest.mark.parametrize("imgsz", [704, 832])
+@pytest.mark.parametrize("scaleup", [True, False])
 @pytest.mark.parametrize("shape", [(520, 704), (512, 700), (1022, 1024), (300, 200)])
-def test_letterbox_on_device_equals_ultralytics(shape):
-    """Pad-only fields are padded on the device; the tensor equals ultralytics' LetterBox either way."""
+def test_letterbox_on_device_equals_ultralytics(shape, scaleup, imgsz):
+    """Grey planes resized once and padded on the device: the tensor equals ultralytics' LetterBox of the
+    fields as RGB, resized or not."""
     from ultralytics.data.augment import LetterBox
 
     from livecell_ray.imaging import to_rgb
@@ -109,7 +112,8 @@ def test_letterbox_on_device_equals_ultralytics(shape):
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(3)]
-    ref = np.stack([LetterBox((704, 704), auto=True, stride=32)(image=to_rgb(im)) for im in images])
-    got = letterbox(images, 704, "cpu").permute(0, 2, 3, 1).numpy()
+    ref = np.stack([LetterBox((imgsz, imgsz), auto=True, stride=32, scaleup=scaleup)(image=to_rgb(im))
+                    for im in images])
+    got = letterbox(images, imgsz, "cpu", scaleup).permute(0, 2, 3, 1).numpy()
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, ref)

@@ -171,6 +171,13 @@ def test_run_json_provenance(result):
     from livecell_ray.models import known_checksums
 
     assert sha == known_checksums()["small.pt"]
+    # The input size the network ran at (the model's own, from weights/models.json), so that a change of it
+    # is another run's parameters, not a resume.
+    assert run["provenance"]["models"]["*"]["imgsz"] == 832 and cfg.inference.imgsz is None
+    moved = json.loads(json.dumps(run["provenance"]))
+    moved["models"]["*"]["imgsz"] = 704
+    assert not pipeline._same_provenance(moved, run["provenance"])
+    assert pipeline._same_provenance(json.loads(json.dumps(run["provenance"])), run["provenance"])
 
 
 def test_rerun_resumes_without_duplicates(result, ray_local):

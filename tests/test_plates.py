@@ -160,10 +160,15 @@ def test_a_mosaic_of_four_fields_gives_their_cells_and_splits_none_at_a_seam(seg
     m = segmenter([mosaic])[0]
     n_alone = sum(int(r.labels.max()) for r in alone)
     assert abs(int(m.labels.max()) - n_alone) <= 0.05 * n_alone, (int(m.labels.max()), n_alone)
-    plan = tiles.plan(mosaic.shape, 704, 704 // 4)
-    assert len(plan) == 6
-    seams_x = sorted({t.core_x[1] for t in plan} - {mosaic.shape[1]})
-    seams_y = sorted({t.core_y[1] for t in plan} - {mosaic.shape[0]})
+    # The tiles as the segmenter cut them: the frame at the model's working scale (small.pt: 1.18x), in
+    # tiles of its input; their seams mapped back to the frame's pixels.
+    scale = segmenter.scale(models.DEFAULT_KEY, segmenter.trained_at[models.DEFAULT_KEY])
+    size = segmenter.imgsz[models.DEFAULT_KEY]
+    at_scale = tiles.resample(mosaic, scale).shape
+    plan = tiles.plan(at_scale, size, size // 4)
+    assert len(plan) >= 4
+    seams_x = sorted({t.core_x[1] / scale for t in plan if t.core_x[1] < at_scale[1]})
+    seams_y = sorted({t.core_y[1] / scale for t in plan if t.core_y[1] < at_scale[0]})
     from scipy import ndimage
 
     ml = m.labels.astype(np.int64)
@@ -358,5 +363,27 @@ def test_a_field_smaller_than_the_input_is_padded_at_a_known_scale(segmenter, mo
     crop = normalize(_field(SPARSE[3]))[:400, :500]
     known = segmenter([crop], None, [1.24])[0]
     unknown = segmenter([crop])[0]
-    assert seen == [(416, 512), (576, 704)]
+    # small.pt works at 1.0492 um/px (input 832): the crop at 1.24 is resampled 1.18x to 473x591, padded to
+    # (480, 608); at an unknown scale it is letterboxed to 832 (1.66x).
+    assert seen == [(480, 608), (672, 832)]
     assert known.labels.shape == unknown.labels.shape == (400, 500)
+
+
+def test_small_segments_livecell_fields_enlarged_to_its_input_whether_or_not_their_scale_is_known(segmenter):
+    """small.pt's default input is 832 (weights/models.json: the cross-validated input scale): a LIVECell
+    field of unknown scale is letterboxed to it (enlarged 832/704), one given LIVECell's 1.24 um/px is
+    resampled to the model's working 1.0492 um/px: the same network input, so the same cells. And --imgsz
+    704 still runs it at the field's own scale, finding other cells."""
+    from livecell_ray.config import InferenceConfig
+
+    w = models.resolve("small")
+    assert (w.pixel_size, w.imgsz) == (1.24, 832) and w.working_pixel_size == pytest.approx(1.24 * 704 / 832, 1e-3)
+    assert segmenter.imgsz[models.DEFAULT_KEY] == 832
+    field = normalize(_field(SPARSE[1]))
+    unknown = segmenter([field])[0].labels
+    known = segmenter([field], None, [1.24])[0].labels
+    best = _best_iou(unknown.astype(np.int64), known.astype(np.int64))[1:]
+    assert unknown.max() > 50 and abs(int(known.max()) - int(unknown.max())) <= 0.03 * unknown.max()
+    assert (best >= 0.8).mean() >= 0.9, (best >= 0.8).mean()
+    at_704 = Segmenter({models.DEFAULT_KEY: w}, InferenceConfig(imgsz=704))([field])[0].labels
+    assert (_best_iou(unknown.astype(np.int64), at_704.astype(np.int64))[1:] >= 0.8).mean() < 0.9
