@@ -11,10 +11,12 @@ here is the ceiling the CPUs put on a GPU node of this many cores, and its per-f
 the stage costs printed first (each measured alone, in this process).
 
 Each pipeline run is a fresh process (its own local Ray); it reports fields/s end to end and after the
-first field, the first field's time (from `pipeline.run`, and from before `ray.init`), and the CPU
-time of the driver and every Ray process it started, a field. ``--baseline`` names other code (a git
-revision, checked out as a temporary worktree, or a checkout's folder): its package runs the same
-plate in turns with this one's, ``--rounds`` times each, and the ratios are printed.
+first field, the first field's time (from `pipeline.run`, and from before `ray.init`), the CPU
+time of the driver and every Ray process it started, a field, and when each start-up step ran (the
+job process's own, and from Ray's timeline the replica's start and the first shard task and model call).
+``--baseline`` names other code (a git revision, checked out as a temporary worktree, or a checkout's
+folder): its package runs the same plate in turns with this one's, ``--rounds`` times each, and the
+ratios are printed.
 
 A diagnostic for benchmarks only: the product never runs without its model.
 """
@@ -210,11 +212,15 @@ def run_once(plate: Path, recorded: Path, out: Path, batch: int, io_tasks: int |
             pids["model replicas"].add(int(res.get("model_pid", 0)))
             pids["reading + measuring + writing"].add(int(res.get("measure_pid", 0)))
 
+        spans = _time_driver_steps(pipeline)
         before = meter.by_pid()
+        wall0 = time.time()
         t0, c0 = time.perf_counter(), cpu()
         s = pipeline.run(cfg, progress=on_field)
         t, c1 = time.perf_counter() - t0, cpu()
         after = meter.by_pid()
+        time.sleep(1.5)  # Ray's workers report their task events every second (those of a short run's last one)
+        startup = _startup(spans, ray.timeline(), wall0, s.time_to_first_field)
     finally:
         meter.stop()
         ray.shutdown()
@@ -233,7 +239,46 @@ def run_once(plate: Path, recorded: Path, out: Path, batch: int, io_tasks: int |
             "cpu_ms_a_field": 1000 * (c1 - c0) / s.fields_done,
             "steady_cpu_ms_a_field": 1000 * (c1 - first[0]) / max(1, s.fields_done - 1),
             "cpu_ms_by_process": {k: 1000 * v / s.fields_done for k, v in split.items()},
-            "stage_report": s.stage_report()}
+            "stage_report": s.stage_report(), "startup": startup}
+
+
+def _time_driver_steps(pipeline_mod) -> dict[str, list[float]]:
+    """Wall-clock spans of the job process's start-up steps (the plate's metadata, its folders), where the
+    code has them: their functions wrapped for this run only."""
+    from livecell_ray import store
+
+    spans: dict[str, list[float]] = {}
+    for mod, name, label in ((pipeline_mod, "write_plates", "plate metadata (job's process)"),
+                             (store, "make_folders", "folders (job's process)")):
+        f = getattr(mod, name, None)
+        if f is None:
+            continue
+
+        def timed(*args, _f=f, _label=label, **kwargs):
+            start = time.time()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                spans[_label] = [start, time.time()]
+
+        setattr(mod, name, timed)
+    return spans
+
+
+def _startup(spans: dict[str, list[float]], events: list[dict], wall0: float, first: float) -> dict[str, list[float]]:
+    """Seconds from `pipeline.run` to each start-up step's start and end: the job process's steps, then from
+    Ray's own timeline the model replica's __init__ and the first shard task and model call."""
+    out = {k: [a - wall0, b - wall0] for k, (a, b) in spans.items()}
+    ran = [(e["name"], e["ts"] / 1e6 - wall0, e.get("dur", 0) / 1e6) for e in events
+           if e.get("ph") == "X" and "ts" in e and isinstance(e.get("name"), str)]
+    for label, match in (("model replica's __init__", lambda n: n.endswith("__init__")),
+                         ("first shard task", lambda n: n.endswith("process_shard")),
+                         ("first model call", lambda n: n == "segment" or n.endswith(".segment"))):
+        hits = sorted((ts, ts + d) for n, ts, d in ran if match(n))
+        if hits:
+            out[label] = list(hits[0])
+    out["first field out"] = [first, first]
+    return out
 
 
 def _subprocess_run(code: Path, plate: Path, recorded: Path, out: Path, a: argparse.Namespace) -> dict[str, float]:
@@ -302,6 +347,9 @@ def main() -> None:
                   + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
         print(f"pipeline, model replayed ({codes['this code']}):")
         print(f"  {results['this code'][-1]['stage_report']}")
+        print("start-up of the last run of this code, seconds from pipeline.run (Ray's timeline for its workers):")
+        for k, (a0, b0) in sorted(results["this code"][-1]["startup"].items(), key=lambda kv: kv[1]):
+            print(f"  {k:34s} {a0:5.2f} -> {b0:5.2f}")
         if a.baseline:
             med = {k: {m: float(np.median([x[m] for x in v])) for m in v[0] if isinstance(v[0][m], float)}
                    for k, v in results.items()}

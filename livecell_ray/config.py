@@ -51,6 +51,11 @@ class InferenceConfig:
     # A field larger than imgsz (at the model's working scale) is cut into imgsz tiles overlapping by this many
     # pixels, more than a cell is wide (livecell_ray.tiles); None: a quarter of imgsz.
     tile_overlap: int | None = None
+    # Fields and tiles a network batch holds at most, when the call brings fewer fields. None: 64 on a GPU
+    # (larger batches fill it), 4 on a CPU (where they are no faster, and a batch of 64 tiles of 832 px
+    # holds 3 GiB of activations). A field of more tiles than this is cut, segmented and merged a batch
+    # at a time, so its tiles' results are never all held at once.
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "onnx"):
@@ -177,7 +182,8 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "stall_restarts": "stall_restarts", "compact": "compact", "wait": "wait_for_lease",
               "lease_ttl_s": "lease_ttl_s", "classifier": "classifier", "route": "route", "channel": "channel",
               "stack_axis": "stack_axis", "interval": "interval_h", "layout": "layout"}
-_INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend", "tile_overlap"}
+_INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend", "tile_overlap",
+                   "max_batch"}
 
 
 def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> SegmentConfig:

@@ -10,6 +10,7 @@ default) cells per field.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +87,10 @@ class Segmenter:
         cell_types = cell_types or [""] * n
         pixel_sizes = pixel_sizes or [None] * n
         units: list[tuple[str, np.ndarray, bool]] = []  # (model, image, may the letterbox enlarge it)
-        layout: list[tuple[tuple[int, int], list | None, list[int]]] = []
+        # (shape at the model's scale, tiles or None, its units; or for a field streamed tile batch by tile
+        # batch, its model and image at that scale)
+        layout: list[tuple[tuple[int, int], list | None, list[int] | tuple[str, np.ndarray]]] = []
+        chunk = max(self.max_batch, n)
         for im, ct, px in zip(images, cell_types, pixel_sizes):
             key = self.model_key(ct)
             scale = self.scale(key, px)
@@ -99,20 +103,25 @@ class Segmenter:
             if self.tiled(key, m.shape, known_scale=known):
                 size = self.imgsz[key]
                 plan = tiles_mod.plan(m.shape, size, self.cfg.tile_overlap or size // 4)
+                if len(plan) > chunk:  # a stitched well: its own batches, merged as they come
+                    layout.append((m.shape, plan, (key, m)))
+                    continue
                 first = len(units)
-                units += [(key, np.ascontiguousarray(m[t.y:t.y + t.h, t.x:t.x + t.w]), False) for t in plan]
+                units += [(key, _crop(m, t), False) for t in plan]
                 layout.append((m.shape, plan, list(range(first, len(units)))))
             else:
                 # At a known scale a field smaller than the input is padded, never enlarged: the network sees
                 # cells at its own scale. At an unknown one it is letterboxed to the input, as before.
                 units.append((key, m, not known))
                 layout.append((m.shape, None, [len(units) - 1]))
-        res = self._segment_units(units, max(64, n))
+        res = self._segment_units(units, chunk)
         out = []
         for (shape, plan, idx), im in zip(layout, images):
             if plan is None:
                 r = res[idx[0]]
                 lab, conf, cls = r.labels, r.confidences, r.class_ids
+            elif isinstance(idx, tuple):
+                lab, conf, cls = tiles_mod.merge_stream(shape, plan, self._tile_results(*idx, plan, chunk))
             else:
                 lab, conf, cls = tiles_mod.merge(shape, plan, [res[i].labels for i in idx],
                                                  [res[i].confidences for i in idx], [res[i].class_ids for i in idx])
@@ -120,6 +129,18 @@ class Segmenter:
                 lab, conf, cls = tiles_mod.map_back(lab, conf, cls, im.shape)
             out.append(Instances(lab, cls, conf))
         return out
+
+    @property
+    def max_batch(self) -> int:
+        """Fields or tiles a network batch holds at most (InferenceConfig.max_batch)."""
+        return self.cfg.max_batch or (64 if self.device.startswith("cuda") else 4)
+
+    def _tile_results(self, key: str, image: np.ndarray, plan: list, chunk: int
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One field's tiles cut, segmented and handed on a network batch at a time, in the plan's order."""
+        for a in range(0, len(plan), chunk):
+            for r in self._predict_same_size(key, [_crop(image, t) for t in plan[a:a + chunk]], False):
+                yield r.labels, r.confidences, r.class_ids
 
     def tiled(self, key: str, shape: tuple[int, ...], known_scale: bool) -> bool:
         """Whether a field (at the model's scale) is cut into tiles rather than letterboxed whole.
@@ -276,6 +297,11 @@ class Segmenter:
             self._axis[key] = (labels_mod.axis_weights(tuple(proto_hw), tuple(shape)) if device is None
                                else labels_mod.axis_weights_on(self.axis_weights(proto_hw, shape), device))
         return self._axis[key]
+
+
+def _crop(image: np.ndarray, t: tiles_mod.Tile) -> np.ndarray:
+    """One tile of the image, as its own contiguous array."""
+    return np.ascontiguousarray(image[t.y:t.y + t.h, t.x:t.x + t.w])
 
 
 def letterbox(images: list[np.ndarray], imgsz: int, device: str, scaleup: bool = True):

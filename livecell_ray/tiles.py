@@ -12,20 +12,23 @@ its unlabelled pixels are painted (the labels never overlap, as for whole fields
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 #: A field of unknown pixel size up to this many times the network's input is letterboxed whole (as before
 #: pixel sizes were read), not tiled: the scale it would be tiled at is a guess too, and letterboxing a
-#: Usiigaci field (1024 px, 0.87 um/px) happens to bring it near LIVECell's scale (held-out mask AP 0.357
-#: letterboxed, 0.342 tiled at its own scale, 0.359 resampled with --pixel-size 0.867). Beyond it (a full
-#: 1408 px Incucyte frame, a stitched well) letterboxing loses more than a third of the resolution.
+#: Usiigaci field (1024 px, 0.87 um/px) to small.pt's 832 does well enough (held-out mask AP 0.362, 0.352
+#: resampled with --pixel-size 0.867). Beyond it (a full 1408 px Incucyte frame, a stitched well)
+#: letterboxing loses more than a third of the resolution.
 LETTERBOX_MAX = 1.5
 #: Pixels a core is grown by before the centroid test (duplicates this admits are dropped by overlap).
 CORE_MARGIN = 8
 #: A kept cell more than this fraction of which is already labelled is a copy from a neighbouring tile.
 DUPLICATE_FRACTION = 0.5
+#: Pixels :func:`map_back` maps at a time (its index arrays are 8 bytes a pixel).
+MAP_BACK_BLOCK = 1 << 22
 
 
 def resample(image: np.ndarray, scale: float) -> np.ndarray:
@@ -79,7 +82,15 @@ def plan(shape: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
 
 def merge(shape: tuple[int, int], tiles: list[Tile], labels: list[np.ndarray], confidences: list[np.ndarray],
           class_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One label image (1..K, no overlaps) with each cell once, from the tiles' own label images.
+    """One label image (1..K, no overlaps) with each cell once, from the tiles' own label images."""
+    return merge_stream(shape, tiles, zip(labels, confidences, class_ids))
+
+
+def merge_stream(shape: tuple[int, int], tiles: list[Tile],
+                 results: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`merge` of the tiles' (labels, confidences, class ids) as they come: a tile's results can be
+    dropped once painted, so a field of hundreds of tiles never holds them all.
 
     Tile by tile, every cell of a tile at once: a tile's cells never overlap each other, so whether one
     is kept (centroid in the core, at most half of it labelled already) depends only on the tiles
@@ -92,7 +103,7 @@ def merge(shape: tuple[int, int], tiles: list[Tile], labels: list[np.ndarray], c
     conf: list[np.ndarray] = []
     cls: list[np.ndarray] = []
     n_kept = 0
-    for t, lab, c, k in zip(tiles, labels, confidences, class_ids):
+    for t, (lab, c, k) in zip(tiles, results):
         n = int(lab.max(initial=0))
         if n == 0:
             continue
@@ -138,11 +149,19 @@ def map_back(labels: np.ndarray, confidences: np.ndarray, class_ids: np.ndarray,
         return labels, confidences, class_ids
     rows = np.minimum(((np.arange(h) + 0.5) * mh / h).astype(np.int64), mh - 1)
     cols = np.minimum(((np.arange(w) + 0.5) * mw / w).astype(np.int64), mw - 1)
-    back = labels[rows[:, None], cols[None, :]]
+    # In blocks of rows: the index arrays numpy makes for a gather are 8 bytes a pixel, a stitched well's
+    # field would need them whole.
+    step = max(1, MAP_BACK_BLOCK // max(1, w))
+    back = np.empty((h, w), labels.dtype)
     present = np.zeros(len(confidences) + 1, bool)
-    present[np.unique(back)] = True
+    for a in range(0, h, step):
+        block = back[a:a + step]
+        np.take(labels[rows[a:a + step]], cols, axis=1, out=block)
+        present[block] = True
     present[0] = False
     renum = np.zeros(len(present), labels.dtype)
     renum[present] = np.arange(1, int(present.sum()) + 1, dtype=labels.dtype)
+    for a in range(0, h, step):
+        np.take(renum, back[a:a + step], out=back[a:a + step])
     kept = present[1:]
-    return renum[back], confidences[kept], class_ids[kept]
+    return back, confidences[kept], class_ids[kept]

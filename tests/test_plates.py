@@ -387,3 +387,63 @@ def test_small_segments_livecell_fields_enlarged_to_its_input_whether_or_not_the
     assert (best >= 0.8).mean() >= 0.9, (best >= 0.8).mean()
     at_704 = Segmenter({models.DEFAULT_KEY: w}, InferenceConfig(imgsz=704))([field])[0].labels
     assert (_best_iou(unknown.astype(np.int64), at_704.astype(np.int64))[1:] >= 0.8).mean() < 0.9
+
+
+def test_a_field_of_more_tiles_than_a_batch_is_merged_batch_by_batch_to_the_same_cells(segmenter):
+    """A stitched field with more tiles than a network batch holds is cut, segmented and merged a batch at
+    a time (its tiles' results are never all held): the same label image, scores and classes as merging
+    the same tiles' results all at once."""
+    from livecell_ray.config import InferenceConfig
+
+    ims = [normalize(_field(n)) for n in SPARSE]
+    mosaic = np.block([[ims[0], ims[1]], [ims[2], ims[3]]])
+    small = Segmenter({models.DEFAULT_KEY: models.resolve("small")}, InferenceConfig(max_batch=2))
+    calls = []
+    real = small._predict_same_size
+
+    def spy(key, images, scaleup=True):
+        calls.append(len(images))
+        return real(key, images, scaleup)
+
+    small._predict_same_size = spy
+    got = small([mosaic])[0]
+    key = models.DEFAULT_KEY
+    scale = small.scale(key, small.trained_at[key])
+    m = tiles.resample(mosaic, scale)
+    plan = tiles.plan(m.shape, small.imgsz[key], small.imgsz[key] // 4)
+    assert len(plan) > 2 and calls == [2] * (len(plan) // 2) + [len(plan) % 2] * (len(plan) % 2)
+    res = [r for a in range(0, len(plan), 2)
+           for r in real(key, [np.ascontiguousarray(m[t.y:t.y + t.h, t.x:t.x + t.w]) for t in plan[a:a + 2]], False)]
+    lab, conf, cls = tiles.merge(m.shape, plan, [r.labels for r in res], [r.confidences for r in res],
+                                 [r.class_ids for r in res])
+    lab, conf, cls = tiles.map_back(lab, conf, cls, mosaic.shape)
+    assert got.labels.max() > 500
+    np.testing.assert_array_equal(got.labels, lab)
+    np.testing.assert_array_equal(got.confidences, conf)
+    np.testing.assert_array_equal(got.class_ids, cls)
+
+
+@pytest.mark.parametrize("shape,model_shape", [((700, 500), (826, 590)), ((333, 1001), (280, 845))])
+def test_map_back_in_blocks_of_rows_equals_mapping_the_field_at_once(shape, model_shape, monkeypatch):
+    """map_back gathers and renumbers a few rows at a time (a stitched well's index arrays would be 8 bytes
+    a pixel): the same labels, scores and classes as the whole field at once, cells too small to reach a
+    field pixel dropped with their scores."""
+    rng = np.random.default_rng(1)
+    n = 400_000  # more cells than field pixels: many vanish, so the renumbering is exercised
+    labels = rng.integers(0, n, model_shape).astype(np.uint32)
+    labels[labels > 0.9 * n] = 0
+    conf = rng.uniform(0.25, 1, n).astype(np.float32)
+    cls = rng.integers(0, 8, n).astype(np.int16)
+    h, w = shape
+    rows = np.minimum(((np.arange(h) + 0.5) * model_shape[0] / h).astype(np.int64), model_shape[0] - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * model_shape[1] / w).astype(np.int64), model_shape[1] - 1)
+    back = labels[rows[:, None], cols[None, :]]
+    ids = np.unique(back[back > 0])
+    want = np.searchsorted(ids, back) + 1
+    want[back == 0] = 0
+    monkeypatch.setattr(tiles, "MAP_BACK_BLOCK", 3 * w + 7)  # blocks of 3 rows, the last one shorter
+    got, got_conf, got_cls = tiles.map_back(labels, conf, cls, shape)
+    assert 1000 < len(ids) < 0.9 * n
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_conf, conf[ids - 1])
+    np.testing.assert_array_equal(got_cls, cls[ids - 1])
