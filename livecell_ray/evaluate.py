@@ -250,5 +250,6 @@ def run(weights_spec: str, source: str, images_dir: str | None = None, inference
     preds = predict(images, seg, pixel_size)
     info = {"weights": {k: {"path": w.path, "sha256": w.sha256} for k, w in weights.items()},
             "source": source, "images": [i.name for i in images], "inference": inference.__dict__,
+            "imgsz": seg.imgsz,  # each model's input as it ran (the model's own where the run set none)
             "pixel_size": pixel_size}
     return evaluate_by_type(images, preds), info

@@ -71,7 +71,7 @@ class Weights:
     # The scale it segments best at, when not its training data's: a field of known pixel size is resampled to
     # this before the network (small.pt: LIVECell's fields enlarged 832/704 times; weights/README.md).
     input_pixel_size: float | None = None
-    # Its network input size (long side) when the run does not set one; None: InferenceConfig.DEFAULT_IMGSZ.
+    # Its network input size (long side) when the run does not set one; None: config.DEFAULT_IMGSZ.
     imgsz: int | None = None
 
     @property
