@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ def run_cli(code: Path, out: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    from replay import _checkout
+    from replay import _checkout, _clean_up
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", default=None, help="a checkout's folder, or a git revision (a temporary worktree)")
@@ -63,10 +62,7 @@ def main() -> None:
             for m, what in (("first_field", "first field"), ("wall", "command")):
                 print(f"this code / baseline, {what}: {med['this code'][m] / med['baseline'][m]:.2f}x")
     finally:
-        if (tmp / "baseline").exists():
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "baseline")],
-                           check=False, capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _clean_up(tmp)
 
 
 if __name__ == "__main__":

@@ -360,10 +360,15 @@ def main() -> None:
                 b, c = med["baseline"][m], med["this code"][m]
                 print(f"  {what:32s} {c:7.1f} vs {b:7.1f}: {c / b:.2f}x")
     finally:
-        if (tmp / "baseline").exists():
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "baseline")],
-                           check=False, capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _clean_up(tmp)
+
+
+def _clean_up(tmp: Path) -> None:
+    """Remove a run's scratch folder, and the baseline's worktree in it if one was checked out."""
+    if (tmp / "baseline").exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "baseline")],
+                       check=False, capture_output=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _checkout(baseline: str, where: Path) -> Path:
