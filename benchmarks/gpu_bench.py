@@ -35,13 +35,12 @@ offline.configure()
 
 
 def input_shape(imgsz: int) -> tuple[int, int]:
-    """The network input a 704x520 field becomes at this input size (ultralytics' LetterBox, stride 32)."""
+    """The network input a 704x520 field becomes at this input size (segment.letterbox, as a replica runs it)."""
     import numpy as np
-    from ultralytics.data.augment import LetterBox
 
-    p = LetterBox((imgsz, imgsz), auto=True, stride=32).get_params({"img": np.zeros((520, 704), np.uint8)})
-    w, h = p["new_unpad"]
-    return h + p["top"] + p["bottom"], w + p["left"] + p["right"]
+    from livecell_ray.segment import letterbox
+
+    return tuple(letterbox([np.zeros((520, 704), np.uint8)], imgsz, "cpu").shape[2:])
 
 
 def forward_limit(weights: str, batches: list[int], seconds: float = 5.0, imgsz: int = 704) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from livecell_ray import offline
+from livecell_ray.config import DEFAULT_IMGSZ
 
 SHIPPED = ("small", "big")
 DEFAULT_KEY = "*"
@@ -71,13 +72,17 @@ class Weights:
     # The scale it segments best at, when not its training data's: a field of known pixel size is resampled to
     # this before the network (small.pt: LIVECell's fields enlarged 832/704 times; weights/README.md).
     input_pixel_size: float | None = None
-    # Its network input size (long side) when the run does not set one; None: config.DEFAULT_IMGSZ.
+    # Its network input size (long side) when the run does not set one (see :meth:`input_size`).
     imgsz: int | None = None
 
     @property
     def working_pixel_size(self) -> float | None:
         """The pixel size (um/px) fields are resampled to before this model's network."""
         return self.input_pixel_size or self.pixel_size
+
+    def input_size(self, requested: int | None = None) -> int:
+        """The network input a run uses: the one it asks for, else the model's own, else DEFAULT_IMGSZ."""
+        return requested or self.imgsz or DEFAULT_IMGSZ
 
 
 def resolve(spec: str, trust: bool = False) -> Weights:

@@ -38,7 +38,7 @@ import pandas as pd
 import livecell_ray
 from livecell_ray import credentials, models, offline, store
 from livecell_ray import manifest as manifest_mod
-from livecell_ray.config import DEFAULT_IMGSZ, InferenceConfig, NormalizeConfig, SegmentConfig
+from livecell_ray.config import InferenceConfig, NormalizeConfig, SegmentConfig
 from livecell_ray.imaging import ImageError, PlaneError, Planes, normalize, read_image_with_info
 from livecell_ray.measure import measure_cells, measure_field
 
@@ -351,7 +351,7 @@ def provenance(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> dict[s
                            "and --classifier names none (train one with `livecell-ray train-classifier`)")
         used["classifier"] = clf
     # Each network's input size as it ran (a run that sets none takes the model's own from weights/models.json).
-    sizes = {k: cfg.inference.imgsz or w.imgsz or DEFAULT_IMGSZ for k, w in weights.items()}
+    sizes = {k: w.input_size(cfg.inference.imgsz) for k, w in weights.items()}
     return {"package": "livecell-ray", "version": livecell_ray.__version__,
             "models": {k: {"path": w.path, "sha256": w.sha256, **({"imgsz": sizes[k]} if k in sizes else {})}
                        for k, w in used.items()},

@@ -19,7 +19,7 @@ import numpy as np
 from livecell_ray import labels as labels_mod
 from livecell_ray import models
 from livecell_ray import tiles as tiles_mod
-from livecell_ray.config import DEFAULT_IMGSZ, InferenceConfig
+from livecell_ray.config import InferenceConfig
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +54,7 @@ class Segmenter:
         self.nets = {}
         self.pixel_sizes = {key: w.working_pixel_size for key, w in weights.items()}  # um/px each model works at
         self.trained_at = {key: w.pixel_size for key, w in weights.items()}  # um/px of each model's training data
-        self.imgsz = {key: self.cfg.imgsz or w.imgsz or DEFAULT_IMGSZ for key, w in weights.items()}
+        self.imgsz = {key: w.input_size(self.cfg.imgsz) for key, w in weights.items()}
         if self.cfg.backend == "onnx":
             self.device, self.half = "cpu", False
         for key, w in weights.items():
