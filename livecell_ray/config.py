@@ -90,6 +90,11 @@ class SegmentConfig:
     num_cpus: int | None = None  # for a local ray.init
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = 64_000_000
+    # A file of this many MiB or more is not read whole but a band of rows at a time (livecell_ray.stream):
+    # segmented, measured and written as its rows come, in Zarr chunks of 1024 x 1024, so that a stitched
+    # well of 20,000 x 20,000 px holds a few tile rows in memory, never the field (max_pixels does not apply
+    # to it). None: every file is read whole.
+    stream_mb: float | None = 64.0
     overwrite: bool = False
     replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica
     # How much the shards in flight may hold at once (about 4 bytes a pixel of 704x520 fields: normalised
@@ -131,6 +136,7 @@ class SegmentConfig:
     def __post_init__(self) -> None:
         """Values no run could use fail here, naming the flag (and spec key), before anything is written."""
         check_positive(self.pixel_size, "--pixel-size (pixel_size)", "micrometres")
+        check_positive(self.stream_mb, "stream_mb", "MiB")
         if self.stack_axis not in (None, "t"):
             raise ValueError(f"--stack-axis (stack_axis) {self.stack_axis!r}: the only stack axis read is t (time)")
         check_positive(self.interval_h, "--interval (interval)", "hours")
@@ -144,7 +150,7 @@ class SegmentConfig:
         d = dataclasses.asdict(self)
         for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite",
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
-                  "replica_resources", "max_pixels", "object_store_budget_mb", "io_tasks",
+                  "replica_resources", "max_pixels", "stream_mb", "object_store_budget_mb", "io_tasks",
                   "io_worker_max_fields", "stall_timeout_s", "stall_restarts", "compact", "wait_for_lease",
                   "lease_ttl_s", "classifier"):
             d.pop(k, None)
@@ -177,7 +183,7 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "batch_size": "batch_size", "storage_options": "storage_options", "pixel_size": "pixel_size",
               "pattern": "pattern", "manifest": "manifest", "trust_weights": "trust_weights",
               "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels",
-              "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
+              "stream_mb": "stream_mb", "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
               "io_worker_max_fields": "io_worker_max_fields", "stall_timeout_s": "stall_timeout_s",
               "stall_restarts": "stall_restarts", "compact": "compact", "wait": "wait_for_lease",
               "lease_ttl_s": "lease_ttl_s", "classifier": "classifier", "route": "route", "channel": "channel",

@@ -183,11 +183,14 @@ def _bounding_boxes(spans: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def measure_cells(labels: np.ndarray, intensity: np.ndarray, class_ids: np.ndarray,
-                  confidences: np.ndarray, pixel_size: float | None = None) -> dict[str, np.ndarray]:
+                  confidences: np.ndarray, pixel_size: float | None = None, row_offset: int = 0
+                  ) -> dict[str, np.ndarray]:
     """One row per label 1..K (label k's class and confidence are entries k-1 of the arrays).
 
     Intensity is the raw image (grey), so statistics stay in the camera's units. Every label 1..K
     must have pixels (painting guarantees it); anything else is an error, not a silent gap.
+    ``row_offset``: the first row's row in the field, when ``labels`` are rows of it holding whole cells
+    (livecell_ray.stream); positions come out in the field's rows, the numbers the whole field gives.
     """
     k = len(confidences)
     if k == 0:
@@ -213,6 +216,9 @@ def measure_cells(labels: np.ndarray, intensity: np.ndarray, class_ids: np.ndarr
         return np.bincount(cell, weights=v, minlength=k) / area
 
     mx, my, mxx, myy, mxy = (per_cell(v) for v in (sx, n * yy, sxx, n * yy * yy, yy * sx))
+    if row_offset:
+        bbox[:, 0] += row_offset
+        bbox[:, 2] += row_offset
     cy, cx = bbox[:, 0] + my, bbox[:, 1] + mx
     # Central moments / area = skimage's inertia tensor [[mu02, -mu11], [-mu11, mu20]] / mu00.
     a, c, b = mxx - mx * mx, myy - my * my, -(mxy - mx * my)

@@ -39,7 +39,7 @@ import livecell_ray
 from livecell_ray import credentials, models, offline, store
 from livecell_ray import manifest as manifest_mod
 from livecell_ray.config import InferenceConfig, NormalizeConfig, SegmentConfig
-from livecell_ray.imaging import ImageError, PlaneError, Planes, normalize, read_image_with_info
+from livecell_ray.imaging import ImageError, PlaneError, Planes, TooLarge, normalize, read_image_with_info
 from livecell_ray.measure import measure_cells, measure_field
 
 if TYPE_CHECKING:  # segment imports torch, which the reading and measuring workers never need
@@ -99,23 +99,29 @@ class RunSummary:
 
 # --------------------------------------------------------------------------- stages
 def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels: int,
-               norm: NormalizeConfig, channel: str | None = None, pixel_size: float | None = None) -> dict[str, Any]:
+               norm: NormalizeConfig, channel: str | None = None, pixel_size: float | None = None,
+               stream_mb: float | None = None) -> dict[str, Any]:
     """Decode and normalise one field; on failure mark it and carry the reason along.
 
     Its pixel size is the manifest's for it, else ``pixel_size`` (--pixel-size), else the file's own
-    (OME or TIFF resolution metadata), else unknown (NaN: the model's scale is assumed).
+    (OME or TIFF resolution metadata), else unknown (NaN: the model's scale is assumed). A file of
+    ``stream_mb`` or more is not read: it is marked ``stream`` (:func:`stream_field` reads it a band at a time).
     """
     row = dict(row)
     t0 = time.perf_counter()
     try:
         plane = int(row.get("plane", -1))
         raw, info = read_image_with_info(row["path"], storage_options, max_pixels,
-                                         Planes(channel, plane if plane >= 0 else None))
+                                         Planes(channel, plane if plane >= 0 else None),
+                                         stream_bytes=int(stream_mb * 2**20) if stream_mb else None)
         given = float(row.get("pixel_size", np.nan))
         row["pixel_size"] = given if given > 0 else (pixel_size or info.pixel_size or np.nan)
         row["image"] = normalize(raw, norm)
         row["raw"] = raw  # in the camera's units, for intensity statistics; it never leaves the shard's task
         row["status"], row["stage"], row["error"] = "ok", "", ""
+    except TooLarge:
+        _mark_failed(row, "", "")
+        row["status"], row["stream"] = "ok", True
     except ImageError as exc:
         _mark_failed(row, "read", str(exc))
     except Exception as exc:  # anything else still names the file
@@ -188,6 +194,36 @@ class SegmentActor:
         return out
 
 
+    def plan_field(self, window: np.ndarray, cell_type: str, pixel_size: float, shape: tuple[int, int]
+                   ) -> dict[str, Any]:
+        """How a streamed field is segmented (livecell_ray.stream): its type predicted from ``window`` (a part
+        of it, normalised), then its model, tile plan and scale (``Segmenter.tiling``)."""
+        out: dict[str, Any] = {"cell_type_predicted": "", "cell_type_probability": float("nan"),
+                               "model_node": self.node_id, "model_pid": os.getpid()}
+        if self.classifier is not None:
+            try:
+                (t, prob, _), = self.classifier([window])
+                out["cell_type_predicted"], out["cell_type_probability"] = t, prob
+            except Exception:
+                if self.route == "auto":
+                    raise
+                log.exception("field classifier failed; cell_type_predicted left empty")
+            if self.route == "auto":
+                cell_type = out["cell_type_predicted"]
+        key, scale, working, plan = self.segmenter.tiling(cell_type, pixel_size if pixel_size > 0 else None, shape)
+        out.update(key=key, scale=scale, working=working, plan=plan)
+        return out
+
+    def segment_tiles(self, key: str, tiles: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One tile row of a streamed field at model ``key``'s working scale: each tile's labels (uint16 when
+        they fit), confidences and class ids."""
+        out = []
+        for r in self.segmenter.tile_batch(key, tiles):
+            labels, cls, conf = encode_instances(r)
+            out.append((labels, np.frombuffer(conf, np.float32), np.frombuffer(cls, np.int16)))
+        return out
+
+
 def encode_instances(result: Instances) -> tuple[np.ndarray, bytes, bytes]:
     """A field's segmentation as it travels from the model replica to the measuring task.
 
@@ -208,8 +244,10 @@ def process_shard(rows: list[dict[str, Any]], replica: Any, cfg: SegmentConfig, 
     """
     import ray
 
-    fields = [read_field(r, cfg.storage_options, cfg.max_pixels, cfg.normalize, cfg.channel, cfg.pixel_size)
-              for r in rows]
+    fields = [read_field(r, cfg.storage_options, cfg.max_pixels, cfg.normalize, cfg.channel, cfg.pixel_size,
+                         cfg.stream_mb) for r in rows]
+    streamed = [f for f in fields if f.get("stream")]
+    fields = [f for f in fields if not f.get("stream")]
     ok = [f for f in fields if f["status"] == "ok"]
     if ok:
         try:
@@ -227,7 +265,76 @@ def process_shard(rows: list[dict[str, Any]], replica: Any, cfg: SegmentConfig, 
                 continue
             for k in ("labels", "class_ids", "confidences", "cell_type_predicted", "cell_type_probability"):
                 f[k] = seg[k][i]
-    return finish_fields(fields, out, cfg.storage_options, cfg.pixel_size, provenance_meta)
+    summaries = finish_fields(fields, out, cfg.storage_options, cfg.pixel_size, provenance_meta) if fields else []
+    return summaries + [stream_field(f, replica, cfg, out, provenance_meta) for f in streamed]
+
+
+#: The part of a streamed field its cell type is predicted from (a full Incucyte frame, from its centre).
+TYPE_WINDOW = (1040, 1408)
+
+
+def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str,
+                 provenance_meta: dict[str, str]) -> dict[str, Any]:
+    """A file too large to read whole (``stream_mb``), segmented, measured and written a tile row at a time
+    (:mod:`livecell_ray.stream`), then committed like any field; its summary. A failure names the file and
+    ends in failures/ as any field's does."""
+    import ray
+
+    from livecell_ray import stream
+
+    t0 = time.perf_counter()
+    outputs = store.Outputs(out, cfg.storage_options)
+    summary = {"field_id": str(row["field_id"]), "path": str(row["path"]), "status": "ok", "n_cells": 0,
+               "stage": "", "error": "", "model_node": "", "model_pid": 0,
+               "measure_node": ray.get_runtime_context().get_node_id(), "measure_pid": os.getpid(),
+               "read_s": 0.0, "model_s": 0.0, "pixel_size": float("nan")}
+    stage = "read"
+    try:
+        plane = int(row.get("plane", -1))
+        reader = stream.RowReader(row["path"], cfg.storage_options, Planes(cfg.channel, plane if plane >= 0 else None))
+        try:
+            given = float(row.get("pixel_size", np.nan))
+            px = given if given > 0 else (cfg.pixel_size or reader.info.pixel_size or np.nan)
+            summary["pixel_size"] = px
+            to_u8 = stream.normaliser(reader, cfg.normalize)
+            h, w = reader.shape
+            y0, x0 = max(0, (h - TYPE_WINDOW[0]) // 2), max(0, (w - TYPE_WINDOW[1]) // 2)
+            window = to_u8(reader.window(y0, y0 + TYPE_WINDOW[0], x0, x0 + TYPE_WINDOW[1]))
+            summary["read_s"] = time.perf_counter() - t0
+            stage = "segment"
+            how = ray.get(replica.plan_field.remote(window, str(row["cell_type"]), float(px), (h, w)))
+            summary.update(model_node=how["model_node"], model_pid=how["model_pid"])
+            image_path, write = store.stream_writer(outputs, str(row["plate"]), str(row["row"]), int(row["column"]),
+                                                    str(row["site"]), int(row["t_index"]), int(row["n_timepoints"]),
+                                                    (h, w), stream.CHUNK)
+
+            def submit(tiles: list[np.ndarray]) -> Callable[[], list[tuple]]:
+                ref = replica.segment_tiles.remote(how["key"], tiles)
+                return lambda: ray.get(ref)
+
+            res = stream.segment_streamed(reader, submit, tuple(how["working"]), how["plan"],
+                                          px if px > 0 else cfg.pixel_size, write, to_u8)
+        finally:
+            reader.close()
+        stage = "write"
+        row = {**row, "cell_type_predicted": how["cell_type_predicted"],
+               "cell_type_probability": how["cell_type_probability"]}
+        cells, field_row = _field_tables(row, res.cells, res.stats)
+        store.commit_tables(outputs, str(row["plate"]), str(row["well"]), summary["field_id"], cells, field_row,
+                            provenance_meta, bool(row.get("failed_before")))
+        summary["n_cells"] = int(res.stats["n_cells"])
+        summary["model_s"] = res.seconds.get("model", 0.0)
+    except ray.exceptions.RayActorError:
+        raise  # the replica is gone for good: the run stops, see _results
+    except ImageError as exc:
+        summary.update(status="failed", stage=stage, error=str(exc))
+    except Exception as exc:
+        summary.update(status="failed", stage=stage, error=f"{row['path']}: {type(exc).__name__}: {exc}")
+    if summary["status"] != "ok":
+        write_failure(outputs, summary["field_id"], summary["path"], summary["field_id"], str(row["plate"]),
+                      str(row["well"]), summary["stage"], summary["error"])
+    summary["finish_s"] = time.perf_counter() - t0 - summary["read_s"] - summary["model_s"]
+    return summary
 
 
 def write_plates(out: str, storage_options: dict[str, Any], fields: pd.DataFrame, pixel_size: float | None,
@@ -295,6 +402,16 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
 def _field_result(row: dict[str, Any], labels: np.ndarray, cells: dict[str, np.ndarray],
                   fstats: dict[str, Any]) -> store.FieldResult:
     """A measured field as the store writes it: its planes, its cells/ columns and its fields/ row."""
+    cells_cols, field_cols = _field_tables(row, cells, fstats)
+    return store.FieldResult(str(row["field_id"]), str(row["path"]), str(row["plate"]), str(row["well"]),
+                             str(row["row"]), int(row["column"]), str(row["site"]), int(row["t_index"]),
+                             int(row["n_timepoints"]), np.asarray(row["image"]), labels, cells_cols, field_cols,
+                             bool(row.get("failed_before")))
+
+
+def _field_tables(row: dict[str, Any], cells: dict[str, np.ndarray], fstats: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A measured field's cells/ columns and fields/ row."""
     fid, plate = str(row["field_id"]), str(row["plate"])
     meta = {k: str(row[k]) for k in ("field", "site", "cell_type", "path")}
     n = len(cells["label"])
@@ -311,9 +428,7 @@ def _field_result(row: dict[str, Any], labels: np.ndarray, cells: dict[str, np.n
         "zarr_path": [store.field_zarr_path(plate, str(row["row"]), int(row["column"]), str(row["site"]))],
         **{k: [v] for k, v in fstats.items()}, "status": ["ok"],
     }
-    return store.FieldResult(fid, meta["path"], plate, str(row["well"]), str(row["row"]), int(row["column"]),
-                             meta["site"], int(row["t_index"]), int(row["n_timepoints"]), np.asarray(row["image"]),
-                             labels, cells_cols, field_cols, bool(row.get("failed_before")))
+    return cells_cols, field_cols
 
 
 def write_failure(outputs: store.Outputs, key: str, path: str, field_id: str, plate: str, well: str,
@@ -401,10 +516,11 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
     first = man.fields.iloc[0]
     try:
         read_image_with_info(first["path"], cfg.storage_options, cfg.max_pixels,
-                             Planes(reader_channel(cfg, man), int(first["plane"]) if first["plane"] >= 0 else None))
+                             Planes(reader_channel(cfg, man), int(first["plane"]) if first["plane"] >= 0 else None),
+                             stream_bytes=int(cfg.stream_mb * 2**20) if cfg.stream_mb else None)
     except PlaneError as exc:
         raise RunError(str(exc)) from None
-    except ImageError:
+    except (ImageError, TooLarge):
         pass
     outputs = store.Outputs(cfg.out, cfg.storage_options)
     weights = models.resolve_map(cfg.model, cfg.trust_weights)

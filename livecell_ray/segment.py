@@ -92,12 +92,7 @@ class Segmenter:
         layout: list[tuple[tuple[int, int], list | None, list[int] | tuple[str, np.ndarray]]] = []
         chunk = max(self.max_batch, n)
         for im, ct, px in zip(images, cell_types, pixel_sizes):
-            key = self.model_key(ct)
-            scale = self.scale(key, px)
-            if scale is None and self.tiled(key, im.shape, known_scale=False):
-                # Too large to letterbox: taken to be at its model's training scale, and tiled at the working one
-                # (small.pt: enlarged 1.18x, as a letterboxed LIVECell field is).
-                scale = self.scale(key, self.trained_at[key])
+            key, scale = self.field_scale(ct, px, im.shape)
             known = scale is not None
             m = tiles_mod.resample(im, scale or 1.0)
             if self.tiled(key, m.shape, known_scale=known):
@@ -141,6 +136,36 @@ class Segmenter:
         for a in range(0, len(plan), chunk):
             for r in self._predict_same_size(key, [_crop(image, t) for t in plan[a:a + chunk]], False):
                 yield r.labels, r.confidences, r.class_ids
+
+    def field_scale(self, cell_type: str, pixel_size: float | None, shape: tuple[int, ...]
+                    ) -> tuple[str, float | None]:
+        """(model, how much the field is resized to reach that model's working scale; None: letterboxed)."""
+        key = self.model_key(cell_type)
+        scale = self.scale(key, pixel_size)
+        if scale is None and self.tiled(key, shape, known_scale=False):
+            # Too large to letterbox: taken to be at its model's training scale, and tiled at the working one
+            # (small.pt: enlarged 1.18x, as a letterboxed LIVECell field is).
+            scale = self.scale(key, self.trained_at[key])
+        return key, scale
+
+    def tiling(self, cell_type: str, pixel_size: float | None, shape: tuple[int, int]
+               ) -> tuple[str, float, tuple[int, int], list[tiles_mod.Tile]]:
+        """How a field too large to hold whole is segmented (livecell_ray.stream): its model, scale, shape at that
+        scale (as :func:`tiles.resample` makes it) and tile plan, by the rules :meth:`__call__` follows."""
+        key, scale = self.field_scale(cell_type, pixel_size, shape)
+        scale = scale or 1.0
+        h, w = shape
+        working = (h, w) if scale == 1.0 else (max(16, round(h * scale)), max(16, round(w * scale)))
+        size = self.imgsz[key]
+        return key, scale, working, tiles_mod.plan(working, size, self.cfg.tile_overlap or size // 4)
+
+    def tile_batch(self, key: str, tiles: list[np.ndarray]) -> list[Instances]:
+        """Tiles of one size at the working scale of model ``key``, through the network in batches of
+        :attr:`max_batch`: each tile's own label image, class ids and confidences."""
+        out: list[Instances] = []
+        for a in range(0, len(tiles), self.max_batch):
+            out += self._predict_same_size(key, tiles[a:a + self.max_batch], False)
+        return out
 
     def tiled(self, key: str, shape: tuple[int, ...], known_scale: bool) -> bool:
         """Whether a field (at the model's scale) is cut into tiles rather than letterboxed whole.

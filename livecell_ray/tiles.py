@@ -90,24 +90,48 @@ def merge_stream(shape: tuple[int, int], tiles: list[Tile],
                  results: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`merge` of the tiles' (labels, confidences, class ids) as they come: a tile's results can be
-    dropped once painted, so a field of hundreds of tiles never holds them all.
+    dropped once painted, so a field of hundreds of tiles never holds them all."""
+    m = Merger(shape[1], shape[0])
+    for t, (lab, c, k) in zip(tiles, results):
+        m.add(t, lab, c, k)
+    return m.labels, *m.scores()
+
+
+class Merger:
+    """Tiles' cells painted into one label image (1..K in the order kept, no overlaps), tile by tile.
 
     Tile by tile, every cell of a tile at once: a tile's cells never overlap each other, so whether one
     is kept (centroid in the core, at most half of it labelled already) depends only on the tiles
     before it, and painting them together gives exactly what painting them one by one in label order
     does (tests/test_plates.py holds it to that), at a fraction of the time on a field of 100,000 cells.
-    """
-    from scipy import ndimage
 
-    out = np.zeros(shape, np.uint32)
-    conf: list[np.ndarray] = []
-    cls: list[np.ndarray] = []
-    n_kept = 0
-    for t, (lab, c, k) in zip(tiles, results):
+    The label image is held from row ``top`` on: a field streamed a tile row at a time
+    (livecell_ray.stream) drops the rows no later tile can reach (:meth:`drop`), so it holds a few tile
+    rows, never the field; a whole field's is allocated at once (``height``).
+    """
+
+    def __init__(self, width: int, height: int = 0):
+        self.labels = np.zeros((height, width), np.uint32)
+        self.top = 0
+        self.n_kept = 0
+        self._conf: list[np.ndarray] = []
+        self._cls: list[np.ndarray] = []
+
+    def window(self, t: Tile, h: int, w: int) -> np.ndarray:
+        """The held labels under a tile's h x w results (rows added as the tile needs them)."""
+        need = t.y + h - self.top - self.labels.shape[0]
+        if need > 0:
+            self.labels = np.concatenate([self.labels, np.zeros((need, self.labels.shape[1]), np.uint32)])
+        return self.labels[t.y - self.top:t.y - self.top + h, t.x:t.x + w]
+
+    def add(self, t: Tile, lab: np.ndarray, c: np.ndarray, k: np.ndarray) -> int:
+        """Paint one tile's kept cells (labels n_kept+1...); returns how many it kept."""
+        from scipy import ndimage
+
         n = int(lab.max(initial=0))
         if n == 0:
-            continue
-        window = out[t.y:t.y + lab.shape[0], t.x:t.x + lab.shape[1]]
+            return 0
+        window = self.window(t, *lab.shape)
         flat = lab.ravel().astype(np.int64)
         area = np.bincount(flat, minlength=n + 1)[1:]
         present = np.flatnonzero(area) + 1
@@ -127,16 +151,32 @@ def merge_stream(shape: tuple[int, int], tiles: list[Tile],
         taken = np.bincount(flat, weights=(window.ravel() != 0), minlength=n + 1)[present]
         keep = present[inside & ~(taken / n_px > DUPLICATE_FRACTION)]
         if not len(keep):
-            continue
+            return 0
         new_id = np.zeros(n + 1, np.uint32)
-        new_id[keep] = np.arange(n_kept + 1, n_kept + 1 + len(keep), dtype=np.uint32)
+        new_id[keep] = np.arange(self.n_kept + 1, self.n_kept + 1 + len(keep), dtype=np.uint32)
         paint = new_id[lab] * (window == 0)
         np.copyto(window, paint, where=paint > 0)
-        conf.append(np.asarray(c, np.float32)[keep - 1])
-        cls.append(np.asarray(k, np.int16)[keep - 1])
-        n_kept += len(keep)
-    return (out, np.concatenate(conf) if conf else np.zeros(0, np.float32),
-            np.concatenate(cls) if cls else np.zeros(0, np.int16))
+        self._conf.append(np.asarray(c, np.float32)[keep - 1])
+        self._cls.append(np.asarray(k, np.int16)[keep - 1])
+        self.n_kept += len(keep)
+        return len(keep)
+
+    def drop(self, upto: int) -> None:
+        """Forget the rows above ``upto`` (no later tile reaches them)."""
+        cut = min(max(0, upto - self.top), self.labels.shape[0])
+        self.labels = self.labels[cut:].copy()
+        self.top += cut
+
+    def scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """(confidences, class ids) of the cells kept so far, in label order."""
+        return (np.concatenate(self._conf) if self._conf else np.zeros(0, np.float32),
+                np.concatenate(self._cls) if self._cls else np.zeros(0, np.int16))
+
+
+def source_rows(n_field: int, n_model: int) -> np.ndarray:
+    """For each of a field's n_field rows (or columns), the row at the model's scale its label is taken from
+    (the nearest pixel centre): :func:`map_back`'s rule, shared with the streamed path."""
+    return np.minimum(((np.arange(n_field) + 0.5) * n_model / n_field).astype(np.int64), n_model - 1)
 
 
 def map_back(labels: np.ndarray, confidences: np.ndarray, class_ids: np.ndarray, shape: tuple[int, int]
@@ -147,8 +187,7 @@ def map_back(labels: np.ndarray, confidences: np.ndarray, class_ids: np.ndarray,
     mh, mw = labels.shape
     if (mh, mw) == (h, w):
         return labels, confidences, class_ids
-    rows = np.minimum(((np.arange(h) + 0.5) * mh / h).astype(np.int64), mh - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * mw / w).astype(np.int64), mw - 1)
+    rows, cols = source_rows(h, mh), source_rows(w, mw)
     # In blocks of rows: the index arrays numpy makes for a gather are 8 bytes a pixel, a stitched well's
     # field would need them whole.
     step = max(1, MAP_BACK_BLOCK // max(1, w))

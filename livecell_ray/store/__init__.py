@@ -32,6 +32,7 @@ from livecell_ray.store._chunks import (
     mask_files,
     read_image,
     read_labels,
+    stream_writer,
     write_masks,
 )
 from livecell_ray.store._commit import PART_PREFIX, SUPERSEDES_KEY, Committed, file_key, is_part
@@ -47,12 +48,12 @@ from livecell_ray.store._files import (
 )
 from livecell_ray.store._lease import Lease, LeaseBusy, LeaseLost, acquire
 from livecell_ray.store._ngff import LAYOUT_KEY, fields_in_plate, group_document, init_plates, read_layouts, time_axis
-from livecell_ray.store._write import FieldResult, write_block
+from livecell_ray.store._write import FieldResult, commit_tables, write_block
 
 __all__ = [
     "Lease", "LeaseBusy", "LeaseLost", "acquire", "CHUNK_ZSTD_LEVEL", "LAYOUT_KEY", "PART_PREFIX", "SUPERSEDES_KEY",
-    "Committed", "FieldResult", "Outputs", "array_document", "field_zarr_path", "fields_in_plate", "file_key",
-    "filesystem", "group_document", "init_plates", "is_local", "is_part", "join", "make_folders", "mask_documents",
-    "mask_files", "parquet_bytes", "read_documents", "read_image", "read_labels", "read_layouts", "retry", "safe",
-    "table_from_columns", "time_axis", "write_block", "write_masks",
+    "Committed", "FieldResult", "Outputs", "array_document", "commit_tables", "field_zarr_path", "fields_in_plate",
+    "file_key", "filesystem", "group_document", "init_plates", "is_local", "is_part", "join", "make_folders",
+    "mask_documents", "mask_files", "parquet_bytes", "read_documents", "read_image", "read_labels", "read_layouts",
+    "retry", "safe", "stream_writer", "table_from_columns", "time_axis", "write_block", "write_masks",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,9 @@ CHUNK_ZSTD_LEVEL = 1
 
 
 @functools.lru_cache(maxsize=32)
-def array_document(shape: tuple[int, ...], dtype: str) -> bytes:
-    """The zarr.json of a (t, y, x) array chunked one field-timepoint per chunk, written by zarr itself.
+def array_document(shape: tuple[int, ...], dtype: str, chunk: int | None = None) -> bytes:
+    """The zarr.json of a (t, y, x) array chunked one field-timepoint per chunk (``chunk``: in chunk x chunk
+    squares, for a field streamed a band of rows at a time), written by zarr itself.
 
     Made once per shape and reused: creating each field's arrays through zarr (existence checks of the
     path and its parents, then the write) cost 2 x 2.3 ms a field, a tenth of measuring and writing it.
@@ -27,14 +29,15 @@ def array_document(shape: tuple[int, ...], dtype: str) -> bytes:
     from zarr.codecs import ZstdCodec
     from zarr.core.buffer import default_buffer_prototype
 
-    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
+    chunks = (1, *shape[1:]) if chunk is None else (1, min(chunk, shape[1]), min(chunk, shape[2]))
+    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, chunks=chunks, dtype=dtype,
                             fill_value=0, dimension_names=("t", "y", "x"),
                             compressors=ZstdCodec(level=CHUNK_ZSTD_LEVEL))
     return arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
 def _require_array(outputs: Outputs, plate: str, path: str, shape: tuple[int, ...], dtype: np.dtype,
-                   document: bytes | None, new_files: dict[str, bytes]) -> bool:
+                   document: bytes | None, new_files: dict[str, bytes], chunk: int | None = None) -> bool:
     """Make sure the (t, y, x) array at path exists with this field's size and at least shape[0] timepoints.
 
     ``document`` is its zarr.json as read (None: absent), so no zarr.open_array machinery; its groups
@@ -44,7 +47,7 @@ def _require_array(outputs: Outputs, plate: str, path: str, shape: tuple[int, ..
     ``array_document`` makes it (so its chunks can be written directly); arrays from elsewhere are not.
     """
     if document is None:
-        new_files[join(outputs.plate_path(plate), path, "zarr.json")] = array_document(tuple(shape), dtype.str)
+        new_files[join(outputs.plate_path(plate), path, "zarr.json")] = array_document(tuple(shape), dtype.str, chunk)
         return True
     meta = json.loads(document)
     have = tuple(meta["shape"])
@@ -54,7 +57,7 @@ def _require_array(outputs: Outputs, plate: str, path: str, shape: tuple[int, ..
     if have[0] < shape[0]:
         # The plate's time axis grew since the array was made (a time-lapse processed as it is imaged).
         _lengthen_time_axis(_open_array(outputs.zarr_store(plate), path), shape[0])
-    ours = json.loads(array_document(have, dtype.str))
+    ours = json.loads(array_document(have, dtype.str, chunk))
     return all(meta.get(k) == ours[k] for k in ours if k not in ("shape", "attributes"))
 
 
@@ -120,6 +123,42 @@ def mask_files(outputs: Outputs, plate: str, row: str, column: int, site: str, t
         else:
             retry(_open_array(outputs.zarr_store(plate), path).__setitem__, t_index, plane)
     return image_path, files
+
+
+def stream_writer(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int,
+                  n_timepoints: int, shape: tuple[int, int], chunk: int
+                  ) -> tuple[str, Callable[[int, np.ndarray, np.ndarray], None]]:
+    """A streamed field's image and labels, written a chunk row at a time: (zarr path, write(y, image rows,
+    label rows)), ``y`` a multiple of ``chunk`` and the rows ``chunk`` of them (fewer at the field's end).
+
+    Its arrays are chunked in ``chunk`` squares, so that no chunk needs the field whole; each chunk is a
+    file written whole (zarr stores edge chunks padded to the full square). An array laid out otherwise
+    (by an earlier run of other settings, or another tool) is written through zarr.
+    """
+    image_path, *arrays = _mask_arrays(row, column, site)
+    full = (n_timepoints, *shape)
+    base = outputs.plate_path(plate)
+    documents = read_documents(outputs, mask_documents(outputs, plate, row, column, site))
+    files: dict[str, bytes] = {}
+    direct = [_require_array(outputs, plate, path, full, np.dtype(dt), doc, files, chunk)
+              for path, dt, doc in zip(arrays, (np.uint8, np.uint32), documents)]
+    outputs.write_many(files)
+
+    def write(y: int, image: np.ndarray, labels: np.ndarray) -> None:
+        out: dict[str, bytes] = {}
+        for path, plane, ours in zip(arrays, (image.astype(np.uint8, copy=False), labels.astype(np.uint32)), direct):
+            if not ours:
+                retry(_open_array(outputs.zarr_store(plate), path).__setitem__,
+                      (t_index, slice(y, y + plane.shape[0])), plane)
+                continue
+            for j, x in enumerate(range(0, shape[1], chunk)):
+                square = np.zeros((min(chunk, shape[0]), min(chunk, shape[1])), plane.dtype)
+                part = plane[:, x:x + chunk]
+                square[:part.shape[0], :part.shape[1]] = part
+                out[join(base, path, "c", str(t_index), str(y // chunk), str(j))] = _encode_chunk(square)
+        outputs.write_many(out)
+
+    return image_path, write
 
 
 def make_folders(outputs: Outputs, fields: Any) -> int:

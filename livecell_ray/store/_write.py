@@ -88,3 +88,18 @@ def _files(outputs: Outputs, f: FieldResult, documents: list[bytes | None] | Non
     marker = {outputs.table_path("fields", f.plate, f.well, f.field_id): parquet_bytes(table_from_columns(f.field),
                                                                                        metadata)}
     return files, marker
+
+
+def commit_tables(outputs: Outputs, plate: str, well: str, field_id: str, cells: dict[str, Any],
+                  field: dict[str, Any], metadata: dict[str, str], failed_before: bool = False) -> None:
+    """Commit a field whose masks are written already (one streamed a band at a time): its cells file, then
+    its fields/ marker, as :func:`write_block` does for a block of whole fields."""
+    outputs.write_many({outputs.table_path("cells", plate, well, field_id):
+                        parquet_bytes(table_from_columns(cells), metadata)})
+    outputs.write_many({outputs.table_path("fields", plate, well, field_id):
+                        parquet_bytes(table_from_columns(field), metadata)})
+    if failed_before:
+        try:
+            outputs.remove_many([outputs.table_path("failures", None, None, field_id)])
+        except Exception:
+            pass  # committed; the next run removes rows of done fields
