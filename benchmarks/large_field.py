@@ -56,23 +56,26 @@ def build(size: int, n_fields: int, where: Path) -> tuple[Path, Path]:
     return big, small
 
 
-def run_child(plate: Path, out: Path, max_pixels: int) -> tuple[float, int, int, int]:
-    """Segment in a fresh process; (seconds, fields, peak RSS, peak PSS) of its whole process tree."""
+def run_child(plate: Path, out: Path, max_pixels: int, stream_mb: float | None = None
+              ) -> tuple[float, int, int, int, int]:
+    """Segment in a fresh process (``stream_mb``: files this large streamed a band at a time; None: read
+    whole); (seconds, fields, cells, peak RSS, peak PSS) of its whole process tree."""
     from throughput import PeakRSS
 
     code = ("import sys, time; from livecell_ray import pipeline; from livecell_ray.config import SegmentConfig;"
             "t=time.time(); s=pipeline.run(SegmentConfig(source=sys.argv[1], out=sys.argv[2], pixel_size=1.24,"
-            "max_pixels=int(sys.argv[3]), compact=False, num_cpus=os.cpu_count()));"
+            "max_pixels=int(sys.argv[3]), stream_mb=float(sys.argv[4]) or None, compact=False,"
+            "num_cpus=os.cpu_count()));"
             "print('RESULT', time.time()-t, s.fields_done, s.cells)")
-    p = subprocess.Popen([sys.executable, "-c", "import os;" + code, str(plate), str(out), str(max_pixels)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen([sys.executable, "-c", "import os;" + code, str(plate), str(out), str(max_pixels),
+                          str(stream_mb or 0)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     with PeakRSS(pid=p.pid) as mem:
         stdout, stderr = p.communicate()
     line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT")), None)
     if p.returncode or line is None:
         raise SystemExit(f"run failed: {stderr[-2000:]}")
-    _, seconds, fields, _cells = line.split()
-    return float(seconds), int(fields), mem.peak, mem.peak_pss
+    _, seconds, fields, cells = line.split()
+    return float(seconds), int(fields), int(cells), mem.peak, mem.peak_pss
 
 
 def main() -> None:
@@ -80,6 +83,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=10_000)
     ap.add_argument("--fields", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--runs", default="ordinary,whole,streamed",
+                    help="end-to-end runs: the ordinary fields, the stitched field read whole (stream_mb None), "
+                         "streamed a tile row at a time (the default stream_mb); 'whole' of a 20,000 px field "
+                         "needs about 20 GiB")
+    ap.add_argument("--no-speed", action="store_true", help="only the end-to-end runs")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lcr-large-"))
     try:
@@ -87,48 +95,61 @@ def main() -> None:
         px_big, px_small = a.size * a.size, 704 * 520
         print(f"one {a.size}x{a.size} stitched field ({px_big / 1e6:.0f} Mpx) and {a.fields} fields of 704x520, "
               f"{os.cpu_count()} CPUs, small.pt")
-        # Speed: the model and the measurements (what a field costs beyond reading and writing), in this one
-        # process, side by side and alternating; memory: the whole pipeline, each in a fresh process.
-        import torch
-
-        from livecell_ray import models
-        from livecell_ray.imaging import normalize, read_image
-        from livecell_ray.measure import measure_cells, measure_field
-        from livecell_ray.segment import Segmenter
-
-        torch.set_num_threads(os.cpu_count() or 2)
-        seg = Segmenter({models.DEFAULT_KEY: models.resolve("small")})
-        ordinary = [read_image(str(p)) for p in sorted(small.iterdir())]
-        stitched = read_image(str(next(big.iterdir())), max_pixels=px_big + 1)
-        seg([normalize(ordinary[0])], None, [1.24])  # warm-up
-
-        def one(raw: np.ndarray) -> int:
-            r = seg([normalize(raw)], None, [1.24])[0]
-            measure_cells(r.labels, raw, r.class_ids, r.confidences, 1.24)
-            measure_field(r.labels, raw)
-            return int(r.labels.max())
-
-        times: dict[str, list[float]] = {"ordinary": [], "stitched": []}
-        for _ in range(a.rounds):
-            t = time.perf_counter()
-            for raw in ordinary:
-                one(raw)
-            times["ordinary"].append((time.perf_counter() - t) / len(ordinary))
-            t = time.perf_counter()
-            cells = one(stitched)
-            times["stitched"].append(time.perf_counter() - t)
-        t_small, t_big = (float(np.median(v)) for v in times.values())
-        small_mpx, big_mpx = px_small / 1e6 / t_small, px_big / 1e6 / t_big
-        print(f"  segment + measure, median of {a.rounds} alternating rounds:")
-        print(f"    ordinary fields: {1 / t_small:.3f} fields/s, {small_mpx:.2f} Mpx/s")
-        print(f"    stitched field:  {1 / t_big:.4f} fields/s ({t_big:.1f} s, {cells:,} cells), {big_mpx:.2f} Mpx/s")
-        print(f"    stitched / ordinary, megapixels per second: {big_mpx / small_mpx:.2f}")
+        if not a.no_speed:
+            speed(a, big, small, px_big, px_small)
         print("  livecell-ray segment end to end, each in a fresh process (start-up included):")
-        for name, plate, limit in (("ordinary fields", small, 64_000_000), ("stitched field", big, px_big + 1)):
-            sec, n, rss, pss = run_child(plate, tmp / f"out-{name.split()[0]}", limit)
-            print(f"    {name}: {n} in {sec:.1f} s, peak RSS {rss / 2**30:.2f} GiB, PSS {pss / 2**30:.2f} GiB")
+        from livecell_ray.config import SegmentConfig
+
+        runs = {"ordinary": ("ordinary fields", small, 64_000_000, SegmentConfig.stream_mb),
+                "whole": ("stitched field, read whole", big, px_big + 1, None),
+                "streamed": ("stitched field, streamed", big, px_big + 1, SegmentConfig.stream_mb)}
+        for key in a.runs.split(","):
+            name, plate, limit, stream_mb = runs[key]
+            sec, n, cells, rss, pss = run_child(plate, tmp / f"out-{key}", limit, stream_mb)
+            print(f"    {name}: {n} in {sec:.1f} s ({n / sec:.3f} fields/s, {cells:,} cells, "
+                  f"{px_big * (key != 'ordinary') / 1e6 / sec:.2f} Mpx/s), "
+                  f"peak RSS {rss / 2**30:.2f} GiB, PSS {pss / 2**30:.2f} GiB", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def speed(a: argparse.Namespace, big: Path, small: Path, px_big: int, px_small: int) -> None:
+    """The model and the measurements (what a field costs beyond reading and writing), in this one process,
+    the stitched field whole against the ordinary fields, side by side and alternating."""
+    import torch
+
+    from livecell_ray import models
+    from livecell_ray.imaging import normalize, read_image
+    from livecell_ray.measure import measure_cells, measure_field
+    from livecell_ray.segment import Segmenter
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    seg = Segmenter({models.DEFAULT_KEY: models.resolve("small")})
+    ordinary = [read_image(str(p)) for p in sorted(small.iterdir())]
+    stitched = read_image(str(next(big.iterdir())), max_pixels=px_big + 1)
+    seg([normalize(ordinary[0])], None, [1.24])  # warm-up
+
+    def one(raw: np.ndarray) -> int:
+        r = seg([normalize(raw)], None, [1.24])[0]
+        measure_cells(r.labels, raw, r.class_ids, r.confidences, 1.24)
+        measure_field(r.labels, raw)
+        return int(r.labels.max())
+
+    times: dict[str, list[float]] = {"ordinary": [], "stitched": []}
+    for _ in range(a.rounds):
+        t = time.perf_counter()
+        for raw in ordinary:
+            one(raw)
+        times["ordinary"].append((time.perf_counter() - t) / len(ordinary))
+        t = time.perf_counter()
+        cells = one(stitched)
+        times["stitched"].append(time.perf_counter() - t)
+    t_small, t_big = (float(np.median(v)) for v in times.values())
+    small_mpx, big_mpx = px_small / 1e6 / t_small, px_big / 1e6 / t_big
+    print(f"  segment + measure, median of {a.rounds} alternating rounds:")
+    print(f"    ordinary fields: {1 / t_small:.3f} fields/s, {small_mpx:.2f} Mpx/s")
+    print(f"    stitched field:  {1 / t_big:.4f} fields/s ({t_big:.1f} s, {cells:,} cells), {big_mpx:.2f} Mpx/s")
+    print(f"    stitched / ordinary, megapixels per second: {big_mpx / small_mpx:.2f}", flush=True)
 
 
 if __name__ == "__main__":

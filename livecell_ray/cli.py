@@ -76,7 +76,9 @@ def segment(
     address: str | None = typer.Option(None, help="Ray cluster address (default: start Ray locally)"),
     num_cpus: int | None = typer.Option(None, min=1, help="CPUs for a local Ray"),
     storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
-    max_pixels: int = typer.Option(64_000_000, min=1, help="Fields larger than this fail (memory guard)"),
+    max_pixels: int = typer.Option(64_000_000, min=1, help="Fields read whole larger than this fail (memory guard)"),
+    stream_mb: float = typer.Option(64.0, min=0.0, help="Files of this many MiB or more are read, segmented and "
+                                    "written a band of rows at a time, in bounded memory (0: read every file whole)"),
     stall_timeout: float = typer.Option(1800.0, min=0.0, help="Seconds without a finished field before the "
                                         "execution is started again over the fields left (0: wait forever)"),
     compact: bool = typer.Option(True, help="Afterwards, merge each well's per-field Parquet files into one "
@@ -110,8 +112,9 @@ def segment(
                             replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                             io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size,
                             address=address, num_cpus=num_cpus, storage_options=opts, overwrite=overwrite,
-                            max_pixels=max_pixels, stall_timeout_s=stall_timeout or None, compact=compact,
-                            inference=inference, wait_for_lease=wait, route=route,
+                            max_pixels=max_pixels, stream_mb=stream_mb or None,
+                            stall_timeout_s=stall_timeout or None, compact=compact, inference=inference,
+                            wait_for_lease=wait, route=route,
                             classifier=None if classifier == "none" else classifier, channel=channel,
                             stack_axis=stack_axis, interval_h=interval, layout=layout)
     except ValueError as exc:
