@@ -70,10 +70,15 @@ class ReplaySegmenter:
 def install() -> None:
     """Ray worker setup hook: model replicas replay instead of running the network.
 
-    Only the actor's constructor is patched; nothing is imported beyond what the pipeline's own tasks
-    import (importing segment here would load torch into every I/O worker, which the product never does).
+    Only the actor's constructor is patched, in the module that defines the actor (``livecell_ray.replica``,
+    or the pipeline in code that has none); nothing is imported beyond what the product's own processes
+    import (importing segment here would load torch into every I/O worker, and the pipeline into every
+    replica, which the product never does).
     """
-    from livecell_ray import pipeline
+    try:
+        from livecell_ray import replica as home
+    except ImportError:
+        from livecell_ray import pipeline as home
 
     def replaying_init(self, weights, inference, classifier=None, route="none"):
         import ray
@@ -82,7 +87,7 @@ def install() -> None:
         self.classifier, self.route = None, route  # the field classifier is a network too: not replayed
         self.node_id = ray.get_runtime_context().get_node_id()
 
-    pipeline.SegmentActor.__init__ = replaying_init
+    home.SegmentActor.__init__ = replaying_init
 
 
 def record(path: Path, model: str) -> int:
