@@ -1,13 +1,15 @@
 """A stitched well: `livecell-ray segment` on one 10,000 x 10,000 field, beside ordinary 704x520 fields.
 
-    python benchmarks/large_field.py [--size 10000] [--fields 20]
+    python benchmarks/large_field.py [--size 10000] [--fields 10] [--runs ordinary,whole,streamed] [--no-speed]
 
 Builds a stitched field by tiling the bundled LIVECell examples (real cells, LIVECell's scale) up to
 SIZE x SIZE, and a plate of FIELDS ordinary 704x520 fields of the same examples (small.pt, CPU, pixel
 size 1.24 so the scale is known). Speed: segmenting and measuring each, side by side in this process,
 alternating rounds; the stitched field's megapixels per second as a ratio of the ordinary fields' is
 what tiling and merging cost beyond the network. Memory: `livecell-ray segment` on each plate in a
-fresh process, the peak RSS / PSS of its whole process tree (Ray's workers included).
+fresh process, the peak RSS / PSS of its whole process tree (Ray's workers included): the ordinary
+fields, the stitched field read whole (`stream_mb` None) and streamed a tile row at a time (the default
+`stream_mb`; livecell_ray.stream).
 """
 
 from __future__ import annotations

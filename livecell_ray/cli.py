@@ -47,7 +47,8 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
 def segment(
     source: str = typer.Argument(..., help="Plate folder or prefix (local, s3://, gs://, memory://...)"),
     out: str = typer.Argument(..., help="Output location (local path or fsspec URL)"),
-    model: str = typer.Option("small", help="'small', 'big', a .pt path, or CELLTYPE=MODEL,...,*=MODEL"),
+    model: str = typer.Option("auto", help="'auto' (each field's cell type's shipped model where there is one, "
+                              "small otherwise), 'small', 'big', a .pt path, or CELLTYPE=MODEL,...,*=MODEL"),
     batch_size: int = typer.Option(4, min=1, help="Fields per model batch"),
     replicas: int = typer.Option(1, min=1, help="Model replicas (Ray actors)"),
     gpus_per_replica: float = typer.Option(0.0, min=0.0, help="GPUs per model replica (0: CPU)"),

@@ -68,7 +68,9 @@ class SegmentConfig:
 
     source: str
     out: str
-    model: str = "small"
+    # 'auto': each field's cell type's shipped model where there is one (BT474, MCF7), small.pt otherwise
+    # (livecell_ray.models.AUTO); 'small', 'big', a .pt path, or CELLTYPE=MODEL,...,*=MODEL.
+    model: str = "auto"
     trust_weights: bool = False
     batch_size: int = 4
     replicas: int = 1

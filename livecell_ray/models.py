@@ -16,8 +16,12 @@ from pathlib import Path
 from livecell_ray import offline
 from livecell_ray.config import DEFAULT_IMGSZ
 
-SHIPPED = ("small", "big")
+SHIPPED = ("small", "big", "bt474", "mcf7")
 DEFAULT_KEY = "*"
+#: The model spec that gives each field its cell type's shipped model where there is one (weights/models.json:
+#: ``cell_type``), small.pt otherwise; segment's default. The type is the file name's, or with --route auto
+#: the one the field classifier predicts.
+AUTO = "auto"
 #: The shipped field cell-type classifier (weights/celltype.pt, YOLOv8-cls), when there is one.
 CLASSIFIER = "celltype"
 
@@ -128,8 +132,21 @@ def shipped_weights(spec: str, path: Path, digest: str, file_name: str | None,
                    int(imgsz) if imgsz else None)
 
 
+def type_models(directory: Path | None = None) -> dict[str, str]:
+    """Cell type -> shipped per-type model ('MCF7': 'mcf7'), for those whose file this install has."""
+    import json
+
+    wdir = directory or weights_dir()
+    p = wdir / "models.json"
+    entries = json.loads(p.read_text()) if p.exists() else {}
+    return {str(e["cell_type"]): name.removesuffix(".pt") for name, e in entries.items()
+            if isinstance(e, dict) and e.get("cell_type") and (wdir / name).exists()}
+
+
 def resolve_map(spec: str, trust: bool = False) -> dict[str, Weights]:
-    """'small' or 'A172=a.pt,BV2=b.pt,*=small' -> {cell type or '*': weights}."""
+    """'small', 'auto' (:data:`AUTO`) or 'A172=a.pt,BV2=b.pt,*=small' -> {cell type or '*': weights}."""
+    if spec == AUTO:
+        return {DEFAULT_KEY: resolve("small"), **{t: resolve(name) for t, name in type_models().items()}}
     if "=" not in spec:
         return {DEFAULT_KEY: resolve(spec, trust)}
     out: dict[str, Weights] = {}

@@ -10,6 +10,10 @@ input (832), with LIVECell's protocol through the `segment` code path, fp32; so 
 
     python research/per_type.py run [--minutes 7] [--folds f1,f2,f4,f5]
     python research/per_type.py table
+    python research/per_type.py ship BT474,MCF7 [--minutes 7]   # weights/bt474.pt, weights/mcf7.pt
+
+`ship` trains each shipped per-type model the same way on all of its type's annotated fields, from the
+shipped small.pt (the recipe's run on all five fields), and copies its last.pt to weights/<type>.pt.
 """
 
 from __future__ import annotations
@@ -36,19 +40,29 @@ def cell_type(field: str) -> str:
     return field.split("_", 1)[0]
 
 
-def type_data(fold: str) -> Path:
-    """The per-type run's data: tiles of the held-out field's type, that field excluded."""
-    held = input_scale.FOLDS[fold]
+def type_data(kind: str, held: str | None, name: str) -> Path:
+    """A per-type run's data: tiles of the annotated fields of cell type ``kind``, ``held`` excluded."""
     lc = dataset.read_mask_folder(ls.PACK / "lc")
-    same = [f for f in lc if cell_type(f.name) == cell_type(held) and f.name != held]
+    same = [f for f in lc if cell_type(f.name) == kind and f.name != held]
     if not same:
-        raise SystemExit(f"{fold}: no other annotated {cell_type(held)} field to train a per-type model on")
+        raise SystemExit(f"no annotated {kind} field (but the held-out one) to train a per-type model on")
     train = [dataset.LabelledField(f"{t.name}_r{r}", t.image, t.labels) for f in same
              for t in dataset.tile_field(f, ls.TILE, overlap=ls.TILE // 2) for r in range(TYPE_REPEAT)]
-    out = ls.PROJECT / f"{fold}-type-data"
+    out = ls.PROJECT / f"{name}-data"
     dataset.write_yolo(train, out, "train")
     dataset.write_yolo(same, out, "val")
     return dataset.write_data_yaml(out)
+
+
+def ship(types: list[str], minutes: float) -> None:
+    """Each type's model from the shipped small.pt, on all its annotated fields, into weights/<type>.pt."""
+    import shutil
+
+    for kind in types:
+        type_data(kind, None, f"ship-{kind}")
+        last = ls.train_run(f"ship-{kind}", "weights/small.pt", minutes / 60, workers=1, lr0=1e-3)
+        shutil.copy(last, f"weights/{kind.lower()}.pt")
+        print(f"weights/{kind.lower()}.pt from {last}", flush=True)
 
 
 def run(folds: list[str], minutes: float) -> None:
@@ -58,7 +72,7 @@ def run(folds: list[str], minutes: float) -> None:
         start = f"{ls.PROJECT}/{fold}-real/weights/last.pt"
         scores = {"fold": fold, "field": held, "minutes": minutes, "imgsz": IMGSZ,
                   "fold_model": input_scale.score(start, held, IMGSZ)}
-        type_data(fold)
+        type_data(cell_type(held), held, f"{fold}-type")
         ls.build_data(f"{fold}-general", held)
         for variant in ("type", "general"):
             last = ls.train_run(f"{fold}-{variant}", start, minutes / 60, workers=1, lr0=1e-3)
@@ -90,9 +104,14 @@ def main() -> None:
     r.add_argument("--minutes", type=float, default=7.0)
     r.add_argument("--folds", default="f1,f2,f4,f5")
     sub.add_parser("table")
+    sh = sub.add_parser("ship")
+    sh.add_argument("types")
+    sh.add_argument("--minutes", type=float, default=7.0)
     a = p.parse_args()
     if a.cmd == "run":
         run(a.folds.split(","), a.minutes)
+    elif a.cmd == "ship":
+        ship(a.types.split(","), a.minutes)
     else:
         print(table())
 

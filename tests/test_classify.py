@@ -88,3 +88,22 @@ def test_route_auto_without_a_classifier_is_refused(tmp_path):
     with pytest.raises(pipeline.RunError, match="needs a field classifier"):
         pipeline.plan(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_model_auto_gives_each_field_its_types_shipped_model():
+    """The default --model auto maps BT474 and MCF7 to their shipped per-type models (weights/models.json's
+    cell_type) and every other type to small.pt; a field named MCF7 is segmented by mcf7.pt exactly."""
+    w = models.resolve_map(models.AUTO)
+    assert SegmentConfig(source="a", out="b").model == models.AUTO
+    assert {k: v.path.rsplit("/", 1)[-1] for k, v in w.items()} == {"*": "small.pt", "BT474": "bt474.pt",
+                                                                     "MCF7": "mcf7.pt"}
+    assert all(v.imgsz == 832 and v.pixel_size == 1.24 for v in w.values())
+    assert len({v.sha256 for v in w.values()}) == 3
+    seg = Segmenter(w)
+    assert seg.model_key("MCF7") == "MCF7" and seg.model_key("A172") == models.DEFAULT_KEY
+    field = normalize(read_image(str(EXAMPLES / "MCF7_Phase_F4_1_01d16h00m_4.tif")))
+    got = seg([field], ["MCF7"])[0]
+    alone = Segmenter({models.DEFAULT_KEY: w["MCF7"]})([field])[0]
+    general = Segmenter({models.DEFAULT_KEY: w["*"]})([field])[0]
+    np.testing.assert_array_equal(got.labels, alone.labels)
+    assert not np.array_equal(got.labels, general.labels)
