@@ -30,18 +30,21 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 import livecell_ray
 from livecell_ray import credentials, models, offline, store
-from livecell_ray import manifest as manifest_mod
 from livecell_ray.config import NormalizeConfig, SegmentConfig
 from livecell_ray.imaging import ImageError, PlaneError, Planes, TooLarge, normalize, read_image_with_info
 from livecell_ray.measure import measure_cells, measure_field
 from livecell_ray.replica import SegmentActor, encode_instances  # noqa: F401  (encode_instances: benchmarks)
+
+if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
+    import pandas as pd
+
+    from livecell_ray import manifest as manifest_mod
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +406,8 @@ def init_ray(cfg: SegmentConfig) -> None:
 
 def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]]:
     """Everything that can be checked before Ray starts: manifest, OUT, weights."""
+    from livecell_ray import manifest as manifest_mod
+
     for name, url in (("source", cfg.source), ("OUT", cfg.out)):
         if credentials.url_password(url):  # it would be in every path column, run.json and the logs
             raise RunError(f"{credentials.redact_url(url)}: the {name} URL holds a password; leave it out and "
@@ -465,6 +470,8 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
               lease: store.Lease, t0: float) -> RunSummary:
     """The run, once OUT's lease is held."""
     import ray
+
+    from livecell_ray import manifest as manifest_mod
 
     started = datetime.now(timezone.utc).isoformat()
     prov = provenance(cfg, weights)

@@ -14,17 +14,19 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
 from livecell_ray.retry import retry
 from livecell_ray.store._commit import Committed, file_key, is_part
+
+if TYPE_CHECKING:  # the driver's and the queries'; the workers that write fields never import pandas
+    import pandas as pd
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -195,6 +197,7 @@ class Outputs:
 
     def read_table(self, table: str) -> pd.DataFrame:
         """A whole table (partition columns restored) as pandas; empty frame when absent."""
+        import pandas as pd
         import pyarrow.dataset as ds
 
         base = join(self.root, table)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import zarr
 
-from livecell_ray.manifest import apply_layout, parse_well
 from livecell_ray.retry import retry
 from livecell_ray.store._chunks import _FIELD_ARRAYS, _lengthen_time_axis, _open_array
 from livecell_ray.store._files import Outputs, join
+
+if TYPE_CHECKING:  # pandas and the manifest: the driver's, never imported by the workers that write fields
+    import pandas as pd
 
 
 def fields_in_plate(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -59,6 +60,8 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
     fmt = FormatV05()
     # ome-zarr writes the well metadata (so it stays the authority on its form) into this scratch group.
     scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    from livecell_ray.manifest import apply_layout, parse_well
+
     layouts = layouts if layouts is not None else apply_layout(manifest, {})[1]
     for plate, series in fields_in_plate(manifest).items():
         store = outputs.zarr_store(plate)
