@@ -52,7 +52,7 @@ def main() -> None:
     from replay import ENV, ReplaySegmenter, record
     from throughput import build_plate
 
-    from livecell_ray import manifest, pipeline, store
+    from livecell_ray import manifest, pipeline, replica, store
     from livecell_ray.config import NormalizeConfig
     from tests.s3proxy import FaultyProxy
 
@@ -73,7 +73,7 @@ def main() -> None:
         rows = []
         for r in fields.to_dict("records"):
             r = pipeline.read_field(r, {}, 10**9, NormalizeConfig())
-            labels, cls, conf = pipeline.encode_instances(rep([r["image"]])[0])
+            labels, cls, conf = replica.encode_instances(rep([r["image"]])[0])
             r.update(labels=labels, class_ids=cls, confidences=conf, model_node="", model_pid=0,
                      column=int(r["column"]), crop=int(r["crop"]))
             rows.append(r)

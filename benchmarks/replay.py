@@ -110,7 +110,7 @@ def stage_costs(plate: Path, recorded: Path, out: Path, repeats: int = 20) -> di
     """Milliseconds per field of each CPU stage, alone in this process (no Ray scheduling)."""
     import ray
 
-    from livecell_ray import manifest, pipeline, store
+    from livecell_ray import manifest, pipeline, replica, store
     from livecell_ray.config import NormalizeConfig
 
     os.environ[ENV] = str(recorded)
@@ -120,7 +120,7 @@ def stage_costs(plate: Path, recorded: Path, out: Path, repeats: int = 20) -> di
     read = [pipeline.read_field(r, {}, 10**9, NormalizeConfig()) for r in rows]
     costs = {"read + decode + normalise": (time.perf_counter() - t) / len(rows)}
     for r in read:
-        labels, cls, conf = pipeline.encode_instances(rep([r["image"]])[0])
+        labels, cls, conf = replica.encode_instances(rep([r["image"]])[0])
         r.update(labels=labels, class_ids=cls, confidences=conf, model_node="", model_pid=0,
                  column=int(r["column"]), crop=int(r["crop"]))
     outputs = store.Outputs(str(out))

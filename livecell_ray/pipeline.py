@@ -39,7 +39,7 @@ from livecell_ray import credentials, models, offline, store
 from livecell_ray.config import NormalizeConfig, SegmentConfig
 from livecell_ray.imaging import ImageError, PlaneError, Planes, TooLarge, normalize, read_image_with_info
 from livecell_ray.measure import measure_cells, measure_field
-from livecell_ray.replica import SegmentActor, encode_instances  # noqa: F401  (encode_instances: benchmarks)
+from livecell_ray.replica import SegmentActor
 
 if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
     import pandas as pd
