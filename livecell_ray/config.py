@@ -147,6 +147,11 @@ class SegmentConfig:
         if self.channel is not None and str(self.channel).lstrip("-").isdigit() and int(self.channel) < 0:
             raise ValueError(f"--channel (channel) {self.channel} is out of range: channels count from 0")
 
+    @property
+    def stream_bytes(self) -> int | None:
+        """``stream_mb`` in bytes: files this large are streamed (None: none is)."""
+        return int(self.stream_mb * 2**20) if self.stream_mb else None
+
     def provenance(self) -> dict[str, Any]:
         """Parameters that change the outputs; a rerun into OUT must match these to resume."""
         d = dataclasses.asdict(self)

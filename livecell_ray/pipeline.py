@@ -100,22 +100,18 @@ class RunSummary:
 # --------------------------------------------------------------------------- stages
 def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels: int,
                norm: NormalizeConfig, channel: str | None = None, pixel_size: float | None = None,
-               stream_mb: float | None = None) -> dict[str, Any]:
+               stream_bytes: int | None = None) -> dict[str, Any]:
     """Decode and normalise one field; on failure mark it and carry the reason along.
 
-    Its pixel size is the manifest's for it, else ``pixel_size`` (--pixel-size), else the file's own
-    (OME or TIFF resolution metadata), else unknown (NaN: the model's scale is assumed). A file of
-    ``stream_mb`` or more is not read: it is marked ``stream`` (:func:`stream_field` reads it a band at a time).
+    Its pixel size is :func:`field_pixel_size`. A file of ``stream_bytes`` or more is not read: it is marked
+    ``stream`` (:func:`stream_field` reads it a band at a time).
     """
     row = dict(row)
     t0 = time.perf_counter()
     try:
-        plane = int(row.get("plane", -1))
-        raw, info = read_image_with_info(row["path"], storage_options, max_pixels,
-                                         Planes(channel, plane if plane >= 0 else None),
-                                         stream_bytes=int(stream_mb * 2**20) if stream_mb else None)
-        given = float(row.get("pixel_size", np.nan))
-        row["pixel_size"] = given if given > 0 else (pixel_size or info.pixel_size or np.nan)
+        raw, info = read_image_with_info(row["path"], storage_options, max_pixels, field_planes(row, channel),
+                                         stream_bytes=stream_bytes)
+        row["pixel_size"] = field_pixel_size(row, pixel_size, info.pixel_size)
         row["image"] = normalize(raw, norm)
         row["raw"] = raw  # in the camera's units, for intensity statistics; it never leaves the shard's task
         row["status"], row["stage"], row["error"] = "ok", "", ""
@@ -128,6 +124,28 @@ def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels:
         _mark_failed(row, "read", f"{row['path']}: {type(exc).__name__}: {exc}")
     row["read_s"] = time.perf_counter() - t0
     return row
+
+
+def field_planes(row: dict[str, Any], channel: str | None) -> Planes:
+    """Which plane of its file a manifest row is: ``channel`` (--channel), and its stack plane if it has one."""
+    plane = int(row.get("plane", -1))
+    return Planes(channel, plane if plane >= 0 else None)
+
+
+def field_pixel_size(row: dict[str, Any], pixel_size: float | None, from_file: float | None) -> float:
+    """A field's um/px: the manifest's for it, else ``pixel_size`` (--pixel-size), else the file's own (OME or
+    TIFF resolution metadata), else unknown (NaN: the model's scale is assumed)."""
+    given = float(row.get("pixel_size", np.nan))
+    return given if given > 0 else (pixel_size or from_file or np.nan)
+
+
+def _summary(row: dict[str, Any], node: str) -> dict[str, Any]:
+    """A field's summary for the driver, as it stands before it is measured and written (``node``: this one)."""
+    return {"field_id": str(row["field_id"]), "path": str(row["path"]), "status": str(row["status"]), "n_cells": 0,
+            "stage": str(row["stage"]), "error": str(row["error"]), "model_node": str(row.get("model_node", "")),
+            "model_pid": int(row.get("model_pid", 0)), "measure_node": node, "measure_pid": os.getpid(),
+            "read_s": float(row.get("read_s", 0.0)), "model_s": float(row.get("model_s", 0.0)),
+            "pixel_size": float(row.get("pixel_size", np.nan))}
 
 
 def _mark_failed(row: dict[str, Any], stage: str, error: str) -> None:
@@ -147,7 +165,7 @@ def process_shard(rows: list[dict[str, Any]], replica: Any, cfg: SegmentConfig, 
     import ray
 
     fields = [read_field(r, cfg.storage_options, cfg.max_pixels, cfg.normalize, cfg.channel, cfg.pixel_size,
-                         cfg.stream_mb) for r in rows]
+                         cfg.stream_bytes) for r in rows]
     streamed = [f for f in fields if f.get("stream")]
     fields = [f for f in fields if not f.get("stream")]
     ok = [f for f in fields if f["status"] == "ok"]
@@ -186,17 +204,12 @@ def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str
 
     t0 = time.perf_counter()
     outputs = store.Outputs(out, cfg.storage_options)
-    summary = {"field_id": str(row["field_id"]), "path": str(row["path"]), "status": "ok", "n_cells": 0,
-               "stage": "", "error": "", "model_node": "", "model_pid": 0,
-               "measure_node": ray.get_runtime_context().get_node_id(), "measure_pid": os.getpid(),
-               "read_s": 0.0, "model_s": 0.0, "pixel_size": float("nan")}
+    summary = _summary(row, ray.get_runtime_context().get_node_id())
     stage = "read"
     try:
-        plane = int(row.get("plane", -1))
-        reader = stream.RowReader(row["path"], cfg.storage_options, Planes(cfg.channel, plane if plane >= 0 else None))
+        reader = stream.RowReader(row["path"], cfg.storage_options, field_planes(row, cfg.channel))
         try:
-            given = float(row.get("pixel_size", np.nan))
-            px = given if given > 0 else (cfg.pixel_size or reader.info.pixel_size or np.nan)
+            px = field_pixel_size(row, cfg.pixel_size, reader.info.pixel_size)
             summary["pixel_size"] = px
             to_u8 = stream.normaliser(reader, cfg.normalize)
             h, w = reader.shape
@@ -264,11 +277,7 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
     import ray
 
     node = ray.get_runtime_context().get_node_id()
-    summaries = [{"field_id": str(r["field_id"]), "path": str(r["path"]), "status": str(r["status"]), "n_cells": 0,
-                  "stage": str(r["stage"]), "error": str(r["error"]), "model_node": str(r.get("model_node", "")),
-                  "model_pid": int(r.get("model_pid", 0)), "measure_node": node, "measure_pid": os.getpid(),
-                  "read_s": float(r.get("read_s", 0.0)), "model_s": float(r.get("model_s", 0.0)),
-                  "pixel_size": float(r.get("pixel_size", np.nan))} for r in rows]
+    summaries = [_summary(r, node) for r in rows]
     block: list[tuple[int, store.FieldResult]] = []
     for i, (row, summary) in enumerate(zip(rows, summaries)):
         if summary["status"] != "ok":
@@ -420,8 +429,7 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
     first = man.fields.iloc[0]
     try:
         read_image_with_info(first["path"], cfg.storage_options, cfg.max_pixels,
-                             Planes(reader_channel(cfg, man), int(first["plane"]) if first["plane"] >= 0 else None),
-                             stream_bytes=int(cfg.stream_mb * 2**20) if cfg.stream_mb else None)
+                             field_planes(first, reader_channel(cfg, man)), stream_bytes=cfg.stream_bytes)
     except PlaneError as exc:
         raise RunError(str(exc)) from None
     except (ImageError, TooLarge):

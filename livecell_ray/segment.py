@@ -96,8 +96,7 @@ class Segmenter:
             known = scale is not None
             m = tiles_mod.resample(im, scale or 1.0)
             if self.tiled(key, m.shape, known_scale=known):
-                size = self.imgsz[key]
-                plan = tiles_mod.plan(m.shape, size, self.cfg.tile_overlap or size // 4)
+                plan = self.tile_plan(key, m.shape)
                 if len(plan) > chunk:  # a stitched well: its own batches, merged as they come
                     layout.append((m.shape, plan, (key, m)))
                     continue
@@ -154,10 +153,14 @@ class Segmenter:
         scale (as :func:`tiles.resample` makes it) and tile plan, by the rules :meth:`__call__` follows."""
         key, scale = self.field_scale(cell_type, pixel_size, shape)
         scale = scale or 1.0
-        h, w = shape
-        working = (h, w) if scale == 1.0 else (max(16, round(h * scale)), max(16, round(w * scale)))
+        working = tiles_mod.resampled_shape(shape, scale)
+        return key, scale, working, self.tile_plan(key, working)
+
+    def tile_plan(self, key: str, shape: tuple[int, int]) -> list[tiles_mod.Tile]:
+        """The tiles of a field of this shape at model ``key``'s working scale: its input, overlapping by
+        ``tile_overlap`` (a quarter of the input when unset)."""
         size = self.imgsz[key]
-        return key, scale, working, tiles_mod.plan(working, size, self.cfg.tile_overlap or size // 4)
+        return tiles_mod.plan(shape, size, self.cfg.tile_overlap or size // 4)
 
     def tile_batch(self, key: str, tiles: list[np.ndarray]) -> list[Instances]:
         """Tiles of one size at the working scale of model ``key``, through the network in batches of

@@ -31,15 +31,20 @@ DUPLICATE_FRACTION = 0.5
 MAP_BACK_BLOCK = 1 << 22
 
 
+def resampled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(h, w) of a field of this shape resampled by ``scale`` (what :func:`resample` makes)."""
+    h, w = shape
+    return (h, w) if scale == 1.0 else (max(16, round(h * scale)), max(16, round(w * scale)))
+
+
 def resample(image: np.ndarray, scale: float) -> np.ndarray:
     """The image with its pixels scaled by ``scale`` (area averaging down, bilinear up), same dtype."""
     import cv2
 
-    h, w = image.shape
-    size = (max(16, round(w * scale)), max(16, round(h * scale)))
-    if scale == 1.0 or size == (w, h):
+    h, w = resampled_shape(image.shape, scale)
+    if (h, w) == image.shape:
         return image
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
 def starts(length: int, tile: int, overlap: int) -> list[int]:

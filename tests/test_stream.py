@@ -127,7 +127,7 @@ def test_a_tall_field_streams_in_a_few_tile_rows_with_the_whole_fields_cells(tmp
     tifffile.imwrite(tmp_path / "tall.tif", raw)
     reader = stream.RowReader(str(tmp_path / "tall.tif"))
     scale = field_px  # working px per field px
-    working = (h, w) if scale == 1.0 else (round(h * scale), round(w * scale))
+    working = tiles.resampled_shape((h, w), scale)
     plan = tiles.plan(working, 128, 32)
     res, image, labels = _stream(reader, _threshold_model, working, plan, None)
     # The whole-field reference: the same working image (stream.working_rows over all of it), every tile's

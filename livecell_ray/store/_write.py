@@ -83,21 +83,24 @@ def _files(outputs: Outputs, f: FieldResult, documents: list[bytes | None] | Non
     """A field's files: (masks and cells, its fields/ commit marker)."""
     _, files = mask_files(outputs, f.plate, f.row, f.column, f.site, f.t_index, f.n_timepoints, f.image, f.labels,
                           documents)
-    files[outputs.table_path("cells", f.plate, f.well, f.field_id)] = parquet_bytes(table_from_columns(f.cells),
-                                                                                   metadata)
-    marker = {outputs.table_path("fields", f.plate, f.well, f.field_id): parquet_bytes(table_from_columns(f.field),
-                                                                                       metadata)}
-    return files, marker
+    cells, marker = _table_files(outputs, f.plate, f.well, f.field_id, f.cells, f.field, metadata)
+    return {**files, **cells}, marker
+
+
+def _table_files(outputs: Outputs, plate: str, well: str, field_id: str, cells: dict[str, Any],
+                 field: dict[str, Any], metadata: dict[str, str]) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """A field's two Parquet files: (its cells file, its fields/ commit marker)."""
+    return ({outputs.table_path("cells", plate, well, field_id): parquet_bytes(table_from_columns(cells), metadata)},
+            {outputs.table_path("fields", plate, well, field_id): parquet_bytes(table_from_columns(field), metadata)})
 
 
 def commit_tables(outputs: Outputs, plate: str, well: str, field_id: str, cells: dict[str, Any],
                   field: dict[str, Any], metadata: dict[str, str], failed_before: bool = False) -> None:
     """Commit a field whose masks are written already (one streamed a band at a time): its cells file, then
     its fields/ marker, as :func:`write_block` does for a block of whole fields."""
-    outputs.write_many({outputs.table_path("cells", plate, well, field_id):
-                        parquet_bytes(table_from_columns(cells), metadata)})
-    outputs.write_many({outputs.table_path("fields", plate, well, field_id):
-                        parquet_bytes(table_from_columns(field), metadata)})
+    cells_file, marker = _table_files(outputs, plate, well, field_id, cells, field, metadata)
+    outputs.write_many(cells_file)
+    outputs.write_many(marker)
     if failed_before:
         try:
             outputs.remove_many([outputs.table_path("failures", None, None, field_id)])
