@@ -4,8 +4,9 @@
 
 On a GPU node the network is nearly free (forward-only fp16: thousands of fields/s); what is left is
 reading, decoding, moving fields through Ray's object store, measuring and writing. This runs exactly
-that part of `livecell-ray segment` on this machine's CPUs: every Ray worker gets a setup hook that
-swaps the Segmenter for one returning the real results that small.pt computed beforehand for each of
+that part of `livecell-ray segment` on this machine's CPUs: Ray is started by the pipeline's own
+`init_ray`, and an import hook carried by the environment (`replay_site/sitecustomize.py`) swaps the
+model replica's Segmenter for one returning the real results that small.pt computed beforehand for each of
 the bundled LIVECell fields (same labels, classes, confidences). Nothing else differs, so fields/s
 here is the ceiling the CPUs put on a GPU node of this many cores, and its per-field time splits into
 the stage costs printed first (each measured alone, in this process).
@@ -67,18 +68,10 @@ class ReplaySegmenter:
         return [self.results[_key(im)] for im in images]
 
 
-def install() -> None:
-    """Ray worker setup hook: model replicas replay instead of running the network.
-
-    Only the actor's constructor is patched, in the module that defines the actor (``livecell_ray.replica``,
-    or the pipeline in code that has none); nothing is imported beyond what the product's own processes
-    import (importing segment here would load torch into every I/O worker, and the pipeline into every
-    replica, which the product never does).
-    """
-    try:
-        from livecell_ray import replica as home
-    except ImportError:
-        from livecell_ray import pipeline as home
+def patch(actor: type) -> None:
+    """Model replicas replay instead of running the network: the actor's constructor swapped
+    (``replay_site/sitecustomize.py`` calls this as the module defining the actor is imported, in the
+    processes that import it; nothing else is imported ahead of what the product's processes import)."""
 
     def replaying_init(self, weights, inference, classifier=None, route="none"):
         import ray
@@ -87,7 +80,7 @@ def install() -> None:
         self.classifier, self.route = None, route  # the field classifier is a network too: not replayed
         self.node_id = ray.get_runtime_context().get_node_id()
 
-    home.SegmentActor.__init__ = replaying_init
+    actor.__init__ = replaying_init
 
 
 def record(path: Path, model: str) -> int:
@@ -199,15 +192,13 @@ def run_once(plate: Path, recorded: Path, out: Path, batch: int, io_tasks: int |
     meter = CpuMeter()
     cpu = meter.seconds
 
-    cpus = os.cpu_count() or 2
-    env = dict(offline.worker_env(), **{ENV: str(recorded), CODE_ENV: str(CODE),
-                                        "PYTHONPATH": os.pathsep.join([str(CODE), str(ROOT / "benchmarks")])})
+    # Ray's workers inherit this environment: the code under test, and the hook that makes replicas replay.
+    os.environ.update({ENV: str(recorded), CODE_ENV: str(CODE), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "benchmarks" / "replay_site"), str(CODE), str(ROOT / "benchmarks")])})
+    cfg = SegmentConfig(source=str(plate), out=str(out), batch_size=batch, io_tasks=io_tasks, cpus_per_replica=0.5)
     t_init = time.perf_counter()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env, "worker_process_setup_hook": "replay.install"})
+    pipeline.init_ray(cfg)  # as `livecell-ray segment` starts its local Ray
     try:
-        cfg = SegmentConfig(source=str(plate), out=str(out), batch_size=batch, io_tasks=io_tasks,
-                            cpus_per_replica=0.5)
         first: list[float] = []  # CPU seconds of all processes when the first field came out
         pids = {"model replicas": set(), "reading + measuring + writing": set()}
 

@@ -31,8 +31,8 @@ def _ensure_local_ray():
     from livecell_ray import offline
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": offline.worker_env()})
+        offline.configure()  # inherited by the workers, as livecell_ray.pipeline.init_ray does
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     return ray
 
 

@@ -188,12 +188,41 @@ def test_rerun_resumes_without_duplicates(result, ray_local):
     stale = sorted(o.done_field_ids())[0]
     pipeline.write_failure(o, stale, "x.tif", stale, "P", "A1", "write", "x.tif: cannot write outputs")
     assert stale in o.failure_keys()
-    again = pipeline.run(cfg)
+    replicas_before = _replicas_alive()
+    again = pipeline.run(cfg)  # Ray is up: its replicas start before the plan, and find nothing to do
     assert stale not in o.failure_keys()
     assert again.fields_skipped == 13 and again.fields_done == 0
+    assert _replicas_alive() == replicas_before == 0
     after = store.Outputs(str(out)).read_table("cells")
     pd.testing.assert_frame_equal(before.sort_values(["field_id", "label"]).reset_index(drop=True),
                                   after.sort_values(["field_id", "label"]).reset_index(drop=True))
+
+
+def _replicas_alive(wait_s: float = 10.0) -> int:
+    """Model replicas (SegmentActor) alive in the local Ray, once those being killed are gone."""
+    import time
+
+    import ray._private.state as state
+
+    deadline = time.time() + wait_s
+    while True:
+        n = sum(a.get("ActorClassName") == "SegmentActor" and a["State"] != "DEAD" for a in state.actors().values())
+        if n == 0 or time.time() > deadline:
+            return n
+        time.sleep(0.2)
+
+
+def test_a_run_whose_plan_fails_leaves_no_replica_behind(ray_local, tmp_path):
+    """With Ray up, replicas start before the plan; a plate the plan refuses stops them again."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    from livecell_ray.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="no images found"):
+        pipeline.run(SegmentConfig(source=str(empty), out=str(tmp_path / "out")))
+    assert _replicas_alive() == 0
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_other_parameters_refuse_without_overwrite(result, tmp_path):
@@ -270,3 +299,28 @@ def test_shards_in_flight_follow_the_cpus_and_stay_within_the_memory_budget(ray_
     assert pipeline.in_flight(many, replicas=1) == 2048 * 2**20 // (64 * 704 * 520 * 4) == 22
     tight = dataclasses.replace(many, object_store_budget_mb=64)
     assert pipeline.in_flight(tight, replicas=3) == 4  # never fewer than a shard a replica and one more
+
+
+def test_a_local_ray_started_by_the_pipeline_keeps_its_workers_offline(tmp_path):
+    """init_ray starts a local Ray with no job runtime_env (so its prestarted worker can be the replica's):
+    the offline settings must reach the workers through the inherited environment instead."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, ray\n"
+        "from livecell_ray import pipeline\n"
+        "from livecell_ray.config import SegmentConfig\n"
+        "pipeline.init_ray(SegmentConfig(source='unused', out='unused', num_cpus=1))\n"
+        "env = ray.remote(num_cpus=0.25)(lambda: {k: os.environ.get(k) for k in "
+        "('YOLO_OFFLINE', 'YOLO_AUTOINSTALL', 'RAY_USAGE_STATS_ENABLED', 'YOLO_CONFIG_DIR')})\n"
+        "print(json.dumps(ray.get(env.remote())))\n"
+        "ray.shutdown()\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "RAY_"))}
+    clean["YOLO_CONFIG_DIR"] = str(tmp_path / "yolo")
+    done = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                    "YOLO_CONFIG_DIR": str(tmp_path / "yolo")}
