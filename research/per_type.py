@@ -81,13 +81,13 @@ def run(folds: list[str], minutes: float) -> None:
         (OUT / f"{fold}.json").write_text(json.dumps(scores, indent=1))
 
 
-def table() -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("f*.json"))]
-    cols = ("fold_model", "general", "type")
-    lines = ["| held-out field (cells) | fold model | + general, same time | + per-type, same time |",
-             "| --- | --- | --- | --- |"]
+def fold_table(out: Path, cols: tuple[str, ...], headers: tuple[str, ...]) -> str:
+    """Markdown from a run's per-fold JSON files in ``out``: each held-out field's mask AP / AP75 / cells found
+    per variant, then the mean (sd) of mask AP over folds."""
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("f*.json"))]
+    lines = ["| held-out field (cells) | " + " | ".join(headers) + " |", "|" + " --- |" * (len(cols) + 1)]
     for r in rows:
-        lines.append(f"| {r['field']} ({r['type']['cells']}) | " + " | ".join(
+        lines.append(f"| {r['field']} ({r[cols[-1]]['cells']}) | " + " | ".join(
             f"{r[c]['AP']:.3f} / {r[c]['AP75']:.3f} / {r[c]['found']}" for c in cols) + " |")
     stats = []
     for c in cols:
@@ -95,6 +95,11 @@ def table() -> str:
         stats.append(f"**{ap.mean():.3f}** ({ap.std(ddof=1):.3f})" if len(ap) > 1 else f"{ap.mean():.3f}")
     lines.append(f"| mean (sd) over {len(rows)} folds | " + " | ".join(stats) + " |")
     return "\n".join(lines)
+
+
+def table() -> str:
+    return fold_table(OUT, ("fold_model", "general", "type"),
+                      ("fold model", "+ general, same time", "+ per-type, same time"))
 
 
 def main() -> None:

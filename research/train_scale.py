@@ -20,11 +20,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 import input_scale  # noqa: E402  (the fold -> held-out field map and the scorer)
 import livecell_student as ls  # noqa: E402  (the fold's data and training run)
+import per_type  # noqa: E402  (the table)
 
 from livecell_ray import dataset  # noqa: E402
 
@@ -69,19 +68,8 @@ def run(folds: list[str], minutes: float) -> None:
 
 
 def table() -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("f*.json"))]
-    cols = ("fold_model", "general", "scaled")
-    lines = ["| held-out field (cells) | fold model | + native scale, same time | + enlarged 1.18x, same time |",
-             "| --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['field']} ({r['scaled']['cells']}) | " + " | ".join(
-            f"{r[c]['AP']:.3f} / {r[c]['AP75']:.3f} / {r[c]['found']}" for c in cols) + " |")
-    stats = []
-    for c in cols:
-        ap = np.array([r[c]["AP"] for r in rows])
-        stats.append(f"**{ap.mean():.3f}** ({ap.std(ddof=1):.3f})" if len(ap) > 1 else f"{ap.mean():.3f}")
-    lines.append(f"| mean (sd) over {len(rows)} folds | " + " | ".join(stats) + " |")
-    return "\n".join(lines)
+    return per_type.fold_table(OUT, ("fold_model", "general", "scaled"),
+                               ("fold model", "+ native scale, same time", "+ enlarged 1.18x, same time"))
 
 
 def main() -> None:
