@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,13 +103,19 @@ def table() -> str:
                       ("fold model", "+ general, same time", "+ per-type, same time"))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fold_parser(doc: str, folds: str) -> tuple[argparse.ArgumentParser, Any]:
+    """The command line of a cross-validated experiment: ``run [--minutes M] [--folds F]`` and ``table``."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--minutes", type=float, default=7.0)
-    r.add_argument("--folds", default="f1,f2,f4,f5")
+    r.add_argument("--folds", default=folds)
     sub.add_parser("table")
+    return p, sub
+
+
+def main() -> None:
+    p, sub = fold_parser(__doc__, "f1,f2,f4,f5")
     sh = sub.add_parser("ship")
     sh.add_argument("types")
     sh.add_argument("--minutes", type=float, default=7.0)

@@ -15,7 +15,6 @@ protocol through the `segment` code path, fp32.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -73,13 +72,7 @@ def table() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--minutes", type=float, default=7.0)
-    r.add_argument("--folds", default="f1,f2,f3,f4,f5")
-    sub.add_parser("table")
-    a = p.parse_args()
+    a = per_type.fold_parser(__doc__, "f1,f2,f3,f4,f5")[0].parse_args()
     if a.cmd == "run":
         run(a.folds.split(","), a.minutes)
     else:
