@@ -12,6 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from livecell_ray import offline
 from livecell_ray.config import DEFAULT_IMGSZ
@@ -119,10 +120,7 @@ def resolve(spec: str, trust: bool = False) -> Weights:
 def shipped_weights(spec: str, path: Path, digest: str, file_name: str | None,
                     directory: Path | None = None) -> Weights:
     """Verified weights with their scale and input size from weights/models.json (none for a file of one's own)."""
-    import json
-
-    p = (directory or weights_dir()) / "models.json"
-    entry = (json.loads(p.read_text()).get(file_name) or {}) if file_name and p.exists() else {}
+    entry = (model_entries(directory).get(file_name) or {}) if file_name else {}
 
     def number(key: str) -> float | None:
         return float(entry[key]) if entry.get(key) else None
@@ -132,14 +130,18 @@ def shipped_weights(spec: str, path: Path, digest: str, file_name: str | None,
                    int(imgsz) if imgsz else None)
 
 
-def type_models(directory: Path | None = None) -> dict[str, str]:
-    """Cell type -> shipped per-type model ('MCF7': 'mcf7'), for those whose file this install has."""
+def model_entries(directory: Path | None = None) -> dict[str, Any]:
+    """weights/models.json: each shipped file's scale, input size and cell type ({} where there is none)."""
     import json
 
+    p = (directory or weights_dir()) / "models.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def type_models(directory: Path | None = None) -> dict[str, str]:
+    """Cell type -> shipped per-type model ('MCF7': 'mcf7'), for those whose file this install has."""
     wdir = directory or weights_dir()
-    p = wdir / "models.json"
-    entries = json.loads(p.read_text()) if p.exists() else {}
-    return {str(e["cell_type"]): name.removesuffix(".pt") for name, e in entries.items()
+    return {str(e["cell_type"]): name.removesuffix(".pt") for name, e in model_entries(wdir).items()
             if isinstance(e, dict) and e.get("cell_type") and (wdir / name).exists()}
 
 
