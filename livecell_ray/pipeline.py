@@ -414,8 +414,10 @@ def init_ray(cfg: SegmentConfig) -> None:
         ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
 
 
-def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]]:
-    """Everything that can be checked before Ray starts: manifest, OUT, weights."""
+def plan(cfg: SegmentConfig, weights: dict[str, models.Weights] | None = None
+         ) -> tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]]:
+    """Everything that can be checked before Ray starts: manifest, OUT, weights (``weights``: cfg.model's, when
+    resolved already)."""
     from livecell_ray import manifest as manifest_mod
 
     for name, url in (("source", cfg.source), ("OUT", cfg.out)):
@@ -436,7 +438,7 @@ def plan(cfg: SegmentConfig) -> tuple[manifest_mod.Manifest, store.Outputs, dict
     except (ImageError, TooLarge):
         pass
     outputs = store.Outputs(cfg.out, cfg.storage_options)
-    weights = models.resolve_map(cfg.model, cfg.trust_weights)
+    weights = weights or models.resolve_map(cfg.model, cfg.trust_weights)
     if cfg.route not in ("none", "auto"):
         raise RunError(f"route {cfg.route!r}: use none or auto")
     if cfg.route == "auto":
@@ -460,9 +462,9 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
     second stops with a clear message; never both extending the plate's layout at once.
     """
     t0 = time.time()
-    early = [] if planned else _early_replicas(cfg)
+    early, early_weights = ([], None) if planned else _early_replicas(cfg)
     try:
-        man, outputs, weights = planned or plan(cfg)
+        man, outputs, weights = planned or plan(cfg, early_weights)
         try:
             lease = store.acquire(outputs, cfg.lease_ttl_s, cfg.wait_for_lease,
                                   on_wait=lambda msg: print(f"{msg} (--wait)", file=sys.stderr, flush=True))
@@ -478,21 +480,22 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
         _stop(early)  # those the run did not use (nothing to do, or it stopped before its shards)
 
 
-def _early_replicas(cfg: SegmentConfig) -> list[Any]:
+def _early_replicas(cfg: SegmentConfig) -> tuple[list[Any], dict[str, models.Weights] | None]:
     """On a Ray that is there already (a cluster's address, a Ray job, a notebook's session), the model replicas
     start before the plan is made, so that their start-up (a process, torch's import, the weights, CUDA)
     overlaps the manifest and OUT's checks. A local Ray is started only once the plan holds, so that a plate's
-    errors come in a second rather than after Ray's own start; its replicas start as before."""
+    errors come in a second rather than after Ray's own start; its replicas start as before. Returns the
+    replicas and the weights they hold (the plan's, which it then need not resolve and verify again)."""
     import ray
 
     if not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS")):
-        return []
+        return [], None
     try:
         weights = models.resolve_map(cfg.model, cfg.trust_weights)
     except models.WeightsError:
-        return []  # the plan stops with the reason
+        return [], None  # the plan stops with the reason
     init_ray(cfg)
-    return start_replicas(cfg, weights)
+    return start_replicas(cfg, weights), weights
 
 
 def _stop(replicas: list[Any]) -> None:
