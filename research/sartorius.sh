@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole Sartorius chain of research/sartorius.py on this machine's CPU, resumable: run it again (in the
+# background, e.g. `nohup bash research/sartorius.sh > runs/sartorius.log 2>&1 &`) and every finished run is
+# skipped, a stopped one resumes from its last.pt. Snapshots go to weights/logs/sartorius after each run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+export PYTHONUNBUFFERED=1
+S=research/sartorius.py
+[ -d .gpu/lc ] || python research/pack_livecell_gpu.py .gpu
+[ -d .sart/train ] || python $S pack
+mkdir -p runs/sartorius
+python $S pretrain --epochs "${PRE_EPOCHS:-10}"
+python $S snapshot
+for f in ${FOLDS:-f0 f1 f3 f5 f2 f4}; do
+  python $S stage1 "$f" --epochs "${S1_EPOCHS:-30}"
+  [ -f runs/sartorius/eval_$f.json ] || python $S eval "$f"
+  python $S snapshot
+done
+python $S table
