@@ -38,7 +38,7 @@ def input_shape(imgsz: int) -> tuple[int, int]:
     """The network input a 704x520 field becomes at this input size (segment.letterbox, as a replica runs it)."""
     import numpy as np
 
-    from livecell_ray.segment import letterbox
+    from livecell_ray.model.segment import letterbox
 
     return tuple(letterbox([np.zeros((520, 704), np.uint8)], imgsz, "cpu").shape[2:])
 
@@ -46,7 +46,7 @@ def input_shape(imgsz: int) -> tuple[int, int]:
 def forward_limit(weights: str, batches: list[int], seconds: float = 5.0, imgsz: int = 704) -> dict:
     import torch
 
-    from livecell_ray import models
+    from livecell_ray.model import models
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     half = dev == "cuda"
@@ -85,9 +85,9 @@ def segmenter_limit(weights: str, batch: int, seconds: float = 5.0, imgsz: int =
     import numpy as np
     from throughput import example_fields
 
-    from livecell_ray import models
     from livecell_ray.config import InferenceConfig
-    from livecell_ray.segment import Segmenter
+    from livecell_ray.model import models
+    from livecell_ray.model.segment import Segmenter
 
     fields = example_fields()
     images = [fields[i % len(fields)] for i in range(batch)]
@@ -109,7 +109,7 @@ def model_side_split(seg, images: list, repeats: int = 5) -> str:
     """Where the model side's time goes: letterbox + network + NMS, then painting and the copies back."""
     import torch
 
-    from livecell_ray import models
+    from livecell_ray.model import models
 
     def sync() -> None:
         if seg.device.startswith("cuda"):
@@ -164,8 +164,9 @@ def main() -> None:
     import torch
     from throughput import build_plate
 
-    from livecell_ray import models, pipeline
+    from livecell_ray import pipeline
     from livecell_ray.config import InferenceConfig, SegmentConfig
+    from livecell_ray.model import models
 
     w = models.resolve(a.model, trust=True)
     gpu = torch.cuda.is_available()

@@ -9,7 +9,7 @@ alternating rounds; the stitched field's megapixels per second as a ratio of the
 what tiling and merging cost beyond the network. Memory: `livecell-ray segment` on each plate in a
 fresh process, the peak RSS / PSS of its whole process tree (Ray's workers included): the ordinary
 fields, the stitched field read whole (`stream_mb` None) and streamed a tile row at a time (the default
-`stream_mb`; livecell_ray.stream).
+`stream_mb`; livecell_ray.pipeline.stream).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def build(size: int, n_fields: int, where: Path) -> tuple[Path, Path]:
     """(folder with one SIZE x SIZE stitched field, folder with n_fields ordinary fields)."""
     import tifffile
 
-    from livecell_ray.imaging import read_image
+    from livecell_ray.plate.imaging import read_image
 
     ims = [read_image(str(p)) for p in sorted(EXAMPLES.glob("*.tif"))]
     rows = []
@@ -120,10 +120,10 @@ def speed(a: argparse.Namespace, big: Path, small: Path, px_big: int, px_small: 
     the stitched field whole against the ordinary fields, side by side and alternating."""
     import torch
 
-    from livecell_ray import models
-    from livecell_ray.imaging import normalize, read_image
     from livecell_ray.measure import measure_cells, measure_field
-    from livecell_ray.segment import Segmenter
+    from livecell_ray.model import models
+    from livecell_ray.model.segment import Segmenter
+    from livecell_ray.plate.imaging import normalize, read_image
 
     torch.set_num_threads(os.cpu_count() or 2)
     seg = Segmenter({models.DEFAULT_KEY: models.resolve("small")})

@@ -52,8 +52,10 @@ def main() -> None:
     from replay import ENV, ReplaySegmenter, record
     from throughput import build_plate
 
-    from livecell_ray import manifest, pipeline, replica, store
+    from livecell_ray import pipeline, store
     from livecell_ray.config import NormalizeConfig
+    from livecell_ray.model import replica
+    from livecell_ray.plate import manifest
     from tests.s3proxy import FaultyProxy
 
     tmp = Path(tempfile.mkdtemp(prefix="lcr-objstore-"))

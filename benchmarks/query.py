@@ -68,7 +68,7 @@ def plate_files(n: int, cells: list[bytes], fields: list[bytes]) -> dict[str, by
 
 
 def timed_query(out: str, opts: dict | None = None, copy_limit_mb: float = 1024):
-    from livecell_ray import query
+    from livecell_ray.answers import query
 
     t = time.perf_counter()
     wells = query.open_results(out, opts, copy_limit_mb=copy_limit_mb).wells()
@@ -80,7 +80,7 @@ def compare(label: str, out: str, opts: dict | None, n: int, count=None) -> None
     (copy_limit_mb=0) against the default local copy."""
     import pandas as pd
 
-    from livecell_ray import compact
+    from livecell_ray.store import compact
 
     ways = {"": 1024} if count is None else {", read in place": 0, ", local copy": 1024}
     times: dict[str, float] = {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -57,7 +58,7 @@ class ReplaySegmenter:
     """Stands in for segment.Segmenter in the Ray workers: the recorded results, looked up by image."""
 
     def __init__(self, weights=None, inference=None, device=None):
-        from livecell_ray.segment import Instances
+        from livecell_ray.model.segment import Instances
 
         with np.load(os.environ[ENV]) as z:
             keys = [str(k) for k in z["keys"]]
@@ -87,8 +88,8 @@ def record(path: Path, model: str) -> int:
     """Run the real model once over the bundled fields and store its results; returns the mean cell count."""
     from throughput import example_fields
 
-    from livecell_ray import models
-    from livecell_ray.segment import Segmenter
+    from livecell_ray.model import models
+    from livecell_ray.model.segment import Segmenter
 
     images = example_fields()
     res = Segmenter({models.DEFAULT_KEY: models.resolve(model, trust=True)})(images)
@@ -103,8 +104,10 @@ def stage_costs(plate: Path, recorded: Path, out: Path, repeats: int = 20) -> di
     """Milliseconds per field of each CPU stage, alone in this process (no Ray scheduling)."""
     import ray
 
-    from livecell_ray import manifest, pipeline, replica, store
+    from livecell_ray import pipeline, store
     from livecell_ray.config import NormalizeConfig
+    from livecell_ray.model import replica
+    from livecell_ray.plate import manifest
 
     os.environ[ENV] = str(recorded)
     rep = ReplaySegmenter()
@@ -208,7 +211,9 @@ def run_once(plate: Path, recorded: Path, out: Path, batch: int, io_tasks: int |
             pids["model replicas"].add(int(res.get("model_pid", 0)))
             pids["reading + measuring + writing"].add(int(res.get("measure_pid", 0)))
 
-        spans = _time_driver_steps(pipeline)
+        # Where the driver looks its steps up: the pipeline's driver module, or older code's one pipeline.py.
+        steps = importlib.import_module("livecell_ray.pipeline.driver") if hasattr(pipeline, "__path__") else pipeline
+        spans = _time_driver_steps(steps)
         before = meter.by_pid()
         wall0 = time.time()
         t0, c0 = time.perf_counter(), cpu()

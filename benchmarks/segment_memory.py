@@ -26,7 +26,7 @@ def stitched(size: int):
     """A size x size field tiled from the bundled examples, normalised as the pipeline does."""
     import numpy as np
 
-    from livecell_ray.imaging import normalize, read_image
+    from livecell_ray.plate.imaging import normalize, read_image
 
     ims = [normalize(read_image(str(p))) for p in sorted((ROOT / "examples" / "livecell_plate").rglob("*.tif"))]
     big = np.zeros((size, size), np.uint8)
@@ -43,9 +43,10 @@ def one(size: int, batch: int) -> dict:
     """Segment the field once in this process; the peak RSS it added, seconds, cells."""
     import psutil
 
-    from livecell_ray import models, offline
+    from livecell_ray import offline
     from livecell_ray.config import InferenceConfig
-    from livecell_ray.segment import Segmenter
+    from livecell_ray.model import models
+    from livecell_ray.model.segment import Segmenter
 
     offline.configure()
     big, small = stitched(size)

@@ -40,7 +40,7 @@ EXAMPLES = ROOT / "examples" / "livecell_plate"
 
 def example_fields() -> list[np.ndarray]:
     """The bundled real LIVECell fields, read and normalised as the pipeline does."""
-    from livecell_ray.imaging import normalize, read_image
+    from livecell_ray.plate.imaging import normalize, read_image
 
     return [normalize(read_image(str(p))) for p in sorted(EXAMPLES.glob("*.tif"))]
 
@@ -124,10 +124,11 @@ def seed_loop(plate: Path, out: Path, weights_path: str, imgsz: int, conf: float
     """The seed study's way: one image at a time through ultralytics predict, dense masks."""
     from ultralytics import YOLO
 
-    from livecell_ray import manifest, store
+    from livecell_ray import store
     from livecell_ray.config import InferenceConfig
-    from livecell_ray.imaging import normalize, read_image, to_rgb
     from livecell_ray.measure import measure_cells_regionprops, measure_field
+    from livecell_ray.plate import manifest
+    from livecell_ray.plate.imaging import normalize, read_image, to_rgb
 
     model = YOLO(weights_path, task="segment")
     man = manifest.scan(str(plate)).fields
@@ -197,9 +198,9 @@ def postprocess_ratio(weights_path: str, imgsz: int, conf: float, max_det: int, 
     import torch
     from ultralytics.utils import ops
 
-    from livecell_ray import labels as L
-    from livecell_ray import models
-    from livecell_ray.segment import Segmenter
+    from livecell_ray.model import labels as L
+    from livecell_ray.model import models
+    from livecell_ray.model.segment import Segmenter
 
     seg = Segmenter({"*": models.Weights("bench", weights_path, models.sha256(weights_path))},
                     __import__("livecell_ray.config", fromlist=["InferenceConfig"]).InferenceConfig(
@@ -264,7 +265,7 @@ def main() -> None:
                     io_tasks=a.io_tasks, io_worker_max_fields=a.io_worker_max_fields).fields_done
         print(json.dumps({"fields_per_s": n / (time.perf_counter() - t)}))
         return
-    from livecell_ray import models
+    from livecell_ray.model import models
 
     w = models.resolve(a.model, trust=True)
     tmp = Path(tempfile.mkdtemp(prefix="lcr-bench-"))

@@ -3,7 +3,7 @@
     python benchmarks/train_cpu.py [--fields 16] [--epochs 3] [--pairs 2]
 
 ultralytics trains a CPU on min(8, cores - 1) threads (it keeps a core for data loading, then loads
-data in the main process on a CPU anyway): one thread of two on a 2-core machine. `livecell_ray.train`
+data in the main process on a CPU anyway): one thread of two on a 2-core machine. `livecell_ray.training.train`
 gives the run every core. This trains yolov8n-seg.yaml on a few real Usiigaci fields (imgsz 320,
 batch 8, our recipe) both ways, alternating, and prints seconds per epoch and their ratio.
 """
@@ -44,7 +44,7 @@ def main() -> None:
 
     import torch
 
-    from livecell_ray import train as train_mod
+    from livecell_ray.training import train as train_mod
 
     ours = train_mod._use_every_core
     tmp = Path(tempfile.mkdtemp(prefix="lcr-train-bench-"))

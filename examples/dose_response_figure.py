@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from livecell_ray import dose_response, report
+from livecell_ray.answers import dose_response, report
 
 HERE = Path(__file__).resolve().parent
 

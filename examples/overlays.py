@@ -18,10 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from skimage.segmentation import find_boundaries  # noqa: E402
 
-from livecell_ray import models  # noqa: E402
 from livecell_ray.config import InferenceConfig  # noqa: E402
-from livecell_ray.imaging import normalize, read_image  # noqa: E402
-from livecell_ray.segment import Segmenter  # noqa: E402
+from livecell_ray.model import models  # noqa: E402
+from livecell_ray.model.segment import Segmenter  # noqa: E402
+from livecell_ray.plate.imaging import normalize, read_image  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -23,7 +23,7 @@ FIELDS = sorted((HERE / "livecell_plate").glob("*.tif"))
 
 
 def _fields() -> list[np.ndarray]:
-    from livecell_ray.imaging import read_image
+    from livecell_ray.plate.imaging import read_image
 
     return [read_image(str(p)) for p in FIELDS]
 

@@ -26,9 +26,9 @@ def main(argv: list[str]) -> int:
 
     from livecell_ray import pipeline
     from livecell_ray.config import SpecError, segment_config_from_spec
-    from livecell_ray.imaging import ImageError
-    from livecell_ray.manifest import ManifestError
-    from livecell_ray.models import WeightsError
+    from livecell_ray.model.models import WeightsError
+    from livecell_ray.plate.imaging import ImageError
+    from livecell_ray.plate.manifest import ManifestError
 
     if len(argv) == 2 and argv[0] == "--spec-b64":  # how `livecell-ray submit` ships the spec: no shell quoting
         import base64

@@ -49,7 +49,7 @@ class InferenceConfig:
     tta: bool = False
     tta_match_iou: float = 0.6
     # A field larger than imgsz (at the model's working scale) is cut into imgsz tiles overlapping by this many
-    # pixels, more than a cell is wide (livecell_ray.tiles); None: a quarter of imgsz.
+    # pixels, more than a cell is wide (livecell_ray.model.tiles); None: a quarter of imgsz.
     tile_overlap: int | None = None
     # Fields and tiles a network batch holds at most, when the call brings fewer fields. None: 64 on a GPU
     # (larger batches fill it), 4 on a CPU (where they are no faster, and a batch of 64 tiles of 832 px
@@ -69,7 +69,7 @@ class SegmentConfig:
     source: str
     out: str
     # 'auto': each field's cell type's shipped model where there is one (BT474, MCF7), small.pt otherwise
-    # (livecell_ray.models.AUTO); 'small', 'big', a .pt path, or CELLTYPE=MODEL,...,*=MODEL.
+    # (livecell_ray.model.models.AUTO); 'small', 'big', a .pt path, or CELLTYPE=MODEL,...,*=MODEL.
     model: str = "auto"
     trust_weights: bool = False
     batch_size: int = 4
@@ -77,7 +77,7 @@ class SegmentConfig:
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 0.5
     pattern: str = LIVECELL_PATTERN
-    layout: str | None = None  # an instrument's naming preset (livecell_ray.layouts), instead of pattern
+    layout: str | None = None  # an instrument's naming preset (livecell_ray.plate.layouts), instead of pattern
     manifest: str | None = None
     # Micrometres per pixel of the plate's fields (a manifest's pixel_size column, then the file's own OME or
     # TIFF resolution metadata, win for their fields): each field is resampled to its model's pixel size
@@ -92,7 +92,7 @@ class SegmentConfig:
     num_cpus: int | None = None  # for a local ray.init
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = 64_000_000
-    # A file of this many MiB or more is not read whole but a band of rows at a time (livecell_ray.stream):
+    # A file of this many MiB or more is not read whole but a band of rows at a time (livecell_ray.pipeline.stream):
     # segmented, measured and written as its rows come, in Zarr chunks of 1024 x 1024, so that a stitched
     # well of 20,000 x 20,000 px holds a few tile rows in memory, never the field (max_pixels does not apply
     # to it). None: every file is read whole.

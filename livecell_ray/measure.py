@@ -190,7 +190,7 @@ def measure_cells(labels: np.ndarray, intensity: np.ndarray, class_ids: np.ndarr
     Intensity is the raw image (grey), so statistics stay in the camera's units. Every label 1..K
     must have pixels (painting guarantees it); anything else is an error, not a silent gap.
     ``row_offset``: the first row's row in the field, when ``labels`` are rows of it holding whole cells
-    (livecell_ray.stream); positions come out in the field's rows, the numbers the whole field gives.
+    (livecell_ray.pipeline.stream); positions come out in the field's rows, the numbers the whole field gives.
     """
     k = len(confidences)
     if k == 0:

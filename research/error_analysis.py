@@ -1,5 +1,6 @@
 """Where a model's held-out mask AP goes: boundaries, the foreground as a whole, or the split of touching cells.
-Figure: big.pt on sets 41-45, median best IoU 0.72, foreground IoU 0.67-0.74, clipped-to-truth AP 0.65 (card).
+Figure: big.pt on sets 41-45, median best IoU 0.72, foreground IoU 0.67-0.74, clipped-to-truth AP 0.65
+(research/README.md).
 
     python research/error_analysis.py big ../shared/data/usiigaci/train set41,set42,set43,set44,set45
 
@@ -18,10 +19,10 @@ import sys
 
 import numpy as np
 
-from livecell_ray import evaluate as ev
-from livecell_ray import models
 from livecell_ray.config import InferenceConfig
-from livecell_ray.segment import Segmenter
+from livecell_ray.model import models
+from livecell_ray.model.segment import Segmenter
+from livecell_ray.training import evaluate as ev
 
 
 def best_ious(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:

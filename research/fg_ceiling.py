@@ -1,5 +1,6 @@
 """How well can the annotated foreground be learnt at full resolution, and what would it be worth?
-Figure: held-out foreground IoU 0.70-0.76 (0.72-0.78 at 2,000 steps); big.pt clipped to it 0.389 -> 0.400 (card).
+Figure: held-out foreground IoU 0.70-0.76 (0.72-0.78 at 2,000 steps); big.pt clipped to it 0.389 -> 0.400
+(research/README.md).
 
     python research/fg_ceiling.py big,small ../shared/data/usiigaci/train set41,set42,set43,set44,set45 [--iters 1000]
 
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from skimage.segmentation import expand_labels
 from torch import nn
 
-from livecell_ray import evaluate as ev
-from livecell_ray import models
 from livecell_ray.config import InferenceConfig
-from livecell_ray.imaging import normalize, read_image
-from livecell_ray.segment import Segmenter
+from livecell_ray.model import models
+from livecell_ray.model.segment import Segmenter
+from livecell_ray.plate.imaging import normalize, read_image
+from livecell_ray.training import evaluate as ev
 
 
 def _block(i: int, o: int) -> nn.Sequential:

@@ -27,8 +27,8 @@ FOLDS = {"f1": "BT474_Phase_B3_2_02d12h00m_3", "f2": "BT474_Phase_C3_1_01d04h00m
 
 def score(weights: str, field: str, imgsz: int) -> dict:
     """mask AP, AP75, cells found and true of one fold model on its held-out field at one input size."""
-    from livecell_ray import evaluate
     from livecell_ray.config import InferenceConfig
+    from livecell_ray.training import evaluate
 
     res, _ = evaluate.run(weights, str(PACK), inference=InferenceConfig(imgsz=imgsz, half=False), trust=True,
                           select=[field])

@@ -1,12 +1,12 @@
 """Which LIVECell training variant generalises: every fold run scored on the annotated field it never saw.
-Figure: the card's LIVECell fold table (mask AP per held-out field and variant, mean and spread).
+Figure: research/README.md's LIVECell fold table (mask AP per held-out field and variant, mean and spread).
 
     python research/livecell_cv.py runs/ablation [--usiigaci ../shared/data/usiigaci/train] [--out DIR]
 
 Each run folder is ``<held-out field>_<variant>`` (as research/livecell_ablation.sh names them); its
 ``last.pt`` (never the epoch that scored best on the held-out field) is scored with the LIVECell
 protocol on that field, and on Usiigaci sets 41-45 as one more set (not a selector). Prints one row a
-run, then each variant's mean and spread over folds; with --out, one JSON a run. The card's
+run, then each variant's mean and spread over folds; with --out, one JSON a run. research/README.md's
 "LIVECell cross-validation" table is this script's output.
 """
 
@@ -17,8 +17,8 @@ import json
 import statistics
 from pathlib import Path
 
-from livecell_ray import evaluate as ev
 from livecell_ray.config import InferenceConfig
+from livecell_ray.training import evaluate as ev
 
 LC = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "livecell" / "annotated"
 USIIGACI_HELD_OUT = ["set41", "set42", "set43", "set44", "set45"]

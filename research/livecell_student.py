@@ -3,12 +3,12 @@ Question: do pseudo-labelled unlabelled LIVECell fields beat the same training t
 alone, and what does the shipped recipe score on a LIVECell field it never saw? Figure: weights/README.md.
 
 Each fold (one per annotated field, each its own well, plus 'all' with nothing held out: the shipped
-candidate) trains in two stages, every one a `livecell_ray.train` run:
+candidate) trains in two stages, every one a `livecell_ray.training.train` run:
   1  stage1  base weights -> annotated fields but the held-out one (native scale, 352 px tiles, each
              tile 4 times) + Usiigaci sets 1-40 at LIVECell's scale
   2a real    stage 1 -> the same data, T2 more                      (the control, at equal time)
   2b pseudo  stage 1 -> the same data + the unlabelled fields pseudo-labelled by stage 1 with TTA,
-             confident cells of plausible shape only (livecell_ray.pseudolabel)
+             confident cells of plausible shape only (livecell_ray.training.pseudolabel)
 The teacher of a fold never saw its held-out field, and no checkpoint, threshold or variant is chosen
 on it: every run keeps last.pt, and the held-out field is scored once per run (`eval`).
 Inputs come from research/pack_livecell_gpu.py; research/gpu_livecell.sh runs all folds on one GPU.
@@ -17,7 +17,7 @@ Inputs come from research/pack_livecell_gpu.py; research/gpu_livecell.sh runs al
     python research/livecell_student.py train RUN MODEL HOURS [--workers W] [--lr0 LR]
     python research/livecell_student.py pseudo TEACHER OUT_DIR
     python research/livecell_student.py eval WEIGHTS FOLD OUT_JSON
-    python research/livecell_student.py table [RUNS_DIR]      # the card's table from the eval_*.json
+    python research/livecell_student.py table [RUNS_DIR]      # research/README.md's table from the eval_*.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
-from livecell_ray import dataset
+from livecell_ray.training import dataset
 
 PACK = Path(".gpu")
 PROJECT = Path("runs/lc_student")
@@ -56,7 +56,7 @@ def build_data(run: str, fold: str, pseudo: str | None = None) -> Path:
 
 def train_run(run: str, model: str, hours: float, workers: int, lr0: float) -> Path:
     """Fine-tune `model` on the run's data for `hours`; last.pt is what every later step reads."""
-    from livecell_ray.train import TrainConfig, train
+    from livecell_ray.training.train import TrainConfig, train
 
     cfg = TrainConfig(data=str(PROJECT / f"{run}-data" / "data.yaml"), model=model, epochs=1000, imgsz=TILE,
                       batch=16, project=str(PROJECT), name=run, workers=workers, seed=1, time_hours=hours,
@@ -67,7 +67,7 @@ def train_run(run: str, model: str, hours: float, workers: int, lr0: float) -> P
 
 def pseudo_labels(teacher: str, out: str) -> None:
     """Pseudo-label the packed unlabelled fields with the teacher (TTA, filtered); one summary line."""
-    from livecell_ray.pseudolabel import pseudo_label
+    from livecell_ray.training.pseudolabel import pseudo_label
 
     rows = pseudo_label(teacher, PACK / "unl", out, trust_weights=True)
     (Path(out) / "summary.json").write_text(json.dumps(rows, indent=1))
@@ -77,8 +77,8 @@ def pseudo_labels(teacher: str, out: str) -> None:
 
 def score(weights: str, fold: str, out: str) -> None:
     """LIVECell-protocol metrics of `weights` on one packed annotated field, fp32 as on a CPU."""
-    from livecell_ray import evaluate
     from livecell_ray.config import InferenceConfig
+    from livecell_ray.training import evaluate
 
     select = None if fold == "all" else [fold]
     results, info = evaluate.run(weights, str(PACK / "lc"), inference=InferenceConfig(half=False), trust=True,

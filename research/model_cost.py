@@ -30,10 +30,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from livecell_ray import models
     from livecell_ray.config import InferenceConfig
-    from livecell_ray.imaging import normalize, read_image
-    from livecell_ray.segment import Segmenter
+    from livecell_ray.model import models
+    from livecell_ray.model.segment import Segmenter
+    from livecell_ray.plate.imaging import normalize, read_image
 
     torch.set_num_threads(1)
     images = [normalize(read_image(str(p))) for p in sorted(EXAMPLES.rglob("*.tif"))]

@@ -17,7 +17,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from livecell_ray import dataset
+from livecell_ray.training import dataset
 
 
 def write_field(d: Path, f: dataset.LabelledField) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from livecell_ray import dataset
-from livecell_ray.imaging import normalize, read_image
+from livecell_ray.plate.imaging import normalize, read_image
+from livecell_ray.training import dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack_gpu_data import write_field  # noqa: E402

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import input_scale  # noqa: E402  (the fold -> held-out field map and the scorer)
 import livecell_student as ls  # noqa: E402  (the fold's data and training run)
 
-from livecell_ray import dataset  # noqa: E402
+from livecell_ray.training import dataset  # noqa: E402
 
 IMGSZ = 832
 OUT = ls.PROJECT / "per_type"

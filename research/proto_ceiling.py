@@ -1,5 +1,5 @@
 """How much mask AP the prototype resolution alone would cost: the ground truth through a YOLOv8 mask grid.
-Figure: mask AP allowed by the prototype grid, 0.837 at imgsz 512, 0.967 at 1024 (card).
+Figure: mask AP allowed by the prototype grid, 0.837 at imgsz 512, 0.967 at 1024 (research/README.md).
 
 Each true cell mask is area-averaged down to the prototype grid (a quarter of the letterboxed input),
 upsampled back bilinearly and thresholded at 0.5, as the model's masks are. With perfect detections,
@@ -15,7 +15,7 @@ import sys
 import cv2
 import numpy as np
 
-from livecell_ray import dataset
+from livecell_ray.training import dataset
 
 THRESHOLDS = np.arange(0.5, 0.96, 0.05)
 

@@ -3,7 +3,7 @@ Question: does a model pre-trained on Sartorius (44,207 cells), then given the s
 LIVECell's annotated fields, beat the same stage 1 from the Usiigaci-only start, on LIVECell fields it never
 saw and on Sartorius SH-SY5Y fields it never saw? Figures: weights/logs/sartorius/ and docs/training.md.
 
-Stages, each a `livecell_ray.train` run with a fixed epoch count (so a run stopped by the end of a session
+Stages, each a `livecell_ray.training.train` run with a fixed epoch count (so a run stopped by the end of a session
 resumes from its last.pt with the same schedule, `python research/sartorius.py pretrain` again):
   pre     the Usiigaci-only small.pt (01890f0, never saw a LIVECell cell) -> Sartorius (every type; the
           held-out SH-SY5Y fields excluded; SH-SY5Y tiles twice) + Usiigaci sets 1-40 at LIVECell's scale,
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import livecell_student as ls  # noqa: E402  (the fold data of the shipped recipe)
 from input_scale import FOLDS  # noqa: E402  (fold -> held-out annotated field)
 
-from livecell_ray import dataset  # noqa: E402
+from livecell_ray.training import dataset  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sartorius"
 PACK = Path(".sart")
@@ -84,7 +84,7 @@ def pretrain_data() -> Path:
 
 def run_train(name: str, data: Path, model: str, epochs: int, lr0: float) -> Path:
     """One resumable run at fixed epochs; returns its last.pt."""
-    from livecell_ray.train import TrainConfig, train
+    from livecell_ray.training.train import TrainConfig, train
 
     cfg = TrainConfig(data=str(data), model=model, epochs=epochs, imgsz=TILE, batch=16, project=str(PROJECT),
                       name=name, workers=0, seed=1, lr0=lr0, val=False)
@@ -106,8 +106,8 @@ def stage1(fold: str, epochs: int) -> Path:
 
 def score(weights: str, fold: str) -> dict:
     """Mask AP etc. of `weights` on its held-out LIVECell field (if any) and the held-out SH-SY5Y fields."""
-    from livecell_ray import evaluate
     from livecell_ray.config import InferenceConfig
+    from livecell_ray.training import evaluate
 
     out: dict = {"weights": weights, "fold": fold}
     for imgsz in (704, 832):

@@ -24,7 +24,7 @@ import input_scale  # noqa: E402  (the fold -> held-out field map and the scorer
 import livecell_student as ls  # noqa: E402  (the fold's data and training run)
 import per_type  # noqa: E402  (the table)
 
-from livecell_ray import dataset  # noqa: E402
+from livecell_ray.training import dataset  # noqa: E402
 
 IMGSZ = 832
 SCALE = IMGSZ / 704

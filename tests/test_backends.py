@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from livecell_ray import models
 from livecell_ray.config import InferenceConfig
-from livecell_ray.imaging import normalize, read_image
-from livecell_ray.segment import Segmenter
+from livecell_ray.model import models
+from livecell_ray.model.segment import Segmenter
+from livecell_ray.plate.imaging import normalize, read_image
 
 from .conftest import EXAMPLES
 
@@ -89,8 +89,8 @@ def test_nms_runs_in_torchvision_not_the_python_loop():
         "def loop(*a, **k): raise AssertionError('Python-loop NMS used')\n"
         "nms.TorchNMS.nms = staticmethod(loop)\n"
         "from livecell_ray import models\n"
-        "from livecell_ray.imaging import normalize, read_image\n"
-        "from livecell_ray.segment import Segmenter\n"
+        "from livecell_ray.plate.imaging import normalize, read_image\n"
+        "from livecell_ray.model.segment import Segmenter\n"
         f"r = Segmenter(models.resolve_map('small'))([normalize(read_image({str(field)!r}))])\n"
         "print('cells', int(r[0].labels.max()))\n"
     )
@@ -107,8 +107,8 @@ def test_letterbox_on_device_equals_ultralytics(shape, scaleup, imgsz):
     fields as RGB, resized or not."""
     from ultralytics.data.augment import LetterBox
 
-    from livecell_ray.imaging import to_rgb
-    from livecell_ray.segment import letterbox
+    from livecell_ray.model.segment import letterbox
+    from livecell_ray.plate.imaging import to_rgb
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(3)]

@@ -5,30 +5,32 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from livecell_ray import classify, models, pipeline, store
+from livecell_ray import pipeline, store
 from livecell_ray.config import InferenceConfig, SegmentConfig
-from livecell_ray.imaging import normalize, read_image
-from livecell_ray.segment import Segmenter
+from livecell_ray.model import models
+from livecell_ray.model.segment import Segmenter
+from livecell_ray.plate.imaging import normalize, read_image
+from livecell_ray.training import classifier
 
 from .conftest import EXAMPLES
 
 
 def test_grid_crops_cover_the_field_flush_with_its_edges():
     img = np.arange(520 * 704, dtype=np.int64).reshape(520, 704)
-    crops = classify.grid_crops(img, 256)
+    crops = classifier.grid_crops(img, 256)
     assert len(crops) == 3 * 3 and all(c.shape == (256, 256) for c in crops)
     covered = np.zeros(img.shape, bool)
     for c in crops:
         y, x = divmod(int(c[0, 0]), 704)
         covered[y:y + 256, x:x + 256] = True
     assert covered.all()
-    assert [c.shape for c in classify.grid_crops(img[:100, :150], 256)] == [(100, 100), (100, 100)]
+    assert [c.shape for c in classifier.grid_crops(img[:100, :150], 256)] == [(100, 100), (100, 100)]
 
 
 def test_crop_data_set_never_splits_a_field(tmp_path):
     held = {"A172_Phase_A7_1_00d00h00m_1", "SkBr3_Phase_E3_2_02d08h00m_1"}
-    summary = classify.build_dataset([str(EXAMPLES)], str(tmp_path / "d"), held,
-                                     classify.ClassifierConfig(crops_per_field=2))
+    summary = classifier.build_dataset([str(EXAMPLES)], str(tmp_path / "d"), held,
+                                     classifier.ClassifierConfig(crops_per_field=2))
     assert summary["fields"]["val"] == {"A172": 1, "SkBr3": 1}
     assert sum(summary["fields"]["train"].values()) == 8
     stems = {s: {p.name.rsplit("_", 1)[0] for p in (tmp_path / "d" / s).rglob("*.png")} for s in ("train", "val")}
@@ -40,16 +42,16 @@ def test_crop_data_set_never_splits_a_field(tmp_path):
 def tiny_classifier(tmp_path_factory):
     """A classifier trained for one epoch on crops of the example fields (offline, from the YAML)."""
     root = tmp_path_factory.mktemp("cls")
-    classify.build_dataset([str(EXAMPLES)], str(root / "data"), {"A172_Phase_A7_1_00d00h00m_1"},
-                           classify.ClassifierConfig(crops_per_field=2))
-    best = classify.train(str(root / "data"), str(root / "runs"), "tiny",
-                          classify.ClassifierConfig(epochs=1, imgsz=64, batch=32))
+    classifier.build_dataset([str(EXAMPLES)], str(root / "data"), {"A172_Phase_A7_1_00d00h00m_1"},
+                           classifier.ClassifierConfig(crops_per_field=2))
+    best = classifier.train(str(root / "data"), str(root / "runs"), "tiny",
+                          classifier.ClassifierConfig(epochs=1, imgsz=64, batch=32))
     return str(best.parent / "last.pt")
 
 
 @pytest.mark.slow
 def test_every_field_gets_a_predicted_type_and_auto_routing_uses_it(tiny_classifier, tmp_path, ray_local):
-    clf = classify.FieldClassifier(tiny_classifier)
+    clf = classifier.FieldClassifier(tiny_classifier)
     paths = sorted(EXAMPLES.glob("*.tif"))[:4]
     plate = tmp_path / "plate"
     plate.mkdir()

@@ -116,7 +116,7 @@ def ray_head(tmp_path):
                              "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
-    from livecell_ray import jobs
+    from livecell_ray.pipeline import jobs
 
     deadline = time.time() + 120
     while True:

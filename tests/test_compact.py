@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from livecell_ray import compact, query, store
+from livecell_ray import store
+from livecell_ray.answers import query
+from livecell_ray.store import compact
 
 WELLS = [("P1", "A1"), ("P1", "A2"), ("P2", "B3")]
 

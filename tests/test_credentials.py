@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from livecell_ray import credentials
+from livecell_ray.pipeline import credentials
 
 from .conftest import EXAMPLES, s3_options
 

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "weights" / "README.md",
+PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "weights" / "README.md", ROOT / "research" / "README.md",
          *sorted((ROOT / "docs").glob("*.md"))]
 
 
@@ -32,6 +32,19 @@ def test_readme_is_a_product_page():
     assert any(link.endswith(".png") for link in links)
     for doc in sorted((ROOT / "docs").glob("*.md")):
         assert f"docs/{doc.name}" in links, f"README does not link docs/{doc.name}"
+
+
+def test_the_model_card_has_one_short_section_per_shipped_file_with_its_checksum():
+    """A card a user reads in a minute: a section per .pt in weights/, about a screen each, its sha256 true."""
+    card = (ROOT / "weights" / "README.md").read_text()
+    sections = {s.split("`")[1]: s for s in re.split(r"\n(?=## )", card) if s.startswith("## `")}
+    sums = dict(reversed(line.split()) for line in (ROOT / "weights" / "SHA256SUMS").read_text().splitlines())
+    assert sorted(sections) == sorted(p.name for p in (ROOT / "weights").glob("*.pt")) == sorted(sums)
+    for name, text in sections.items():
+        assert len(text.splitlines()) <= 60, name
+        assert sums[name] in text, f"{name}: the card's sha256 is not SHA256SUMS'"
+        for part in ("**For**", "**Data**", "**Held out", "**Limits**", "**sha256**", "**Reproduce**"):
+            assert part in text, (name, part)
 
 
 def test_the_link_check_sees_a_broken_link(tmp_path):

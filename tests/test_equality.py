@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import tifffile
 
-from livecell_ray import models, pipeline, store
+from livecell_ray import pipeline, store
 from livecell_ray.config import InferenceConfig, SegmentConfig
-from livecell_ray.imaging import normalize, read_image
 from livecell_ray.measure import measure_cells
-from livecell_ray.segment import Segmenter
+from livecell_ray.model import models
+from livecell_ray.model.segment import Segmenter
+from livecell_ray.plate.imaging import normalize, read_image
 
 from .conftest import EXAMPLES
 

@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from livecell_ray import imaging
-from livecell_ray.imaging import ImageError, decode, normalize, read_image
+from livecell_ray.plate import imaging
+from livecell_ray.plate.imaging import ImageError, decode, normalize, read_image
 
 from .conftest import EXAMPLES
 

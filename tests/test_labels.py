@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from livecell_ray import labels as L
+from livecell_ray.model import labels as L
 
 
 def _instances(rng, h, w, mh, mw, n):

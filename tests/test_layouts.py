@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from livecell_ray import manifest, pipeline, store
+from livecell_ray import pipeline, store
 from livecell_ray.config import SegmentConfig
-from livecell_ray.layouts import LAYOUTS
+from livecell_ray.plate import manifest
+from livecell_ray.plate.layouts import LAYOUTS
 
 from .conftest import EXAMPLES
 

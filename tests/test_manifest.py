@@ -6,8 +6,8 @@ import fsspec
 import pandas as pd
 import pytest
 
-from livecell_ray import manifest as m
 from livecell_ray.config import LIVECELL_PATTERN
+from livecell_ray.plate import manifest as m
 
 from .conftest import EXAMPLES
 

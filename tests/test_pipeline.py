@@ -99,7 +99,7 @@ def test_labels_and_cells_match_exactly_and_stats_recompute(result):
 
 
 def test_large_batches_go_through_in_shards_with_the_same_results(result, ray_local, tmp_path):
-    """Batch 16 over 13 fields: shards of 4 at the start and the end (pipeline._shards), each a task that
+    """Batch 16 over 13 fields: shards of 4 at the start and the end (pipeline.cut_shards), each a task that
     reads, has the model segment and measures its fields; batch 3: shards of 3. Same outputs."""
     cfg, _, out, _ = result
     big = dataclasses.replace(cfg, out=str(tmp_path / "b16"), batch_size=16, io_worker_max_fields=4)
@@ -168,7 +168,7 @@ def test_run_json_provenance(result):
     after_first = (summary.fields_done - 1) / (summary.seconds - summary.time_to_first_field)
     assert summary.steady_fields_per_second == pytest.approx(after_first) and after_first > 0
     sha = run["provenance"]["models"]["*"]["sha256"]
-    from livecell_ray.models import known_checksums
+    from livecell_ray.model.models import known_checksums
 
     assert sha == known_checksums()["small.pt"]
     # The input size the network ran at (the model's own, from weights/models.json), so that a change of it
@@ -176,8 +176,8 @@ def test_run_json_provenance(result):
     assert run["provenance"]["models"]["*"]["imgsz"] == 832 and cfg.inference.imgsz is None
     moved = json.loads(json.dumps(run["provenance"]))
     moved["models"]["*"]["imgsz"] = 704
-    assert not pipeline._same_provenance(moved, run["provenance"])
-    assert pipeline._same_provenance(json.loads(json.dumps(run["provenance"])), run["provenance"])
+    assert not pipeline.same_provenance(moved, run["provenance"])
+    assert pipeline.same_provenance(json.loads(json.dumps(run["provenance"])), run["provenance"])
 
 
 def test_rerun_resumes_without_duplicates(result, ray_local):
@@ -217,7 +217,7 @@ def test_a_run_whose_plan_fails_leaves_no_replica_behind(ray_local, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    from livecell_ray.manifest import ManifestError
+    from livecell_ray.plate.manifest import ManifestError
 
     with pytest.raises(ManifestError, match="no images found"):
         pipeline.run(SegmentConfig(source=str(empty), out=str(tmp_path / "out")))
@@ -283,7 +283,7 @@ def test_a_plate_imaged_between_runs_grows_in_place(ray_local, tmp_path):
 @pytest.mark.parametrize("n,batch,ramp", [(400, 64, 2), (13, 16, 2), (10, 4, 3), (1, 64, 2), (0, 8, 2),
                                          (2000, 256, 17)])
 def test_shards_cover_every_field_once_in_order_with_small_ones_first_and_last(n, batch, ramp):
-    shards = pipeline._shards(list(range(n)), batch, ramp)
+    shards = pipeline.cut_shards(list(range(n)), batch, ramp)
     assert [f for s in shards for f in s] == list(range(n))
     small = min(batch, max(4, batch // 4))
     assert all(0 < len(s) <= batch for s in shards)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from livecell_ray import models, pipeline, store, tiles
+from livecell_ray import pipeline, store
 from livecell_ray.config import SegmentConfig
-from livecell_ray.imaging import normalize, read_image
-from livecell_ray.segment import Segmenter
+from livecell_ray.model import models, tiles
+from livecell_ray.model.segment import Segmenter
+from livecell_ray.plate.imaging import normalize, read_image
 
 from .conftest import EXAMPLES
 
@@ -349,7 +350,7 @@ def test_stack_axis_on_single_plane_files_names_the_file_and_flag(tmp_path):
 def test_a_field_smaller_than_the_input_is_padded_at_a_known_scale(segmenter, monkeypatch):
     """At its model's scale a small field is padded to the network's stride, not enlarged to the input (the
     cells keep their size); at an unknown scale it is letterboxed to the input, as before."""
-    from livecell_ray import segment
+    from livecell_ray.model import segment
 
     seen = []
     real = segment.letterbox

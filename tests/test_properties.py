@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livecell_ray import labels as L
-from livecell_ray import manifest as m
+from livecell_ray.model import labels as L
+from livecell_ray.plate import manifest as m
 
 cell_types = st.from_regex(r"[A-Za-z][A-Za-z0-9]{0,7}", fullmatch=True)
 rows = st.sampled_from(list("ABCDEFGHIJKLMNOP"))

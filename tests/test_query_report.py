@@ -150,3 +150,20 @@ def test_report_renders_in_headless_chromium(plate96, tmp_path):
     assert sum(1 for c, _, _ in imgs if c == "overlay") == 96
     assert sum(1 for c, _, _ in imgs if c == "heatmap") == 4
     assert (tmp_path / "report.png").stat().st_size > 50_000
+
+
+def test_queries_and_the_report_on_a_laptop_import_neither_ray_nor_torch(example_out, tmp_path):
+    """A finished OUT answers in a process that never imports Ray or torch (tests/test_layers.py: the rule)."""
+    html = tmp_path / "r.html"
+    code = ("import sys, livecell_ray\n"
+            "from livecell_ray.answers import report\n"
+            f"res = livecell_ray.open_results({str(example_out)!r})\n"
+            "w = res.wells(['cells_per_field_mean', 'confluence'])\n"
+            f"report.write({str(example_out)!r}, {str(html)!r})\n"
+            "print(int(w['cells_per_field_mean'].sum()),\n"
+            "      [m for m in ('ray', 'torch', 'ultralytics') if m in sys.modules])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    cells, imported = p.stdout.split(maxsplit=1)
+    assert int(cells) > 0 and imported.strip() == "[]"
+    assert html.stat().st_size > 10_000

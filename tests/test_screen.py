@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from livecell_ray import dose_response, growth, pipeline, platemap
+from livecell_ray import pipeline
+from livecell_ray.answers import dose_response, growth
+from livecell_ray.answers.query import open_results
 from livecell_ray.config import SegmentConfig
-from livecell_ray.query import open_results
+from livecell_ray.plate import platemap
 
 from .conftest import EXAMPLES
 

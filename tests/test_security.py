@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from livecell_ray import jobs, models
+from livecell_ray.model import models
+from livecell_ray.pipeline import jobs
 
 from .conftest import EXAMPLES, ROOT
 
@@ -108,12 +109,12 @@ def test_file_names_with_shell_characters_are_just_names(tmp_path, ray_local):
 def test_local_ray_has_no_dashboard_and_cluster_dashboard_is_loopback():
     text = (ROOT / "cluster.yaml").read_text()
     assert "--dashboard-host=127.0.0.1" in text and "0.0.0.0" not in text
-    src = (ROOT / "livecell_ray" / "pipeline.py").read_text()
+    src = (ROOT / "livecell_ray" / "pipeline" / "cluster.py").read_text()
     assert "include_dashboard=False" in src
 
 
 def test_no_shell_anywhere_in_the_package():
-    for py in (ROOT / "livecell_ray").glob("*.py"):
+    for py in (ROOT / "livecell_ray").rglob("*.py"):
         text = py.read_text()
         assert "shell=True" not in text and "os.system(" not in text, py
     p = subprocess.run([sys.executable, "-c", "import livecell_ray.cli"], capture_output=True, timeout=60)

@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from livecell_ray import manifest, store
+from livecell_ray import store
+from livecell_ray.plate import manifest
 
 from .conftest import EXAMPLES
 

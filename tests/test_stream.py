@@ -1,4 +1,4 @@
-"""Fields too large to hold whole, streamed a tile row at a time (livecell_ray.stream): the same cells,
+"""Fields too large to hold whole, streamed a tile row at a time (livecell_ray.pipeline.stream): the same cells,
 measurements and arrays as the whole-field path, in bounded memory, through the pipeline and its store."""
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import tifffile
 import zarr
 from scipy import ndimage
 
-from livecell_ray import models, pipeline, store, stream, tiles
+from livecell_ray import pipeline, store
 from livecell_ray.config import SegmentConfig
-from livecell_ray.imaging import ImageError, normalize
 from livecell_ray.measure import measure_cells, measure_field
-from livecell_ray.segment import Segmenter
+from livecell_ray.model import models, tiles
+from livecell_ray.model.segment import Segmenter
+from livecell_ray.pipeline import stream
+from livecell_ray.plate.imaging import ImageError, normalize
 
 from .test_plates import SPARSE, _best_iou, _field
 
@@ -179,7 +181,7 @@ def test_row_reader_reads_rows_of_any_tiff_layout_and_store(tmp_path):
             np.testing.assert_array_equal(r.rows(650, 900), a[650:])
             r.close()
     tifffile.imwrite(tmp_path / "channels.tif", np.stack([a, a // 2]), metadata={"axes": "CYX"})
-    from livecell_ray.imaging import Planes
+    from livecell_ray.plate.imaging import Planes
 
     np.testing.assert_array_equal(stream.RowReader(str(tmp_path / "channels.tif"), planes=Planes("1")).rows(0, 9),
                                   a[:9] // 2)

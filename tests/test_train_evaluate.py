@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from livecell_ray import copypaste, dataset
-from livecell_ray import evaluate as ev
+from livecell_ray.training import copypaste, dataset
+from livecell_ray.training import evaluate as ev
 
 from .conftest import USIIGACI, needs_shared
 
@@ -112,7 +112,7 @@ def test_offline_training_stops_and_resumes_from_last(tmp_path):
     dataset.write_yolo(fields[5:], tmp_path / "ds", "val")
     yaml_path = dataset.write_data_yaml(tmp_path / "ds")
     code = (
-        "from livecell_ray.train import TrainConfig, train; "
+        "from livecell_ray.training.train import TrainConfig, train; "
         f"train(TrainConfig(data=r'{yaml_path}', epochs=6, imgsz=160, batch=2, device='cpu', "
         f"project=r'{tmp_path / 'runs'}', name='t', workers=0, cache=False))"
     )
@@ -159,7 +159,7 @@ def test_evaluate_cli_on_real_fields_with_shipped_weights():
 
 @needs_shared(USIIGACI)
 def test_prepare_dataset_from_mask_folder_with_copy_paste(tmp_path):
-    from livecell_ray.train import DataConfig, prepare_dataset
+    from livecell_ray.training.train import DataConfig, prepare_dataset
 
     sub = tmp_path / "src"
     sub.mkdir()
@@ -177,7 +177,7 @@ def test_prepare_dataset_from_mask_folder_with_copy_paste(tmp_path):
 
 
 def test_train_args_fine_tune_from_pt_and_recipe_steps_every_batch():
-    from livecell_ray.train import RECIPE, TrainConfig, train_args
+    from livecell_ray.training.train import RECIPE, TrainConfig, train_args
 
     scratch = train_args(TrainConfig(data="d.yaml", model="yolov8n-seg.yaml", batch=8, device="cpu"))
     tuned = train_args(TrainConfig(data="d.yaml", model="weights/small.pt", batch=8, device="cpu"))
@@ -195,7 +195,7 @@ def test_train_args_fine_tune_from_pt_and_recipe_steps_every_batch():
 @needs_shared(USIIGACI)
 def test_extra_data_joins_training_at_its_own_scale_and_its_held_out_fields_stay_out(tmp_path):
     """LIVECell-first training with Usiigaci at LIVECell's scale as extra data (--extra PATH@SCALE)."""
-    from livecell_ray.train import DataConfig, prepare_dataset
+    from livecell_ray.training.train import DataConfig, prepare_dataset
 
     main, extra = tmp_path / "main", tmp_path / "extra"
     main.mkdir()

@@ -1,8 +1,8 @@
 """benchmarks/replay.py's hook, imported by every Python process started with this folder on PYTHONPATH.
 
 When LIVECELL_RAY_REPLAY names recorded model answers, the module that defines the model replica's actor
-(``livecell_ray.replica``, or ``livecell_ray.pipeline`` in code that has none) gets its constructor
-swapped for the replaying one as it is imported; nothing is imported ahead of that. Carried by the
+(``livecell_ray.model.replica``; ``livecell_ray.replica`` or ``livecell_ray.pipeline`` in older code) gets
+its constructor swapped for the replaying one as it is imported; nothing is imported ahead of that. Carried by the
 environment rather than a Ray runtime_env (whose workers Ray starts afresh rather than take the one it
 prestarted), so the pipeline's start-up is measured as `livecell-ray segment` runs it.
 """
@@ -13,7 +13,7 @@ import importlib.abc
 import os
 import sys
 
-_MODULES = ("livecell_ray.replica", "livecell_ray.pipeline")
+_MODULES = ("livecell_ray.model.replica", "livecell_ray.replica", "livecell_ray.pipeline")
 
 
 class _ReplayFinder(importlib.abc.MetaPathFinder):

@@ -16,7 +16,11 @@ One private module per concern, the public names re-exported here:
 - ``_ngff``: plate, well, image and label group metadata, the plate's layout and time axis;
 - ``_chunks``: a field's arrays written directly, chunks encoded as their ``zarr.json`` says;
 - ``_write``: a block of measured fields written and committed in one call (:func:`write_block`);
-- ``_lease``: one writer at a time per OUT (:func:`acquire`), with expiry and a fencing token.
+- ``_lease``: one writer at a time per OUT (:func:`acquire`), with expiry and a fencing token;
+- ``compact``: each well's per-field Parquet files merged into one part (its own public module).
+
+May import: config, retry, plate (well names and the plate's layout). Never Ray, torch or the model side:
+measuring and storing run in any CPU worker, and the answers read what is stored with neither.
 
 A field counts as done exactly when its ``fields/`` file exists: it is written last, after the
 masks and the cells, which makes a rerun resume without duplicates.

@@ -31,7 +31,7 @@ def file_key(path: str) -> str:
 
 @dataclasses.dataclass
 class Committed:
-    """What counts in cells/ and fields/, per the compaction protocol (:mod:`livecell_ray.compact`).
+    """What counts in cells/ and fields/, per the compaction protocol (:mod:`livecell_ray.store.compact`).
 
     A field is committed by its per-field fields/ file, or by a row in a compacted fields/ part. A
     part is committed once its fields/ file exists (its cells/ file is written first); a committed part

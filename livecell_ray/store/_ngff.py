@@ -60,7 +60,7 @@ def init_plates(outputs: Outputs, manifest: pd.DataFrame, pixel_size: float | No
     fmt = FormatV05()
     # ome-zarr writes the well metadata (so it stays the authority on its form) into this scratch group.
     scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
-    from livecell_ray.manifest import apply_layout, parse_well
+    from livecell_ray.plate.manifest import apply_layout, parse_well
 
     layouts = layouts if layouts is not None else apply_layout(manifest, {})[1]
     for plate, series in fields_in_plate(manifest).items():

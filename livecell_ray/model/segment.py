@@ -1,7 +1,7 @@
 """The model side: a YOLOv8-seg network that turns batches of fields into label images.
 
 Preprocessing is ultralytics' own (LetterBox, rect, stride 32) and so is NMS; the mask step is
-our painting (:mod:`livecell_ray.labels`), which equals ultralytics' retina masks, each instance
+our painting (:mod:`livecell_ray.model.labels`), which equals ultralytics' retina masks, each instance
 evaluated inside its box only: on a CPU instance by instance, on a GPU the whole batch's instances in
 a few tensor operations on the device, so no CPU core is spent on masks. Up to ``max_det`` (3,000 by
 default) cells per field.
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livecell_ray import labels as labels_mod
-from livecell_ray import models
-from livecell_ray import tiles as tiles_mod
 from livecell_ray.config import InferenceConfig
+from livecell_ray.model import labels as labels_mod
+from livecell_ray.model import models
+from livecell_ray.model import tiles as tiles_mod
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +79,7 @@ class Segmenter:
 
         Each field is resampled to its model's working scale (one of unknown pixel size is letterboxed to the
         input, or, beyond ``tiles.LETTERBOX_MAX`` times it, taken at the model's training scale); one larger
-        than the network's input is cut into overlapping tiles there (:mod:`livecell_ray.tiles`). Whole
+        than the network's input is cut into overlapping tiles there (:mod:`livecell_ray.model.tiles`). Whole
         fields and tiles are grouped by model and size into network batches (tiles of all fields together),
         and each field's cells come back merged into one label image of its own pixels.
         """
@@ -149,7 +149,7 @@ class Segmenter:
 
     def tiling(self, cell_type: str, pixel_size: float | None, shape: tuple[int, int]
                ) -> tuple[str, float, tuple[int, int], list[tiles_mod.Tile]]:
-        """How a field too large to hold whole is segmented (livecell_ray.stream): its model, scale, shape at that
+        """How a field too large to hold whole is segmented (pipeline.stream): its model, scale, shape at that
         scale (as :func:`tiles.resample` makes it) and tile plan, by the rules :meth:`__call__` follows."""
         key, scale = self.field_scale(cell_type, pixel_size, shape)
         scale = scale or 1.0

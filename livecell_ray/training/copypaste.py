@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from livecell_ray.dataset import LabelledField
+from livecell_ray.training.dataset import LabelledField
 
 
 @dataclass(frozen=True)

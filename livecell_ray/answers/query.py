@@ -14,10 +14,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from livecell_ray import dose_response as dose_mod
-from livecell_ray import growth as growth_mod
-from livecell_ray import platemap as platemap_mod
 from livecell_ray import store
+from livecell_ray.answers import dose_response as dose_mod
+from livecell_ray.answers import growth as growth_mod
+from livecell_ray.plate import platemap as platemap_mod
 
 #: per-well metrics over fields (one row per field-timepoint) ...
 FIELD_METRICS: dict[str, str] = {

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from livecell_ray.manifest import ManifestError, parse_well, plate_grid, row_index
+from livecell_ray.plate.manifest import ManifestError, parse_well, plate_grid, row_index
 
 #: Where the map's copy lives under OUT, and the run.json key that says where it came from.
 PLATEMAP_FILE = "platemap.parquet"

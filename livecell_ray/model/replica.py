@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livecell_ray import models, offline
+from livecell_ray import offline
 from livecell_ray.config import InferenceConfig
+from livecell_ray.model import models
 
 if TYPE_CHECKING:  # segment imports torch, which the reading and measuring workers never need
-    from livecell_ray.segment import Instances
+    from livecell_ray.model.segment import Instances
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,13 @@ class SegmentActor:
         threads = os.environ.get("LIVECELL_RAY_TORCH_THREADS")
         if threads and not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(threads)))
-        from livecell_ray.segment import Segmenter
+        from livecell_ray.model.segment import Segmenter
 
         self.segmenter = Segmenter(weights, inference)
         self.route = route
         self.classifier = None
         if classifier is not None:
-            from livecell_ray.classify import FieldClassifier
+            from livecell_ray.model.classify import FieldClassifier
 
             self.classifier = FieldClassifier(classifier)
         import ray
@@ -83,7 +84,7 @@ class SegmentActor:
 
     def plan_field(self, window: np.ndarray, cell_type: str, pixel_size: float, shape: tuple[int, int]
                    ) -> dict[str, Any]:
-        """How a streamed field is segmented (livecell_ray.stream): its type predicted from ``window`` (a part
+        """How a streamed field is segmented (livecell_ray.pipeline.stream): its type predicted from ``window`` (a part
         of it, normalised), then its model, tile plan and scale (``Segmenter.tiling``)."""
         out: dict[str, Any] = {"cell_type_predicted": "", "cell_type_probability": float("nan"),
                                "model_node": self.node_id, "model_pid": os.getpid()}

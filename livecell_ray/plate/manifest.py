@@ -293,7 +293,7 @@ def expand_stacks(man: Manifest, interval_h: float | None, storage_options: dict
     (from the file's OME TimeIncrement when not given). Reads each file's header only (tifffile)."""
     import tifffile
 
-    from livecell_ray.imaging import tiff_info, time_axis
+    from livecell_ray.plate.imaging import tiff_info, time_axis
 
     rows = []
     for r in man.fields.to_dict("records"):
@@ -321,10 +321,10 @@ def build(source: str, pattern: str = LIVECELL_PATTERN, manifest: str | None = N
           storage_options: dict[str, Any] | None = None, channel: str | None = None,
           layout: str | None = None) -> Manifest:
     """The manifest for a run: an explicit manifest file wins over scanning the source; ``layout`` names an
-    instrument's naming preset (livecell_ray.layouts), which stands for ``pattern``."""
+    instrument's naming preset (livecell_ray.plate.layouts), which stands for ``pattern``."""
     if manifest:
         return load(manifest, storage_options)
-    from livecell_ray import layouts
+    from livecell_ray.plate import layouts
 
     try:
         rx = layouts.pattern_for(layout, pattern)

@@ -111,7 +111,7 @@ class Merger:
     does (tests/test_plates.py holds it to that), at a fraction of the time on a field of 100,000 cells.
 
     The label image is held from row ``top`` on: a field streamed a tile row at a time
-    (livecell_ray.stream) drops the rows no later tile can reach (:meth:`drop`), so it holds a few tile
+    (livecell_ray.pipeline.stream) drops the rows no later tile can reach (:meth:`drop`), so it holds a few tile
     rows, never the field; a whole field's is allocated at once (``height``).
     """
 

@@ -282,7 +282,7 @@ def read_image(url: str, storage_options: dict[str, Any] | None = None,
 
 
 class TooLarge(Exception):
-    """A file of ``stream_bytes`` or more: not read whole, but a band of rows at a time (livecell_ray.stream)."""
+    """A file of ``stream_bytes`` or more: not read whole, but a band of rows at a time (pipeline.stream)."""
 
     def __init__(self, url: str, size: int):
         super().__init__(f"{url}: {size} bytes")
@@ -342,7 +342,7 @@ SAMPLE_ABOVE = 1_000_000
 def normalizer(sample: np.ndarray, dtype: np.dtype, subsampled: bool, cfg: NormalizeConfig | None = None
                ) -> Callable[[np.ndarray], np.ndarray]:
     """:func:`normalize` as a function of the image's percentile sample (``subsampled``: every 4th row and
-    column of a larger image), so that a field read a band of rows at a time (livecell_ray.stream) is
+    column of a larger image), so that a field read a band of rows at a time (livecell_ray.pipeline.stream) is
     scaled exactly as it would be whole."""
     cfg = cfg or NormalizeConfig()
     q = [cfg.low_percentile, cfg.high_percentile]

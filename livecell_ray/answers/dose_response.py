@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from livecell_ray.platemap import control_kind
+from livecell_ray.plate.platemap import control_kind
 
 COLUMNS = ["compound", "metric", "unit", "n_wells", "n_doses", "ic50", "ic50_low", "ic50_high", "hill", "top",
            "bottom", "r2", "normalised", "reason"]

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from livecell_ray.config import InferenceConfig
-from livecell_ray.imaging import normalize
-from livecell_ray.manifest import parse_name
+from livecell_ray.plate.imaging import normalize
+from livecell_ray.plate.manifest import parse_name
 
 AREA_RANGES = [[0, 1e10], [0, 324], [324, 961], [961, 1e10]]
 AREA_LABELS = ["all", "small", "medium", "large"]
@@ -73,7 +73,7 @@ def load_mask_folder(root: str | Path, image_name: str = "raw.tif",
 
 def load_coco(annotations: str | Path, images_dir: str | Path) -> list[EvalImage]:
     """COCO json (LIVECell's) into label images; cell type from the file name when it parses."""
-    from livecell_ray.dataset import read_coco
+    from livecell_ray.training.dataset import read_coco
 
     coco = json.loads(Path(annotations).read_text())
     by_stem = {Path(im["file_name"]).stem: im for im in coco["images"]}
@@ -89,7 +89,7 @@ def load_coco(annotations: str | Path, images_dir: str | Path) -> list[EvalImage
 def predict(images: Iterable[EvalImage], segmenter, pixel_size: float | None = None) -> list[Prediction]:
     """Run the segmenter exactly as the pipeline does, one image at a time (``pixel_size``: the images'
     um/px, as segment --pixel-size; else what each file's metadata says, else the model's)."""
-    from livecell_ray.imaging import read_image_with_info
+    from livecell_ray.plate.imaging import read_image_with_info
 
     preds = []
     for im in images:
@@ -233,8 +233,8 @@ def run(weights_spec: str, source: str, images_dir: str | None = None, inference
         trust: bool = False, select: list[str] | None = None, pixel_size: float | None = None
         ) -> tuple[dict[str, Metrics], dict[str, Any]]:
     """Evaluate shipped or user weights on a COCO json (+ images dir) or a mask folder."""
-    from livecell_ray import models
-    from livecell_ray.segment import Segmenter
+    from livecell_ray.model import models
+    from livecell_ray.model.segment import Segmenter
 
     if source.endswith(".json"):
         if not images_dir:

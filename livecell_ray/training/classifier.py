@@ -1,4 +1,4 @@
-"""Cell-type classification of whole fields (the seed study's classify-then-segment).
+"""Training and measuring the field cell-type classifier (the seed study's classify-then-segment).
 
 File names often carry no cell type, yet per-type models need one. A YOLOv8-cls network (built from
 ultralytics' ``yolov8n-cls.yaml``, trained here offline) learns the type from crops of fields whose
@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from livecell_ray import offline
-from livecell_ray.imaging import normalize, read_image
-from livecell_ray.manifest import parse_name
+from livecell_ray.model.classify import FieldClassifier, grid_crops
+from livecell_ray.plate.imaging import normalize, read_image
+from livecell_ray.plate.manifest import parse_name
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 
@@ -42,15 +41,6 @@ def field_type(path: Path) -> str | None:
     """The cell type from a LIVECell-style file name, or None."""
     meta = parse_name(path.name)
     return (meta or {}).get("cell_type") or None
-
-
-def grid_crops(image: np.ndarray, size: int) -> list[np.ndarray]:
-    """Non-overlapping crops covering the field (the last row and column flush with its edges)."""
-    h, w = image.shape
-    size = min(size, h, w)
-    ys = sorted({min(y, h - size) for y in range(0, h, size)})
-    xs = sorted({min(x, w - size) for x in range(0, w, size)})
-    return [image[y:y + size, x:x + size] for y in ys for x in xs]
 
 
 def build_dataset(folders: list[str], out: str, val_fields: set[str], cfg: ClassifierConfig) -> dict[str, Any]:
@@ -90,7 +80,7 @@ def train(data: str, project: str, name: str, cfg: ClassifierConfig, resume: boo
     import torchvision  # noqa: F401
     from ultralytics import YOLO
 
-    from livecell_ray.train import _offline_trainer, _use_every_core
+    from livecell_ray.training.train import _offline_trainer, _use_every_core
 
     run = Path(project) / name
     last = run / "weights" / "last.pt"
@@ -110,31 +100,6 @@ def train(data: str, project: str, name: str, cfg: ClassifierConfig, resume: boo
     with _offline_trainer():
         model.train(**args)
     return run / "weights" / "best.pt"
-
-
-class FieldClassifier:
-    """A trained YOLOv8-cls model applied to whole fields (mean of grid-crop probabilities)."""
-
-    def __init__(self, weights: str | Any, crop: int = 256):
-        """``weights``: verified :class:`livecell_ray.models.Weights` (checked again where loaded), or a path."""
-        from livecell_ray import models
-
-        if isinstance(weights, str):
-            weights = models.Weights(Path(weights).stem, weights, models.sha256(weights))
-        self.model = models.load(weights, task="classify")
-        self.names = [self.model.names[i] for i in sorted(self.model.names)]
-        self.crop = crop
-
-    def __call__(self, images: list[np.ndarray]) -> list[tuple[str, float, np.ndarray]]:
-        """(type, its probability, every type's probability) for each normalised uint8 field."""
-        out = []
-        for img in images:
-            crops = [np.repeat(c[..., None], 3, axis=2) for c in grid_crops(img, self.crop)]
-            res = self.model.predict(crops, verbose=False, device="cpu")
-            probs = np.mean([r.probs.data.float().cpu().numpy() for r in res], axis=0)
-            k = int(np.argmax(probs))
-            out.append((self.names[k], float(probs[k]), probs))
-        return out
 
 
 def accuracy_by_type(weights: str, folder: str, fields: set[str], crop: int = 256) -> dict[str, Any]:

@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from livecell_ray import store  # noqa: E402
-from livecell_ray.manifest import plate_grid, row_index, row_name  # noqa: E402
-from livecell_ray.query import Results  # noqa: E402
+from livecell_ray.answers.query import Results  # noqa: E402
+from livecell_ray.plate.manifest import plate_grid, row_index, row_name  # noqa: E402
 
 HEATMAP_METRICS = ("cells_per_field_mean", "confluence", "area_median", "eccentricity_mean")
 
@@ -56,7 +56,7 @@ def heatmap(wells: pd.DataFrame, metric: str, plate: str) -> str:
 
 
 def store_well(well: str) -> tuple[str, int]:
-    from livecell_ray.manifest import parse_well
+    from livecell_ray.plate.manifest import parse_well
 
     return parse_well(well)
 
@@ -114,7 +114,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, title: str) -> str:
 
 def treatment_labels(wells: pd.DataFrame) -> pd.Series:
     """Each well's treatment as a label: the map's ``treatment`` column, else compound and dose, else control."""
-    from livecell_ray.platemap import control_kind
+    from livecell_ray.plate.platemap import control_kind
 
     def label(r: Any) -> str:
         if "treatment" in r and isinstance(r["treatment"], str):
@@ -146,7 +146,7 @@ def confluence_by_treatment(per_time: pd.DataFrame) -> str:
 
 def dose_curve(wells: pd.DataFrame, values: pd.Series, fit: dict[str, Any], metric: str) -> str:
     """One compound's wells against dose (log axis) with its four-parameter logistic fit."""
-    from livecell_ray.dose_response import logistic4
+    from livecell_ray.answers.dose_response import logistic4
 
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
     ax.scatter(wells["dose"], values, s=14, color="#4a7fb5")
@@ -165,8 +165,8 @@ def dose_curve(wells: pd.DataFrame, values: pd.Series, fit: dict[str, Any], metr
 
 def _screen_sections(res: Results, per_time: pd.DataFrame) -> list[str]:
     """Growth table, and with a plate map: treatments, confluence by treatment, dose-response, mismatches."""
-    from livecell_ray import dose_response
-    from livecell_ray.platemap import control_kind
+    from livecell_ray.answers import dose_response
+    from livecell_ray.plate.platemap import control_kind
 
     parts = ["<h2>Growth (exponential phase per well)</h2>"]
     growth = res.growth()

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from livecell_ray.config import InferenceConfig
-from livecell_ray.imaging import normalize, read_image
-from livecell_ray.manifest import parse_name
+from livecell_ray.plate.imaging import normalize, read_image
+from livecell_ray.plate.manifest import parse_name
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 
@@ -54,8 +54,8 @@ def pseudo_label(weights: str, images_dir: str | Path, out: str | Path, cfg: Pse
     """Segment every image in a folder and write kept cells as training fields; one summary row per field."""
     from PIL import Image
 
-    from livecell_ray import models
-    from livecell_ray.segment import Segmenter
+    from livecell_ray.model import models
+    from livecell_ray.model.segment import Segmenter
 
     cfg = cfg or PseudoConfig()
     paths = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -2,7 +2,7 @@
 
 Two sources: COCO json with polygon or RLE segmentations (LIVECell's own files) and folders of
 image + instance-label image (Usiigaci's ``setN/raw.tif`` + ``setN/instances_ids.png``). Pixels go
-through :func:`livecell_ray.imaging.normalize`, the same function inference uses.
+through :func:`livecell_ray.plate.imaging.normalize`, the same function inference uses.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from livecell_ray.imaging import normalize, read_image
+from livecell_ray.plate.imaging import normalize, read_image
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,11 @@ def weights_dir() -> Path:
     env = os.environ.get("LIVECELL_RAY_WEIGHTS")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "weights", here / "_weights"):
+    package = Path(__file__).resolve().parents[1]
+    for cand in (package.parent / "weights", package / "_weights"):
         if (cand / "SHA256SUMS").exists():
             return cand
-    return here.parent / "weights"
+    return package.parent / "weights"
 
 
 def sha256(path: str | Path) -> str:

@@ -35,10 +35,10 @@ import fsspec
 import numpy as np
 from scipy import ndimage
 
-from livecell_ray import imaging
-from livecell_ray import tiles as tiles_mod
 from livecell_ray.config import NormalizeConfig
 from livecell_ray.measure import measure_cells
+from livecell_ray.model import tiles as tiles_mod
+from livecell_ray.plate import imaging
 
 #: A streamed field's Zarr chunks (y, x): one chunk row of the field is held until it is written.
 CHUNK = 1024

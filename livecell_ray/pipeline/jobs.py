@@ -11,10 +11,11 @@ from typing import Any
 
 import yaml
 
-from livecell_ray import credentials, offline
+from livecell_ray import offline
 from livecell_ray.config import segment_config_from_spec
+from livecell_ray.pipeline import credentials
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Never uploaded with the job: environments, training runs, data sets, results.
 EXCLUDES = [".venv", ".git", "runs", "datasets", "out", "*.egg-info", "__pycache__", ".pytest_cache",
             ".ruff_cache", ".whl", "benchmarks", "tests"]

@@ -210,7 +210,7 @@ def prepare_dataset(cfg: DataConfig) -> Path:
     """Convert, split, rescale, tile and expand; returns the data.yaml path."""
     import json
 
-    from livecell_ray import copypaste, dataset
+    from livecell_ray.training import copypaste, dataset
 
     if cfg.data.endswith(".json"):
         if not cfg.images_dir:
@@ -260,8 +260,8 @@ def prepare_dataset(cfg: DataConfig) -> Path:
 
 def _unlabelled_images(folder: str, scale: float) -> Iterator[np.ndarray]:
     """Every image under a folder, normalised and resized as the labelled fields are."""
-    from livecell_ray.dataset import LabelledField, resize_field
-    from livecell_ray.imaging import normalize, read_image
+    from livecell_ray.plate.imaging import normalize, read_image
+    from livecell_ray.training.dataset import LabelledField, resize_field
 
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".tif", ".tiff", ".png", ".jpg"})
     if not paths:

@@ -1,0 +1,37 @@
+"""The one typer app every command group registers on, and the one-line error every command ends with."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Segment phase-contrast cell plates with YOLOv8 on Ray; query per-well results.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """livecell-ray: plate -> manifest -> Ray model actors -> OME-Zarr masks + Parquet statistics."""
+
+
+def fail(msg: str, code: int = 2) -> None:
+    """One clear line on stderr and a non-zero exit, never a traceback."""
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"--storage-options is not valid JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(opts, dict):
+        fail("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return opts

@@ -1,0 +1,145 @@
+"""``livecell-ray query``, ``sql`` and ``report``: what a finished OUT answers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from livecell_ray.cli._app import console, fail, out_console, parse_storage_options
+
+
+def _emit(df: Any, fmt: str, output: str | None) -> None:
+    """Print or save a table as table/csv/json/parquet."""
+    if fmt == "parquet":
+        if not output:
+            fail("--format parquet needs --output FILE")
+        df.to_parquet(output, index=False)
+        console.print(f"wrote {len(df)} rows to {output}")
+        return
+    if fmt == "csv":
+        text = df.to_csv(index=False)
+    elif fmt == "json":
+        text = df.to_json(orient="records", indent=2)
+    elif fmt == "table":
+        t = Table(show_lines=False)
+        for c in df.columns:
+            t.add_column(str(c), justify="right" if df[c].dtype.kind in "iuf" else "left")
+        for row in df.itertuples(index=False):
+            t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        if output:
+            fail("--output needs --format csv, json or parquet")
+        out_console.print(t)
+        return
+    else:
+        fail(f"unknown --format {fmt!r}: use table, csv, json or parquet")
+    if output:
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+def _open(out: str, storage_options: str | None, platemap: str | None = None):
+    from livecell_ray.answers.query import open_results
+    from livecell_ray.plate.platemap import PlateMapError
+
+    opts = parse_storage_options(storage_options)
+    from livecell_ray import store
+
+    o = store.Outputs(out, opts)
+    if not o.fs.exists(store.join(o.root, "fields")) and not o.fs.exists(store.join(o.root, "run.json")):
+        fail(f"{out}: no livecell-ray results here (no fields/ or run.json)")
+    try:
+        return open_results(out, opts, platemap=platemap)
+    except PlateMapError as exc:
+        fail(str(exc))
+
+
+def query(
+    out: str = typer.Argument(..., help="A run's output location"),
+    what: str = typer.Argument("wells", help="wells, fields, cells, growth or dose_response"),
+    metrics: str = typer.Option(",".join(("fields", "cells", "cells_per_field_mean", "cells_per_field_sd",
+                                          "confluence", "area_median", "failed")),
+                                help="Comma-separated well metrics"),
+    by: str | None = typer.Option(None, help="'timepoint' for per well x timepoint rows"),
+    where: str | None = typer.Option(None, help="SQL filter on fields, e.g. \"cell_type = 'A172'\""),
+    well: str | None = typer.Option(None, help="Only this well (fields, cells)"),
+    limit: int | None = typer.Option(None, min=1, help="At most N rows"),
+    fmt: str = typer.Option("table", "--format", help="table, csv, json or parquet"),
+    output: str | None = typer.Option(None, help="Write to this file instead of stdout"),
+    storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
+    platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet: well[, plate], compound, dose, "
+                                        "unit, control, ...), kept beside the results for later queries"),
+    metric: str = typer.Option("cells_per_field_mean", help="dose_response: the per-well metric fitted "
+                               "(a well metric, or growth_rate_per_h / doubling_time_h)"),
+    at: float | None = typer.Option(None, help="dose_response: the timepoint (h) of a well metric "
+                                    "(default: each well's last)"),
+) -> None:
+    """Per-well answers (cells per field, confluence, area, shape, intensity, growth, dose-response), or rows."""
+    import duckdb
+
+    res = _open(out, storage_options, platemap)
+    try:
+        if what == "growth":
+            df = res.growth()
+        elif what == "dose_response":
+            df = res.dose_response(metric, at)
+        elif what == "wells":
+            if by not in (None, "timepoint"):
+                fail("--by takes only 'timepoint'")
+            df = res.wells([m.strip() for m in metrics.split(",") if m.strip()], by == "timepoint", where)
+        elif what in ("fields", "cells"):
+            conds = [c for c in (where, f"well = '{well}'" if well else None) if c]
+            sql = f"SELECT * EXCLUDE (path), path FROM {what}" + (f" WHERE {' AND '.join(conds)}" if conds else "")
+            sql += " ORDER BY plate, well, timepoint" + (", label" if what == "cells" else "")
+            df = res.df(sql)
+        else:
+            fail(f"unknown table {what!r}: use wells, fields, cells, growth or dose_response")
+    except ValueError as exc:
+        fail(str(exc))
+    except duckdb.Error as exc:
+        fail(f"query failed: {str(exc).splitlines()[0]}")
+    if limit:
+        df = df.head(limit)
+    _emit(df, fmt, output)
+    issues = res.platemap_issues()
+    if what in ("wells", "growth", "dose_response") and len(issues):
+        # On stderr, so that CSV or JSON on stdout stays one table; never dropped silently.
+        console.print(f"plate map vs imaged wells: {len(issues)} mismatches", highlight=False)
+        for r in issues.itertuples(index=False):
+            console.print(f"  {r.plate} {r.well}: {r.issue}", highlight=False)
+
+
+def sql(
+    out: str = typer.Argument(..., help="A run's output location"),
+    statement: str = typer.Argument(..., help="DuckDB SQL over views cells, fields, wells, failures"),
+    fmt: str = typer.Option("table", "--format", help="table, csv, json or parquet"),
+    output: str | None = typer.Option(None),
+    storage_options: str | None = typer.Option(None),
+) -> None:
+    """Any DuckDB SQL over the run's views."""
+    import duckdb
+
+    res = _open(out, storage_options)
+    try:
+        df = res.df(statement)
+    except duckdb.Error as exc:
+        fail(f"query failed: {str(exc).splitlines()[0]}")
+    _emit(df, fmt, output)
+
+
+def report(
+    out: str = typer.Argument(..., help="A run's output location"),
+    html_path: str = typer.Option("report.html", "--html", help="Where to write the page"),
+    storage_options: str | None = typer.Option(None),
+    platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet), kept beside the results"),
+) -> None:
+    """A self-contained HTML report: heatmaps, growth and dose-response curves, areas, overlays."""
+    from livecell_ray.answers import report as report_mod
+
+    _open(out, storage_options, platemap)
+    path = report_mod.write(out, html_path, parse_storage_options(storage_options))
+    out_console.print(f"report: {Path(path).resolve()}")

@@ -1,0 +1,162 @@
+"""``livecell-ray train``, ``evaluate``, ``train-classifier`` and ``pseudo-label``: models, not plates."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from livecell_ray.cli._app import fail, out_console
+from livecell_ray.config import InferenceConfig, check_positive
+
+
+def train(
+    data: str = typer.Option(..., help="Mask folder (setN/raw.tif + instances_ids.png) or COCO json"),
+    images_dir: str | None = typer.Option(None, help="Images folder for COCO json"),
+    val: str = typer.Option("", help="Comma-separated field names held out for validation"),
+    model: str = typer.Option("yolov8n-seg.yaml", help="ultralytics model YAML (from scratch) or .pt to fine-tune"),
+    epochs: int = typer.Option(300, min=1),
+    imgsz: int = typer.Option(512, min=32),
+    batch: int = typer.Option(8, min=1),
+    workers: int = typer.Option(2, min=0, help="Data-loading processes per run"),
+    scale: float = typer.Option(0.5, min=0.05, help="Resize fields by this factor before training"),
+    tile: int | None = typer.Option(None, help="Cut fields into tiles of this size"),
+    synthetic: int = typer.Option(0, min=0, help="Copy-paste synthetic fields to add"),
+    backgrounds: str | None = typer.Option(None, help="Folder of unlabelled fields: their cell-free texture "
+                                           "becomes extra copy-paste backgrounds"),
+    cells: str | None = typer.Option(None, help="Cells per copy-paste field as MIN-MAX (e.g. 100-1200, up to "
+                                     "confluence; default 0.5-2x the labelled fields' mean)"),
+    pseudo: str | None = typer.Option(None, help="Folder of pseudo-labelled fields (from `pseudo-label`) added to "
+                                      "the training split"),
+    extra: str = typer.Option("", help="Other labelled data added to the training split, comma-separated "
+                              "PATH@SCALE (e.g. ../shared/data/usiigaci/train@0.5: Usiigaci at LIVECell's scale)"),
+    seed: int = typer.Option(0),
+    recipe: bool = typer.Option(True, help="Our microscopy augmentation recipe (off: ultralytics defaults)"),
+    device: str | None = typer.Option(None, help="'cpu', '0', ... (default: GPU if present)"),
+    project: str = typer.Option("runs/train"),
+    name: str = typer.Option("small"),
+    time_hours: float | None = typer.Option(None, help="Wall-time budget; the LR schedule fits it"),
+    lr0: float | None = typer.Option(None, min=0.0, help="AdamW starting learning rate (default: ultralytics' "
+                                     "choice); lower it to fine-tune trained weights"),
+    resume: bool = typer.Option(True, help="Continue project/name/weights/last.pt when present"),
+) -> None:
+    """Train a YOLOv8-seg model offline (resumable), optionally with copy-paste expansion."""
+    from livecell_ray.training import train as train_mod
+
+    run_dir = Path(project) / name
+    data_yaml = run_dir.parent / f"{name}-data" / "data.yaml"
+    if not (resume and (run_dir / "weights" / "last.pt").exists() and data_yaml.exists()):
+        try:
+            data_yaml = train_mod.prepare_dataset(train_mod.DataConfig(
+                data=data, out=str(data_yaml.parent), images_dir=images_dir,
+                val=tuple(v for v in val.split(",") if v), scale=scale, tile=tile, synthetic=synthetic, seed=seed,
+                backgrounds=backgrounds, cells=_range(cells, "--cells"), pseudo=pseudo,
+                extra=tuple(e for e in extra.split(",") if e)))
+        except (ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
+    cfg = train_mod.TrainConfig(data=str(data_yaml), model=model, epochs=epochs, imgsz=imgsz, batch=batch,
+                                device=device, project=project, name=name, seed=seed, recipe=recipe,
+                                time_hours=time_hours, workers=workers, lr0=lr0)
+    best = train_mod.train(cfg, resume=resume)
+    out_console.print(f"best weights: {best}")
+
+
+def _range(text: str | None, flag: str) -> tuple[int, int] | None:
+    """'MIN-MAX' as two ints, or a clear error naming the flag."""
+    if not text:
+        return None
+    try:
+        lo, hi = (int(v) for v in text.split("-"))
+    except ValueError:
+        fail(f"{flag} must be MIN-MAX, e.g. 100-1200 (got {text!r})")
+    if not 0 < lo <= hi:
+        fail(f"{flag} needs 0 < MIN <= MAX (got {text!r})")
+    return lo, hi
+
+
+def evaluate(
+    weights: str = typer.Argument(..., help="'small', 'big' or a .pt path"),
+    annotations: str = typer.Argument(..., help="COCO json (LIVECell) or a mask folder (Usiigaci layout)"),
+    images_dir: str | None = typer.Argument(None, help="Images folder for a COCO json"),
+    imgsz: int | None = typer.Option(None, min=32, help="Network input size (default: the model's own)"),
+    conf: float = typer.Option(0.25, min=0.0, max=1.0),
+    max_det: int = typer.Option(3000, min=1),
+    tta: bool = typer.Option(False, help="Test-time augmentation, as in segment --tta"),
+    select: str = typer.Option("", help="Comma-separated image names to evaluate (default: all)"),
+    pixel_size: float | None = typer.Option(None, help="The images' micrometres per pixel, as segment --pixel-size "
+                                            "(default: each file's metadata, else the model's scale)"),
+    trust_weights: bool = typer.Option(False),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of the table"),
+) -> None:
+    """LIVECell-protocol COCO evaluation (mask/box AP at maxDets 2000, AP50, AP75, F1, count error)."""
+    from livecell_ray.model.models import WeightsError
+    from livecell_ray.training import evaluate as ev
+
+    try:
+        check_positive(pixel_size, "--pixel-size", "micrometres")
+        results, info = ev.run(weights, annotations, images_dir,
+                               InferenceConfig(imgsz=imgsz, conf=conf, max_det=max_det, tta=tta), trust_weights,
+                               [s for s in select.split(",") if s] or None, pixel_size)
+    except (WeightsError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if json_out:
+        out_console.print_json(json.dumps(ev.to_json(results, info)))
+    else:
+        sys.stdout.write(ev.table(results) + "\n")
+
+
+def train_classifier(
+    folders: str = typer.Option(..., "--data", help="Comma-separated folders of fields whose names carry the cell "
+                                "type (LIVECell convention)"),
+    val: str = typer.Option("", help="Comma-separated folder(s) of fields held out for validation (never trained on)"),
+    out: str = typer.Option("runs/classify-data", help="Where the crop data set is written"),
+    epochs: int = typer.Option(30, min=1),
+    imgsz: int = typer.Option(128, min=32),
+    time_hours: float | None = typer.Option(None),
+    project: str = typer.Option("runs/classify"),
+    name: str = typer.Option("celltype"),
+) -> None:
+    """Train the field cell-type classifier (YOLOv8-cls from its YAML) on crops of type-named fields."""
+    from livecell_ray.training import classifier as classify
+
+    cfg = classify.ClassifierConfig(epochs=epochs, imgsz=imgsz, time_hours=time_hours)
+    train_folders = [f for f in folders.split(",") if f]
+    val_folders = [f for f in val.split(",") if f]
+    for f in train_folders + val_folders:
+        if not Path(f).is_dir():
+            fail(f"{f}: no such folder")
+    held = {p.stem for f in val_folders for p in Path(f).iterdir() if p.suffix.lower() in classify.IMAGE_SUFFIXES}
+    summary = classify.build_dataset(train_folders + val_folders, out, held, cfg)
+    if not summary["fields"]["train"] or not summary["fields"]["val"]:
+        fail(f"need type-named fields on both sides (train: {summary['fields']['train']}, "
+             f"val: {summary['fields']['val']})")
+    best = classify.train(out, project, name, cfg)
+    last = best.parent / "last.pt"
+    report = classify.accuracy_by_type(str(last), val_folders[0], held) if len(val_folders) == 1 else {}
+    out_console.print_json(json.dumps({"weights": str(last), "held_out": report}))
+
+
+def pseudo_label(
+    weights: str = typer.Argument(..., help="'small', 'big' or a .pt path"),
+    images_dir: str = typer.Argument(..., help="Folder of unlabelled fields"),
+    out: str = typer.Argument(..., help="Where the pseudo-labelled fields go (Usiigaci layout, for train --pseudo)"),
+    conf: float = typer.Option(0.4, min=0.0, max=1.0, help="Confidence a kept cell needs"),
+    max_extent: float = typer.Option(0.92, min=0.0, max=1.0, help="Drop box-shaped masks (area / box area above)"),
+    min_solidity: float = typer.Option(0.75, min=0.0, max=1.0, help="Drop ragged masks (area / convex area below)"),
+    tta: bool = typer.Option(True, help="Test-time augmentation while labelling"),
+    imgsz: int | None = typer.Option(None, min=32, help="Network input size (default: the model's own)"),
+    trust_weights: bool = typer.Option(False),
+) -> None:
+    """Label unlabelled fields with a model's confident, well-shaped cells, for self-training."""
+    from livecell_ray.model.models import WeightsError
+    from livecell_ray.training import pseudolabel
+
+    cfg = pseudolabel.PseudoConfig(conf=conf, max_extent=max_extent, min_solidity=min_solidity, tta=tta, imgsz=imgsz)
+    try:
+        rows = pseudolabel.pseudo_label(weights, images_dir, out, cfg, trust_weights)
+    except (WeightsError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    kept, predicted = sum(r["kept"] for r in rows), sum(r["predicted"] for r in rows)
+    out_console.print(f"{len(rows)} fields, {kept} of {predicted} predicted cells kept, in {out}")

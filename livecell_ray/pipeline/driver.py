@@ -1,0 +1,281 @@
+"""The driver's loop: OUT's lease, what is done already, the shards submitted beside the replicas and bounded
+in flight, the stall watchdog that throws a stuck execution away, compaction and run.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from livecell_ray import store
+from livecell_ray.config import SegmentConfig
+from livecell_ray.model import models
+from livecell_ray.pipeline.cluster import (
+    SHARD_CPUS,
+    early_replicas,
+    format_error,
+    in_flight,
+    init_ray,
+    recycle,
+    root_cause,
+    start_replicas,
+    stop_replicas,
+)
+from livecell_ray.pipeline.finish import write_failure, write_plates
+from livecell_ray.pipeline.preflight import RunError, RunSummary, plan, provenance, reader_channel, same_provenance
+from livecell_ray.pipeline.shard import process_shard
+
+if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
+    import pandas as pd
+
+    from livecell_ray.plate import manifest as manifest_mod
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None] | None = None,
+        planned: tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]] | None = None
+        ) -> RunSummary:
+    """Segment every field of the plate not already done in OUT; returns the summary.
+
+    The run holds OUT's lease (:func:`livecell_ray.store.acquire`) from before it reads what OUT holds
+    until after it writes run.json, so two runs into one OUT take turns (``wait_for_lease``) or the
+    second stops with a clear message; never both extending the plate's layout at once.
+    """
+    t0 = time.time()
+    early, early_weights = ([], None) if planned else early_replicas(cfg)
+    try:
+        man, outputs, weights = planned or plan(cfg, early_weights)
+        try:
+            lease = store.acquire(outputs, cfg.lease_ttl_s, cfg.wait_for_lease,
+                                  on_wait=lambda msg: print(f"{msg} (--wait)", file=sys.stderr, flush=True))
+        except store.LeaseBusy as exc:
+            raise RunError(str(exc)) from None
+        try:
+            return _run_held(cfg, progress, man, outputs, weights, lease, t0, early)
+        except store.LeaseLost as exc:
+            raise RunError(str(exc)) from None
+        finally:
+            lease.release()
+    finally:
+        stop_replicas(early)  # those the run did not use (nothing to do, or it stopped before its shards)
+
+
+def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None] | None,
+              man: manifest_mod.Manifest, outputs: store.Outputs, weights: dict[str, models.Weights],
+              lease: store.Lease, t0: float, replicas: list[Any]) -> RunSummary:
+    """The run, once OUT's lease is held; ``replicas``: model replicas started for it already, if any."""
+    import ray
+
+    from livecell_ray.plate import manifest as manifest_mod
+
+    started = datetime.now(timezone.utc).isoformat()
+    prov = provenance(cfg, weights)
+    previous = outputs.read_run()
+    if previous and not cfg.overwrite and not same_provenance(previous.get("provenance", {}), prov):
+        # Another run finished here while this one waited for the lease (plan() saw OUT before it).
+        raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
+                       f"use another OUT or --overwrite")
+    if previous and not same_provenance(previous.get("provenance", {}), prov):  # --overwrite
+        for sub in ("masks", "cells", "fields", "failures", "run.json"):
+            p = store.join(outputs.root, sub)
+            if outputs.fs.exists(p):
+                outputs.fs.rm(p, recursive=True)
+        previous = None
+    outputs.clean_temporary()
+    # Sites and time indices around what OUT already holds: a plate imaged since the last run grows.
+    known = store.retry(store.read_layouts, outputs, man.fields["plate"].unique())
+    fields, layouts = manifest_mod.apply_layout(man.fields, known)
+    man = manifest_mod.Manifest(fields, man.unmatched)
+    done = outputs.done_field_ids()
+    failed = outputs.failure_keys()  # one listing: stale rows go, the fields to redo are marked from it
+    # Fields done since they failed (their rows' removal itself failed).
+    outputs.remove_many([outputs.table_path("failures", None, None, key) for key in failed & done])
+    todo = man.fields[~man.fields["field_id"].isin(done)]
+    summary = RunSummary(out=outputs.url, fields_total=len(man.fields), fields_skipped=len(man.fields) - len(todo),
+                         unmatched=len(man.unmatched))
+    for path in man.unmatched:
+        key = "unmatched-" + manifest_mod.field_id(path, "", "", 0, 0.0)
+        summary.failures.append(write_failure(outputs, key, path, "", "", "", "manifest",
+                                              f"{path}: file name does not match the pattern"))
+    meta = {"livecell_ray": __import__("json").dumps(prov)}
+    lease.check()  # still this run's OUT before the plate's layout is extended
+    plates = (outputs.url, cfg.storage_options, man.fields, cfg.pixel_size, prov, layouts)
+    if not len(todo):
+        write_plates(*plates)
+    else:
+        init_ray(cfg)
+        # Files chosen by their names' channel are read whole: the reader is told no channel.
+        stream_cfg = dataclasses.replace(cfg, channel=reader_channel(cfg, man))
+        for res in _results(stream_cfg, todo, failed, outputs.url, weights, meta, summary.restarts, plates,
+                            replicas):
+            if lease.lost:  # the renewal found another run holding OUT: stop here (what is committed stands)
+                raise store.LeaseLost(lease.lost)
+            if summary.time_to_first_field is None:
+                summary.time_to_first_field = time.time() - t0
+            for stage in summary.stage_seconds:
+                summary.stage_seconds[stage] += float(res.get(f"{stage}_s", 0.0))
+            if res["status"] == "ok":
+                summary.fields_done += 1
+                summary.cells += int(res["n_cells"])
+                summary.scale_assumed += not float(res.get("pixel_size", np.nan)) > 0
+            else:
+                summary.fields_failed += 1
+                summary.failures.append({k: res[k] for k in ("path", "stage", "error")})
+            if progress:
+                progress(res, summary.fields_done + summary.fields_failed, len(todo))
+    if cfg.compact:
+        summary.compaction = _compact(cfg, outputs, todo)
+    summary.seconds = time.time() - t0
+    fields_now = len(outputs.done_field_ids())
+    lease.check()
+    outputs.write_run({
+        "provenance": prov, "started": (previous or {}).get("started", started),
+        "last_run": {"started": started, "ended": datetime.now(timezone.utc).isoformat(),
+                     "seconds": round(summary.seconds, 3), "fields_processed": summary.fields_done,
+                     "fields_failed": summary.fields_failed, "fields_skipped": summary.fields_skipped,
+                     "cells": summary.cells, "time_to_first_field": summary.time_to_first_field,
+                     "restarts": summary.restarts, "compaction": summary.compaction,
+                     "fields_scale_assumed": summary.scale_assumed,
+                     "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()}},
+        "source": cfg.source, "fields_in_manifest": summary.fields_total, "fields_done": fields_now,
+        "unmatched_files": len(man.unmatched),
+        "execution": {"replicas": cfg.replicas, "batch_size": cfg.batch_size,
+                      "gpus_per_replica": cfg.gpus_per_replica, "cpus_per_replica": cfg.cpus_per_replica,
+                      "address": cfg.address, "ray": ray.__version__ if ray.is_initialized() else None},
+    })
+    return summary
+
+
+def _compact(cfg: SegmentConfig, outputs: store.Outputs, todo: pd.DataFrame) -> dict[str, Any]:
+    """Compact the wells this run wrote to (or left unfinished compactions in); never fails the run.
+
+    The fields are committed already: a compaction that fails leaves them readable as they are, and
+    the next run (or ``livecell-ray compact``) tries again.
+    """
+    from livecell_ray.store import compact
+
+    t = time.time()
+    wells = {(p, w) for p, w in zip(todo["plate"], todo["well"])}
+    try:
+        c = compact.compact(outputs.url, cfg.storage_options, only=sorted(wells))
+    except Exception as exc:  # noqa: BLE001 - the run's results stand; say why and go on
+        log.warning("compaction failed: %s", format_error(exc))
+        return {"error": format_error(exc), "seconds": round(time.time() - t, 3)}
+    for e in c.errors:
+        log.warning("compaction: %s", e)
+    return {"wells": c.wells, "wells_compacted": c.wells_compacted, "files_before": c.files_before,
+            "files_after": c.files_after, "errors": c.errors, "seconds": round(time.time() - t, 3)}
+
+
+def _results(cfg: SegmentConfig, todo: pd.DataFrame, failed: set[str], out: str, weights: dict[str, models.Weights],
+             meta: dict[str, str], restarts: list[str], plates: tuple[Any, ...], started: list[Any]
+             ) -> Iterator[dict[str, Any]]:
+    """One summary per field, from shards run as Ray tasks beside the model replicas, watched for stalls.
+
+    The plate metadata (``plates``: :func:`write_plates`' arguments) is written here, before any shard is
+    submitted but after the replicas are started, so that their start-up (process, imports, network)
+    overlaps it. At most ``in_flight`` shards are submitted at a time (each holds its fields in memory);
+    the next is submitted as one finishes. ``restarts`` gets one line per execution thrown away because
+    no shard finished for ``stall_timeout_s``; after ``stall_restarts`` of them the run stops with a
+    RunError. What finished is kept, so the same command resumes. ``started``: replicas started before the
+    plan (:func:`early_replicas`), which the first execution uses rather than start its own.
+    """
+    import ray
+
+    outputs = store.Outputs(out, cfg.storage_options)
+    remaining = _shard_rows(todo, failed)
+    cfg_ref = ray.put(cfg)
+    task = ray.remote(num_cpus=SHARD_CPUS, **recycle(cfg))(process_shard)
+    while True:
+        replicas = (started if not restarts else []) or start_replicas(cfg, weights)
+        limit = in_flight(cfg, len(replicas))
+        shards = cut_shards(remaining, cfg.batch_size, ramp=limit)
+        pending: dict[Any, list[dict[str, Any]]] = {}
+        finished: set[str] = set()
+        next_shard, reason = 0, ""
+        try:
+            if not restarts:  # the first execution: while its replicas load
+                write_plates(*plates)
+                # Then the folders the shards' files go to (on a fresh plate, after its groups: the groups'
+                # listing then finds no folders to walk; 0.6 instead of 0.75 s of CPU for 400 wells).
+                store.make_folders(outputs, todo)
+            while next_shard < len(shards) or pending:
+                while next_shard < len(shards) and len(pending) < limit:
+                    rows = shards[next_shard]
+                    ref = task.remote(rows, replicas[next_shard % len(replicas)], cfg_ref, out, meta)
+                    pending[ref] = rows
+                    next_shard += 1
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.stall_timeout_s or None)
+                if not ready:
+                    reason = f"no field finished for {cfg.stall_timeout_s:g} s"
+                    break
+                for ref in ready:
+                    rows = pending.pop(ref)
+                    try:
+                        summaries = ray.get(ref)
+                    except ray.exceptions.RayActorError as exc:
+                        # A replica that died past its restarts (or failed to load) fails every batch sent to
+                        # it: stop with the reason rather than record the whole plate as failed.
+                        raise RunError(f"{out}: a model replica stopped for good ({root_cause(exc)}); the fields "
+                                       f"finished are kept: run the same command again to resume") from None
+                    except Exception as exc:  # the task's worker died past its retries, or Ray lost its result
+                        summaries = [_lost(outputs, r, exc) for r in rows]
+                    for res in summaries:
+                        finished.add(res["field_id"])
+                        yield res
+            if not reason:
+                return
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            stop_replicas(replicas)  # a frozen replica too: its process is killed
+        remaining = [r for r in remaining if r["field_id"] not in finished]
+        restarts.append(f"{reason}; started again over the {len(remaining)} fields left")
+        if len(restarts) > cfg.stall_restarts:
+            n = len(restarts)
+            raise RunError(f"{out}: the pipeline stopped making progress {n} time{'s' * (n > 1)} (last: {reason}); "
+                           f"the fields finished are kept: run the same command again to resume, or raise "
+                           f"stall_timeout_s")
+        log.warning("%s: %s", out, restarts[-1])
+
+
+def cut_shards(rows: list[dict[str, Any]], batch: int, ramp: int) -> list[list[dict[str, Any]]]:
+    """Shards of ``batch`` fields, but the first ``ramp`` of them (those submitted at the start) and the
+    last fields (``ramp`` full shards' worth) in shards of a quarter of that (at least 4 fields): the
+    first fields come out sooner, and the run does not end on one full shard while the other workers
+    have nothing left.
+    """
+    small = min(batch, max(4, batch // 4))
+    head = min(len(rows), small * ramp)
+    tail = max(head, len(rows) - batch * ramp)
+    cut = [(i, min(i + small, head)) for i in range(0, head, small)]
+    cut += [(i, min(i + batch, tail)) for i in range(head, tail, batch)]
+    cut += [(i, min(i + small, len(rows))) for i in range(tail, len(rows), small)]
+    return [rows[i:j] for i, j in cut]
+
+
+def _shard_rows(todo: pd.DataFrame, failed: set[str]) -> list[dict[str, Any]]:
+    """The manifest rows to do, as plain dicts for the shard tasks; ``failed``: the keys in failures/."""
+    rows = todo.to_dict("records")
+    for r in rows:
+        r["column"] = int(r["column"])
+        r["crop"] = int(r["crop"])
+        r["failed_before"] = r["field_id"] in failed
+    return rows
+
+
+def _lost(outputs: store.Outputs, row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """A field whose shard task could not finish (its worker died past its retries): its failures/ row and
+    summary, so that the rest of the plate goes on and a rerun tries it again."""
+    error = f"{row['path']}: its task could not finish ({format_error(exc)})"
+    write_failure(outputs, str(row["field_id"]), str(row["path"]), str(row["field_id"]), str(row["plate"]),
+                  str(row["well"]), "worker", error)
+    return {"field_id": str(row["field_id"]), "path": str(row["path"]), "status": "failed", "n_cells": 0,
+            "stage": "worker", "error": error}

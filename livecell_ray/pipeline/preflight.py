@@ -1,0 +1,150 @@
+"""What is checked before Ray starts, and what a run records: the plan (manifest, OUT, weights), the run's
+provenance (the models and parameters a resume must match), its summary, and RunError."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import livecell_ray
+from livecell_ray import store
+from livecell_ray.config import SegmentConfig
+from livecell_ray.model import models
+from livecell_ray.pipeline import credentials
+from livecell_ray.pipeline.shard import field_planes
+from livecell_ray.plate.imaging import ImageError, PlaneError, TooLarge, read_image_with_info
+
+if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
+
+    from livecell_ray.plate import manifest as manifest_mod
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """The run cannot start (bad output location, provenance mismatch...) or cannot go on (stalled)."""
+
+
+@dataclass
+class RunSummary:
+    """What the CLI prints and run.json records."""
+
+    out: str
+    fields_total: int = 0
+    fields_skipped: int = 0
+    fields_done: int = 0
+    fields_failed: int = 0
+    unmatched: int = 0
+    cells: int = 0
+    seconds: float = 0.0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    # Seconds spent in each stage, summed over fields: against the wall time (and the workers each stage
+    # has) they say which stage bounds the run. "model" is the replica's time on its batches.
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "model": 0.0, "finish": 0.0})
+    time_to_first_field: float | None = None
+    restarts: list[str] = field(default_factory=list)  # why each stalled execution was thrown away
+    # Fields segmented with no pixel size known (no --pixel-size, manifest column or file metadata): taken to be
+    # at the model's scale, which the CLI's summary says.
+    scale_assumed: int = 0
+    compaction: dict[str, Any] | None = None  # what compacting the wells did (None: not asked for)
+
+    @property
+    def fields_per_second(self) -> float:
+        return self.fields_done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_fields_per_second(self) -> float:
+        """Fields/s after the first one came out: the rate without Ray's and the model's start-up."""
+        if self.time_to_first_field is None or self.seconds <= self.time_to_first_field:
+            return 0.0
+        return max(0, self.fields_done - 1) / (self.seconds - self.time_to_first_field)
+
+    def stage_report(self) -> str:
+        """Per-field time of each stage and how busy the model replicas were (for benchmarks and tuning)."""
+        n = max(1, self.fields_done + self.fields_failed)
+        ms = {k: 1000 * v / n for k, v in self.stage_seconds.items()}
+        busy = self.stage_seconds["model"] / self.seconds if self.seconds > 0 else 0.0
+        first = f"{self.time_to_first_field:.1f} s" if self.time_to_first_field is not None else "-"
+        return (f"read {ms['read']:.1f} ms, model {ms['model']:.1f} ms, measure+write {ms['finish']:.1f} ms a "
+                f"field; model replicas busy {busy:.0%} of the run (summed); first field after {first}")
+
+
+def _check_out(cfg: SegmentConfig, outputs: store.Outputs) -> None:
+    src = cfg.source if "://" in cfg.source else os.path.abspath(cfg.source)
+    if outputs.url.rstrip("/").startswith(src.rstrip("/") + "/") or outputs.url.rstrip("/") == src.rstrip("/"):
+        raise RunError(f"{cfg.out}: output location is inside the source {cfg.source}; choose another OUT")
+    try:
+        outputs.fs.makedirs(outputs.root, exist_ok=True)
+        probe = store.join(outputs.root, f".write-probe-{os.getpid()}")
+        with outputs.fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        outputs.fs.rm(probe)
+    except Exception as exc:
+        raise RunError(f"{cfg.out}: output location is not writable ({type(exc).__name__}: {exc})") from exc
+
+
+def provenance(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> dict[str, Any]:
+    """What made these outputs; a resume must match it."""
+    used = dict(weights)
+    if cfg.route == "auto":  # the classifier then decides which model segments a field
+        clf = models.resolve_classifier(cfg.classifier, cfg.trust_weights)
+        if clf is None:
+            raise RunError("--route auto needs a field classifier: weights/celltype.pt is not installed "
+                           "and --classifier names none (train one with `livecell-ray train-classifier`)")
+        used["classifier"] = clf
+    # Each network's input size as it ran (a run that sets none takes the model's own from weights/models.json).
+    sizes = {k: w.input_size(cfg.inference.imgsz) for k, w in weights.items()}
+    return {"package": "livecell-ray", "version": livecell_ray.__version__,
+            "models": {k: {"path": w.path, "sha256": w.sha256, **({"imgsz": sizes[k]} if k in sizes else {})}
+                       for k, w in used.items()},
+            "parameters": cfg.provenance()}
+
+
+def same_provenance(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    used = lambda p: {k: (v["sha256"], v.get("imgsz")) for k, v in p.get("models", {}).items()}  # noqa: E731
+    return used(a) == used(b) and a.get("parameters") == b.get("parameters")
+
+
+def reader_channel(cfg: SegmentConfig, man: manifest_mod.Manifest) -> str | None:
+    """The plane a reader picks inside each file: --channel, unless it already chose the files by name."""
+    return None if man.channel_from_names else cfg.channel
+
+
+def plan(cfg: SegmentConfig, weights: dict[str, models.Weights] | None = None
+         ) -> tuple[manifest_mod.Manifest, store.Outputs, dict[str, models.Weights]]:
+    """Everything that can be checked before Ray starts: manifest, OUT, weights (``weights``: cfg.model's, when
+    resolved already)."""
+    from livecell_ray.plate import manifest as manifest_mod
+
+    for name, url in (("source", cfg.source), ("OUT", cfg.out)):
+        if credentials.url_password(url):  # it would be in every path column, run.json and the logs
+            raise RunError(f"{credentials.redact_url(url)}: the {name} URL holds a password; leave it out and "
+                           f"{credentials.HOW}")
+    man = manifest_mod.build(cfg.source, cfg.pattern, cfg.manifest, cfg.storage_options, cfg.channel, cfg.layout)
+    if cfg.stack_axis == "t":
+        man = manifest_mod.expand_stacks(man, cfg.interval_h, cfg.storage_options)
+    # Multi-plane files read without the flags that say which plane (or with a channel they lack) fail here,
+    # on the first file, before anything is written; any other fault of that file is its own failure later.
+    first = man.fields.iloc[0]
+    try:
+        read_image_with_info(first["path"], cfg.storage_options, cfg.max_pixels,
+                             field_planes(first, reader_channel(cfg, man)), stream_bytes=cfg.stream_bytes)
+    except PlaneError as exc:
+        raise RunError(str(exc)) from None
+    except (ImageError, TooLarge):
+        pass
+    outputs = store.Outputs(cfg.out, cfg.storage_options)
+    weights = weights or models.resolve_map(cfg.model, cfg.trust_weights)
+    if cfg.route not in ("none", "auto"):
+        raise RunError(f"route {cfg.route!r}: use none or auto")
+    if cfg.route == "auto":
+        provenance(cfg, weights)  # checks that a classifier is there to route by
+    _check_out(cfg, outputs)
+    previous = outputs.read_run()
+    if previous and not cfg.overwrite and not same_provenance(previous.get("provenance", {}),
+                                                               provenance(cfg, weights)):
+        raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
+                       f"use another OUT or --overwrite")
+    return man, outputs, weights
