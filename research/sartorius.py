@@ -44,6 +44,7 @@ LOGS = Path("weights/logs/sartorius")
 TILE = ls.TILE
 SHSY5Y_REPEAT = 2  # LIVECell's hardest type: its Sartorius fields twice
 ALL_FOLDS = {"f0": "all", **FOLDS}
+KEEP_WEIGHTS = ("pre", "f0")  # committed: the pre-training a next session continues from, and the candidate
 
 
 def held_out_shsy5y(names: list[str]) -> set[str]:
@@ -136,7 +137,8 @@ def snapshot() -> None:
         for name in ("args.yaml", "results.csv"):
             if (run / name).exists():
                 shutil.copy(run / name, dst / name)
-        strip_optimizer(str(run / "weights" / "last.pt"), str(dst / "last.pt"))
+        if run.name in KEEP_WEIGHTS:  # the fold models' figures are in their eval_*.json
+            strip_optimizer(str(run / "weights" / "last.pt"), str(dst / "last.pt"))
     for p in PROJECT.glob("eval_*.json"):
         shutil.copy(p, LOGS / p.name)
 
@@ -180,6 +182,7 @@ def main() -> None:
     ev = sub.add_parser("eval")
     ev.add_argument("fold", choices=sorted(ALL_FOLDS))
     ev.add_argument("--weights", default=None, help="default: runs/sartorius/FOLD/weights/last.pt")
+    ev.add_argument("--name", default=None, help="eval_NAME.json (default: the fold)")
     sub.add_parser("snapshot")
     sub.add_parser("table")
     a = p.parse_args()
@@ -192,7 +195,7 @@ def main() -> None:
     elif a.cmd == "eval":
         w = a.weights or str(PROJECT / a.fold / "weights" / "last.pt")
         res = score(w, a.fold)
-        (PROJECT / f"eval_{a.fold}.json").write_text(json.dumps(res, indent=1))
+        (PROJECT / f"eval_{a.name or a.fold}.json").write_text(json.dumps(res, indent=1))
         print(json.dumps({k: v for k, v in res.items() if k not in ("weights",)}, indent=1))
     elif a.cmd == "snapshot":
         snapshot()

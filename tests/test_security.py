@@ -40,11 +40,20 @@ def test_user_weights_need_trust(tmp_path):
     own = tmp_path / "mine.pt"
     shutil.copy(ROOT / "weights" / "small.pt", own)
     assert models.resolve(str(own)).sha256  # a byte-identical copy of a shipped model is known
+    import torch
+
     other = tmp_path / "other.pt"
-    other.write_bytes(b"\x80\x04not a model")
+    torch.save({"model": None}, other)  # a checkpoint of one's own: unknown checksum
     with pytest.raises(models.WeightsError, match="--trust-weights"):
         models.resolve(str(other))
     assert models.resolve(str(other), trust=True).path == str(other.resolve())
+    # A file that cannot be a checkpoint is named by the user's own path, trusted or not.
+    for data, why in ((b"", "an empty file"), (b"\x80\x04not a model", "truncated, or another kind of file"),
+                      (other.read_bytes()[:200], "truncated")):
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(data)
+        with pytest.raises(models.WeightsError, match=f"{bad}: not a PyTorch checkpoint .{why}"):
+            models.resolve(str(bad), trust=True)
 
 
 def test_weights_changed_after_the_driver_checked_are_refused_where_loaded(tmp_path):

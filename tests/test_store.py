@@ -64,7 +64,7 @@ def test_a_field_of_another_size_in_the_same_series_is_refused(tmp_path):
     out = store.Outputs(str(tmp_path / "out"))
     store.init_plates(out, _plate(tmp_path, ["A172_Phase_A7_1_00d00h00m_1.tif"]), None, {})
     store.write_masks(out, "A172", "A", 7, "0", 0, 2, np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint32))
-    with pytest.raises(ValueError, match=r"A/7/0/0 has shape \(2, 8, 8\), this field needs \(2, 9, 8\)"):
+    with pytest.raises(ValueError, match=r"8x9 px, but its field \(array A/7/0/0\) is 8x8 px at another timepoint"):
         store.write_masks(out, "A172", "A", 7, "0", 1, 2, np.zeros((9, 8), np.uint8), np.zeros((9, 8), np.uint32))
 
 

@@ -200,8 +200,11 @@ class Results:
         """Any DuckDB SQL over the views, as a lazy relation (``df`` runs it and survives a compaction)."""
         return self.con.sql(query)
 
-    def df(self, query: str) -> pd.DataFrame:
-        """A query's result as pandas; lists the tables again if a compaction removed a file meanwhile."""
+    def df(self, query: str, params: list[Any] | None = None) -> pd.DataFrame:
+        """A query's result as pandas (``params``: the values of its ``?`` placeholders); lists the tables
+        again if a compaction removed a file meanwhile."""
+        if params:
+            return self._retry(lambda: self.con.execute(query, params).df())
         return self._retry(lambda: self.con.sql(query).df())
 
     @property
@@ -217,10 +220,12 @@ class Results:
         return self.con.table("failures")
 
     def wells(self, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS, by_timepoint: bool = False,
-              where: str | None = None, with_map: bool = True) -> pd.DataFrame:
-        """Per-well (or per well x timepoint) aggregates as pandas, with the plate map's columns if there is one."""
-        sql = wells_sql(metrics, by_timepoint, where)
-        df = self._retry(lambda: self.con.sql(sql).df())
+              where: str | None = None, with_map: bool = True, well: str | None = None) -> pd.DataFrame:
+        """Per-well (or per well x timepoint) aggregates as pandas, with the plate map's columns if there is one;
+        ``well``: that well's only (a query parameter, never pasted into the SQL)."""
+        conds = [c for c in (where and f"({where})", "well = ?" if well else None) if c]
+        sql = wells_sql(metrics, by_timepoint, " AND ".join(conds) or None)
+        df = self.df(sql, [well] if well else None)
         return self.with_platemap(df) if with_map else df
 
 

@@ -209,7 +209,7 @@ def build(out: str, storage_options: dict[str, Any] | None = None, max_overlays:
     wells = res.wells(list(HEATMAP_METRICS) + ["cells", "fields", "failed"])
     per_time = res.wells(["cells_per_field_mean", "confluence"], by_timepoint=True)
     failures = res.df("SELECT * FROM failures")
-    run = outputs.read_run() or {}
+    run = outputs.read_run_or_empty()
     parts = [f"<h1>livecell-ray plate report</h1><p>{html.escape(outputs.url)} &middot; generated "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} &middot; {len(fields)} fields, {len(cells)} cells, "
              f"{len(failures)} failures</p>"]

@@ -82,6 +82,13 @@ def query(
     import duckdb
 
     res = _open(out, storage_options, platemap)
+    if well:
+        from livecell_ray.plate.manifest import ManifestError, parse_well
+
+        try:  # A01, a1 and A1 are one well; stored as A1
+            well = "".join(map(str, parse_well(well)))
+        except ManifestError as exc:
+            fail(f"--well: {exc}")
     try:
         if what == "growth":
             df = res.growth()
@@ -90,12 +97,13 @@ def query(
         elif what == "wells":
             if by not in (None, "timepoint"):
                 fail("--by takes only 'timepoint'")
-            df = res.wells([m.strip() for m in metrics.split(",") if m.strip()], by == "timepoint", where)
+            df = res.wells([m.strip() for m in metrics.split(",") if m.strip()], by == "timepoint", where, well=well)
         elif what in ("fields", "cells"):
-            conds = [c for c in (where, f"well = '{well}'" if well else None) if c]
+            # The well is a parameter of the query, never pasted into its text.
+            conds = [c for c in (where and f"({where})", "well = ?" if well else None) if c]
             sql = f"SELECT * EXCLUDE (path), path FROM {what}" + (f" WHERE {' AND '.join(conds)}" if conds else "")
             sql += " ORDER BY plate, well, timepoint" + (", label" if what == "cells" else "")
-            df = res.df(sql)
+            df = res.df(sql, [well] if well else None)
         else:
             fail(f"unknown table {what!r}: use wells, fields, cells, growth or dose_response")
     except ValueError as exc:
@@ -123,6 +131,8 @@ def sql(
     """Any DuckDB SQL over the run's views."""
     import duckdb
 
+    if not statement.strip():
+        fail("empty SQL statement: give one, e.g. \"SELECT well, count(*) FROM cells GROUP BY well\"")
     res = _open(out, storage_options)
     try:
         df = res.df(statement)

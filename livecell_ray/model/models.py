@@ -103,6 +103,8 @@ def resolve(spec: str, trust: bool = False) -> Weights:
         if not path.exists():
             names = ", ".join(SHIPPED)
             raise WeightsError(f"unknown model {spec!r}: not one of {names} and no such file")
+        if path.is_dir():
+            raise WeightsError(f"model {spec!r}: {path} is a folder, not a PyTorch .pt file")
         if path.suffix != ".pt":
             raise WeightsError(f"model {spec!r}: expected a PyTorch .pt file")
     digest = sha256(path)
@@ -113,8 +115,24 @@ def resolve(spec: str, trust: bool = False) -> Weights:
     if expected is None and digest not in sums.values() and not trust:
         raise WeightsError(f"{path}: not a shipped model (sha256 {digest[:12]}... unknown); "
                            f"pass --trust-weights to load your own file")
+    check_checkpoint(path)
     shipped = {v: k for k, v in sums.items()}.get(digest)
     return shipped_weights(spec, path, digest, shipped, wdir)
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse, naming the user's own path, a file that cannot be a PyTorch checkpoint (empty, truncated, or
+    another kind of file): torch saves a zip archive, whose directory sits at its end."""
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        ok = size > 0 and zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read the weights ({exc.strerror or exc})") from None
+    if not ok:
+        why = "an empty file" if size == 0 else "truncated, or another kind of file"
+        raise WeightsError(f"{path}: not a PyTorch checkpoint ({why})")
 
 
 def shipped_weights(spec: str, path: Path, digest: str, file_name: str | None,
@@ -220,6 +238,12 @@ def load(weights: Weights, task: str = "segment"):
         private = Path(tmp) / Path(weights.path).name
         private.write_bytes(data)
         model = YOLO(str(private), task=task)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Named by the user's path, not the private copy it was unpickled from.
+        text = str(exc).replace(str(private), weights.path).strip().splitlines()
+        raise WeightsError(f"{weights.path}: cannot load the model ({type(exc).__name__}: "
+                           f"{text[0] if text else ''})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,39 +52,53 @@ class SegmentActor:
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def segment(self, images: list[np.ndarray], cell_types: list[str], pixel_sizes: list[float],
-                paths: list[str]) -> dict[str, Any]:
+                paths: list[str], from_metadata: list[bool] | None = None) -> dict[str, Any]:
         """One model batch: a shard's readable fields. Returns, per field, its label image (uint16 when it
         fits), class ids and confidences as bytes, its predicted cell type and probability, and an error
         ("" when segmented); then where and how long (model_node, model_pid, model_s a field).
+
+        A field's failure is its own: one whose scale is beyond reason (``from_metadata``: its pixel size is
+        the file's own claim, :meth:`Segmenter.check_scale`) is refused before the batch, and a batch that
+        raises is run again field by field, so that only the fields that fail alone are marked failed.
         """
         n = len(images)
         t0 = time.perf_counter()
         out: dict[str, Any] = {"labels": [np.zeros((0, 0), np.uint16)] * n, "class_ids": [b""] * n,
                                "confidences": [b""] * n, "cell_type_predicted": [""] * n,
                                "cell_type_probability": [float("nan")] * n, "error": [""] * n}
-        try:
-            types = list(cell_types)
-            if self.classifier is not None:  # every field's type from its pixels, whatever the routing
-                try:
-                    for i, (t, prob, _) in enumerate(self.classifier(images)):
-                        out["cell_type_predicted"][i], out["cell_type_probability"][i] = t, prob
-                except Exception:
-                    if self.route == "auto":
-                        raise  # no type, no route: the batch fails with the reason
-                    log.exception("field classifier failed; cell_type_predicted left empty")
-                if self.route == "auto":
-                    types = list(out["cell_type_predicted"])
-            res = self.segmenter(images, types, [px if px > 0 else None for px in pixel_sizes])
-            for i, r in enumerate(res):
-                out["labels"][i], out["class_ids"][i], out["confidences"][i] = encode_instances(r)
-        except Exception as exc:
-            out["error"] = [f"{path}: model failed ({type(exc).__name__}: {exc})" for path in paths]
+        errors = out["error"]
+        px = [p if p > 0 else None for p in pixel_sizes]
+        from_metadata = list(from_metadata or [False] * n)
+        todo = list(range(n))
+        types = list(cell_types)
+        if self.classifier is not None:  # every field's type from its pixels, whatever the routing
+            failed: list[str] = [""] * n
+            predicted = isolated(lambda idx: self.classifier([images[i] for i in idx]), todo, paths, failed,
+                                 "field classifier")
+            for i, (t, prob, _) in predicted.items():
+                out["cell_type_predicted"][i], out["cell_type_probability"][i] = t, prob
+            if self.route == "auto":  # no type, no route: such a field fails with the reason
+                errors[:] = failed
+                todo = [i for i in todo if i in predicted]
+                types = list(out["cell_type_predicted"])
+            elif any(failed):
+                log.warning("field classifier failed; cell_type_predicted left empty: %s",
+                            "; ".join(e for e in failed if e))
+        for i in list(todo):
+            try:
+                self.segmenter.check_scale(types[i], px[i], images[i].shape, from_metadata[i])
+            except ValueError as exc:
+                errors[i] = f"{paths[i]}: {exc}"
+                todo.remove(i)
+        done = isolated(lambda idx: self.segmenter([images[i] for i in idx], [types[i] for i in idx],
+                                                   [px[i] for i in idx]), todo, paths, errors, "model")
+        for i, r in done.items():
+            out["labels"][i], out["class_ids"][i], out["confidences"][i] = encode_instances(r)
         out.update(model_node=self.node_id, model_pid=os.getpid(), model_s=(time.perf_counter() - t0) / max(1, n))
         return out
 
-
-    def plan_field(self, window: np.ndarray, cell_type: str, pixel_size: float, shape: tuple[int, int]
-                   ) -> dict[str, Any]:
+    def plan_field(self, window: np.ndarray, cell_type: str, pixel_size: float, shape: tuple[int, int],
+                   from_metadata: bool = False) -> dict[str, Any]:
         """How a streamed field is segmented (livecell_ray.pipeline.stream): its type predicted from ``window`` (a part
         of it, normalised), then its model, tile plan and scale (``Segmenter.tiling``)."""
         out: dict[str, Any] = {"cell_type_predicted": "", "cell_type_probability": float("nan"),
@@ -98,7 +113,9 @@ class SegmentActor:
                 log.exception("field classifier failed; cell_type_predicted left empty")
             if self.route == "auto":
                 cell_type = out["cell_type_predicted"]
-        key, scale, working, plan = self.segmenter.tiling(cell_type, pixel_size if pixel_size > 0 else None, shape)
+        px = pixel_size if pixel_size > 0 else None
+        self.segmenter.check_scale(cell_type, px, shape, from_metadata)
+        key, scale, working, plan = self.segmenter.tiling(cell_type, px, shape)
         out.update(key=key, scale=scale, working=working, plan=plan)
         return out
 
@@ -110,6 +127,34 @@ class SegmentActor:
             labels, cls, conf = encode_instances(r)
             out.append((labels, np.frombuffer(conf, np.float32), np.frombuffer(cls, np.int16)))
         return out
+
+
+def isolated(run: Callable[[list[int]], list[Any]], idx: list[int], paths: list[str], errors: list[str],
+             what: str) -> dict[int, Any]:
+    """``run`` over the fields ``idx`` as one batch ({field: its result}); when the batch raises, each field
+    alone, so that one field's fault (its size, its scale, its pixels) never fails its neighbours. A field
+    that fails alone gets its one-line reason in ``errors``."""
+    if not idx:
+        return {}
+    try:
+        return dict(zip(idx, run(idx)))
+    except Exception as exc:  # noqa: BLE001 - which field is to blame is found below
+        if len(idx) == 1:
+            errors[idx[0]] = f"{paths[idx[0]]}: {what} failed ({one_line(exc)})"
+            return {}
+    out = {}
+    for i in idx:
+        try:
+            out[i] = run([i])[0]
+        except Exception as exc:  # noqa: BLE001 - this field's own failure, recorded as such
+            errors[i] = f"{paths[i]}: {what} failed ({one_line(exc)})"
+    return out
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def encode_instances(result: Instances) -> tuple[np.ndarray, bytes, bytes]:

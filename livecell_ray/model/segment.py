@@ -34,6 +34,18 @@ class Instances:
     confidences: np.ndarray
 
 
+#: A pixel size from a file's own metadata may resize its field at most this much either way; beyond it the
+#: metadata is taken to be wrong (a resolution tag of 1 px/cm, a PhysicalSizeX in the wrong unit) and the field
+#: is refused with the reason, unless --pixel-size (or a manifest column) says the scale.
+METADATA_SCALE_LIMIT = 8.0
+#: No field is resampled to more pixels than this at its model's scale (4 GB of uint32 labels).
+MAX_WORKING_PIXELS = 1_000_000_000
+
+
+class ScaleError(ValueError):
+    """A field whose pixel size would resample it beyond reason; refused before any work is done on it."""
+
+
 class Segmenter:
     """Holds one network per model key (a cell type, or '*' for all) on one device."""
 
@@ -135,6 +147,26 @@ class Segmenter:
         for a in range(0, len(plan), chunk):
             for r in self._predict_same_size(key, [_crop(image, t) for t in plan[a:a + chunk]], False):
                 yield r.labels, r.confidences, r.class_ids
+
+    def check_scale(self, cell_type: str, pixel_size: float | None, shape: tuple[int, ...],
+                    from_metadata: bool = False) -> None:
+        """Refuse, before any work, a field whose pixel size would resample it beyond reason: one from the file's
+        own metadata more than :data:`METADATA_SCALE_LIMIT` times from the model's either way (a wrong OME
+        PhysicalSizeX or TIFF resolution tag, not the optics: ``--pixel-size`` overrides it), or any that would
+        make more than :data:`MAX_WORKING_PIXELS` pixels. Raises :class:`ScaleError`, naming scale and size."""
+        key, scale = self.field_scale(cell_type, pixel_size, shape)
+        if scale is None:
+            return
+        model = self.pixel_sizes[key]
+        if from_metadata and not 1 / METADATA_SCALE_LIMIT <= scale <= METADATA_SCALE_LIMIT:
+            raise ScaleError(f"its metadata says {pixel_size:g} um/px, {scale:.3g}x the model's {model:g} um/px "
+                             f"(more than {METADATA_SCALE_LIMIT:g}x either way): refused as a wrong scale; give "
+                             f"--pixel-size UM if it is right")
+        h, w = tiles_mod.resampled_shape(tuple(shape[-2:]), scale)
+        if h * w > MAX_WORKING_PIXELS:
+            raise ScaleError(f"at {pixel_size:g} um/px its {shape[-1]}x{shape[-2]} px would be resampled "
+                             f"{scale:.3g}x to {w}x{h} px at the model's {model:g} um/px, more than "
+                             f"{MAX_WORKING_PIXELS:,} pixels")
 
     def field_scale(self, cell_type: str, pixel_size: float | None, shape: tuple[int, ...]
                     ) -> tuple[str, float | None]:

@@ -27,8 +27,16 @@ from livecell_ray.pipeline.cluster import (
     start_replicas,
     stop_replicas,
 )
-from livecell_ray.pipeline.finish import write_failure, write_plates
-from livecell_ray.pipeline.preflight import RunError, RunSummary, plan, provenance, reader_channel, same_provenance
+from livecell_ray.pipeline.finish import refuse_mixed_shapes, write_failure, write_plates
+from livecell_ray.pipeline.preflight import (
+    RunError,
+    RunSummary,
+    plan,
+    previous_run,
+    provenance,
+    reader_channel,
+    same_provenance,
+)
 from livecell_ray.pipeline.shard import process_shard
 
 if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
@@ -77,18 +85,18 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
 
     started = datetime.now(timezone.utc).isoformat()
     prov = provenance(cfg, weights)
-    previous = outputs.read_run()
-    if previous and not cfg.overwrite and not same_provenance(previous.get("provenance", {}), prov):
-        # Another run finished here while this one waited for the lease (plan() saw OUT before it).
-        raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
-                       f"use another OUT or --overwrite")
-    if previous and not same_provenance(previous.get("provenance", {}), prov):  # --overwrite
+    # Again under the lease: another run may have written here while this one waited for it.
+    previous, recorded = previous_run(cfg, outputs, prov)
+    if recorded is not None and not same_provenance(recorded, prov):  # --overwrite
         for sub in ("masks", "cells", "fields", "failures", "run.json"):
             p = store.join(outputs.root, sub)
             if outputs.fs.exists(p):
                 outputs.fs.rm(p, recursive=True)
         previous = None
     outputs.clean_temporary()
+    # Provenance before the first field: a run stopped after its first commit still says what made it.
+    outputs.write_run({**(previous or {}), "provenance": prov, "started": (previous or {}).get("started", started),
+                       "source": cfg.source})
     # Sites and time indices around what OUT already holds: a plate imaged since the last run grows.
     known = store.retry(store.read_layouts, outputs, man.fields["plate"].unique())
     fields, layouts = manifest_mod.apply_layout(man.fields, known)
@@ -113,6 +121,7 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
         init_ray(cfg)
         # Files chosen by their names' channel are read whole: the reader is told no channel.
         stream_cfg = dataclasses.replace(cfg, channel=reader_channel(cfg, man))
+        committed: list[dict[str, Any]] = []
         for res in _results(stream_cfg, todo, failed, outputs.url, weights, meta, summary.restarts, plates,
                             replicas):
             if lease.lost:  # the renewal found another run holding OUT: stop here (what is committed stands)
@@ -122,6 +131,7 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
             for stage in summary.stage_seconds:
                 summary.stage_seconds[stage] += float(res.get(f"{stage}_s", 0.0))
             if res["status"] == "ok":
+                committed.append(res)
                 summary.fields_done += 1
                 summary.cells += int(res["n_cells"])
                 summary.scale_assumed += not float(res.get("pixel_size", np.nan)) > 0
@@ -130,6 +140,11 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
                 summary.failures.append({k: res[k] for k in ("path", "stage", "error")})
             if progress:
                 progress(res, summary.fields_done + summary.fields_failed, len(todo))
+        for res in refuse_mixed_shapes(outputs, todo, committed):
+            summary.fields_done -= 1
+            summary.cells -= int(res["n_cells"])
+            summary.fields_failed += 1
+            summary.failures.append({k: res[k] for k in ("path", "stage", "error")})
     if cfg.compact:
         summary.compaction = _compact(cfg, outputs, todo)
     summary.seconds = time.time() - t0

@@ -13,6 +13,7 @@ import numpy as np
 
 from livecell_ray import store
 from livecell_ray.measure import measure_cells, measure_field
+from livecell_ray.model.replica import one_line
 
 if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
     import pandas as pd
@@ -69,7 +70,7 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
             cells = measure_cells(labels, raw, cls, conf, px if px > 0 else pixel_size)
             fstats = measure_field(labels, raw)
         except Exception as exc:
-            summary.update(status="failed", stage="measure", error=f"{row['path']}: {type(exc).__name__}: {exc}")
+            summary.update(status="failed", stage="measure", error=f"{row['path']}: {one_line(exc)}")
             continue
         block.append((i, _field_result(row, labels, cells, fstats)))
     errors = store.write_block(outputs, [f for _, f in block], provenance_meta)
@@ -78,6 +79,7 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
             summaries[i].update(status="failed", stage="write", error=errors[f.field_id])
         else:
             summaries[i]["n_cells"] = len(f.cells["label"])
+            summaries[i]["shape"] = list(f.labels.shape)
     for row, s in zip(rows, summaries):
         if s["status"] != "ok":
             write_failure(outputs, s["field_id"], s["path"], s["field_id"], str(row["plate"]), str(row["well"]),
@@ -128,3 +130,41 @@ def write_failure(outputs: store.Outputs, key: str, path: str, field_id: str, pl
     outputs.write_table(outputs.table_path("failures", None, None, key),
                         store.table_from_columns({k: [v] for k, v in rec.items()}))
     return rec
+
+
+def refuse_mixed_shapes(outputs: store.Outputs, fields: pd.DataFrame, done: list[dict[str, Any]]
+                        ) -> list[dict[str, Any]]:
+    """Timepoints of one field (one site's series) that came out of this run at different sizes: each whose
+    size is not its array's is un-committed (its fields/ and cells/ rows and its chunks removed) and recorded
+    in failures/ naming both sizes; returns their summaries, now failed. Across runs the store refuses such a
+    timepoint as it is written; within one run, the timepoints that create a site's arrays may race, so the
+    driver checks once every shard is in. ``done``: this run's summaries of committed fields."""
+    if not done:
+        return []
+    info = fields.set_index("field_id")
+    by_site: dict[tuple, list[dict[str, Any]]] = {}
+    for s in done:
+        r = info.loc[s["field_id"]]
+        by_site.setdefault((str(r["plate"]), str(r["row"]), int(r["column"]), str(r["site"])), []).append(s)
+    refused = []
+    for (plate, row, column, site), runs in by_site.items():
+        if len({tuple(s.get("shape", ())) for s in runs}) < 2:
+            continue
+        docs = store.read_documents(outputs, store.mask_documents(outputs, plate, row, column, site))
+        labels_doc = docs[1] or docs[0]
+        declared = tuple(__import__("json").loads(labels_doc)["shape"][1:]) if labels_doc else ()
+        for s in runs:
+            if tuple(s.get("shape", ())) == declared:
+                continue
+            r = info.loc[s["field_id"]]
+            well, t = str(r["well"]), int(r["t_index"])
+            outputs.remove_many([outputs.table_path("fields", plate, well, s["field_id"]),
+                                 outputs.table_path("cells", plate, well, s["field_id"]),
+                                 *store.chunk_files(outputs, plate, row, column, site, t)])
+            h, w = s["shape"]
+            error = (f"{s['path']}: {w}x{h} px, but its field (plate {plate}, well {well}, site {site}) is "
+                     f"{declared[1] if declared else '?'}x{declared[0] if declared else '?'} px at another "
+                     f"timepoint: every timepoint of a field must have one size")
+            write_failure(outputs, s["field_id"], s["path"], s["field_id"], plate, well, "write", error)
+            refused.append({**s, "status": "failed", "stage": "write", "error": error})
+    return refused

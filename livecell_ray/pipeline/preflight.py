@@ -13,6 +13,7 @@ from livecell_ray import store
 from livecell_ray.config import SegmentConfig
 from livecell_ray.model import models
 from livecell_ray.pipeline import credentials
+from livecell_ray.pipeline.cluster import format_error
 from livecell_ray.pipeline.shard import field_planes
 from livecell_ray.plate.imaging import ImageError, PlaneError, TooLarge, read_image_with_info
 
@@ -142,9 +143,53 @@ def plan(cfg: SegmentConfig, weights: dict[str, models.Weights] | None = None
     if cfg.route == "auto":
         provenance(cfg, weights)  # checks that a classifier is there to route by
     _check_out(cfg, outputs)
-    previous = outputs.read_run()
-    if previous and not cfg.overwrite and not same_provenance(previous.get("provenance", {}),
-                                                               provenance(cfg, weights)):
+    previous_run(cfg, outputs, provenance(cfg, weights))
+    return man, outputs, weights
+
+
+def previous_run(cfg: SegmentConfig, outputs: store.Outputs, prov: dict[str, Any]
+                 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """OUT's run.json (None: none, or unreadable) and the provenance its results were made with (None: no
+    results). A run writes its provenance before its first field, so an interrupted run's OUT has it too;
+    where run.json lacks it (unreadable, emptied, or written by a version that wrote it last), the committed
+    fields' own metadata says. Results of another model or other parameters are refused unless --overwrite
+    (which then replaces them)."""
+    try:
+        previous = outputs.read_run()
+    except ValueError as exc:  # damaged: the fields' own metadata decides, and this run rewrites it
+        log.warning("%s", exc)
+        previous = None
+    recorded = (previous or {}).get("provenance") or None
+    if recorded is None:
+        made = committed_provenance(outputs)
+        if len(made) > 1 and not cfg.overwrite:
+            raise RunError(f"{cfg.out}: its committed fields were made by {len(made)} different models or "
+                           f"parameter sets; use another OUT or --overwrite")
+        recorded = next(iter(made.values()), None)
+    if recorded is not None and not cfg.overwrite and not same_provenance(recorded, prov):
         raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
                        f"use another OUT or --overwrite")
-    return man, outputs, weights
+    return previous, recorded
+
+
+def committed_provenance(outputs: store.Outputs) -> dict[str, dict[str, Any]]:
+    """Each distinct provenance the committed fields/ files were written with (their Parquet metadata)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    found: dict[str, dict[str, Any]] = {}
+    for path in outputs.committed().fields:
+        try:
+            with outputs.fs.open(path, "rb") as f:
+                meta = pq.read_schema(f).metadata or {}
+        except Exception as exc:  # noqa: BLE001 - a damaged file is verify's to name; it proves nothing here
+            log.warning("%s: unreadable (%s)", path, format_error(exc))
+            continue
+        text = meta.get(b"livecell_ray")
+        if text:
+            prov = json.loads(text)
+            key = json.dumps({k: (v["sha256"], v.get("imgsz")) for k, v in prov.get("models", {}).items()},
+                             sort_keys=True) + json.dumps(prov.get("parameters"), sort_keys=True)
+            found.setdefault(key, prov)
+    return found

@@ -13,6 +13,7 @@ import numpy as np
 
 from livecell_ray import store
 from livecell_ray.config import NormalizeConfig, SegmentConfig
+from livecell_ray.model.replica import one_line
 from livecell_ray.pipeline.cluster import format_error
 from livecell_ray.pipeline.finish import field_summary, field_tables, finish_fields, write_failure
 from livecell_ray.plate.imaging import ImageError, Planes, TooLarge, normalize, read_image_with_info
@@ -37,6 +38,7 @@ def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels:
     try:
         raw, info = read_image_with_info(row["path"], storage_options, max_pixels, field_planes(row, channel),
                                          stream_bytes=stream_bytes)
+        row["scale_from_metadata"] = scale_from_metadata(row, pixel_size)
         row["pixel_size"] = field_pixel_size(row, pixel_size, info.pixel_size)
         row["image"] = normalize(raw, norm)
         row["raw"] = raw  # in the camera's units, for intensity statistics; it never leaves the shard's task
@@ -47,7 +49,7 @@ def read_field(row: dict[str, Any], storage_options: dict[str, Any], max_pixels:
     except ImageError as exc:
         _mark_failed(row, "read", str(exc))
     except Exception as exc:  # anything else still names the file
-        _mark_failed(row, "read", f"{row['path']}: {type(exc).__name__}: {exc}")
+        _mark_failed(row, "read", f"{row['path']}: {one_line(exc)}")
     row["read_s"] = time.perf_counter() - t0
     return row
 
@@ -63,6 +65,12 @@ def field_pixel_size(row: dict[str, Any], pixel_size: float | None, from_file: f
     TIFF resolution metadata), else unknown (NaN: the model's scale is assumed)."""
     given = float(row.get("pixel_size", np.nan))
     return given if given > 0 else (pixel_size or from_file or np.nan)
+
+
+def scale_from_metadata(row: dict[str, Any], pixel_size: float | None) -> bool:
+    """Whether a field's pixel size is its file's own claim (neither its manifest row nor --pixel-size gave
+    one): such a scale far from the model's is refused rather than trusted (Segmenter.check_scale)."""
+    return not float(row.get("pixel_size", np.nan)) > 0 and not pixel_size
 
 
 def _mark_failed(row: dict[str, Any], stage: str, error: str) -> None:
@@ -89,7 +97,8 @@ def process_shard(rows: list[dict[str, Any]], replica: Any, cfg: SegmentConfig, 
     if ok:
         try:
             seg = ray.get(replica.segment.remote([f["image"] for f in ok], [str(f["cell_type"]) for f in ok],
-                                                 [float(f["pixel_size"]) for f in ok], [str(f["path"]) for f in ok]))
+                                                 [float(f["pixel_size"]) for f in ok], [str(f["path"]) for f in ok],
+                                                 [bool(f["scale_from_metadata"]) for f in ok]))
         except ray.exceptions.RayActorError:
             raise  # the replica is gone for good (its restarts spent): the run stops, see _results
         except Exception as exc:  # its answer was lost on the way, or could not be sent
@@ -134,7 +143,8 @@ def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str
             window = to_u8(reader.window(y0, y0 + TYPE_WINDOW[0], x0, x0 + TYPE_WINDOW[1]))
             summary["read_s"] = time.perf_counter() - t0
             stage = "segment"
-            how = ray.get(replica.plan_field.remote(window, str(row["cell_type"]), float(px), (h, w)))
+            how = ray.get(replica.plan_field.remote(window, str(row["cell_type"]), float(px), (h, w),
+                                                    scale_from_metadata(row, cfg.pixel_size)))
             summary.update(model_node=how["model_node"], model_pid=how["model_pid"])
             image_path, write = store.stream_writer(outputs, str(row["plate"]), str(row["row"]), int(row["column"]),
                                                     str(row["site"]), int(row["t_index"]), int(row["n_timepoints"]),
@@ -155,13 +165,14 @@ def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str
         store.commit_tables(outputs, str(row["plate"]), str(row["well"]), summary["field_id"], cells, field_row,
                             provenance_meta, bool(row.get("failed_before")))
         summary["n_cells"] = int(res.stats["n_cells"])
+        summary["shape"] = [h, w]
         summary["model_s"] = res.seconds.get("model", 0.0)
     except ray.exceptions.RayActorError:
         raise  # the replica is gone for good: the run stops, see _results
     except ImageError as exc:
         summary.update(status="failed", stage=stage, error=str(exc))
     except Exception as exc:
-        summary.update(status="failed", stage=stage, error=f"{row['path']}: {type(exc).__name__}: {exc}")
+        summary.update(status="failed", stage=stage, error=f"{row['path']}: {one_line(exc)}")
     if summary["status"] != "ok":
         write_failure(outputs, summary["field_id"], summary["path"], summary["field_id"], str(row["plate"]),
                       str(row["well"]), summary["stage"], summary["error"])

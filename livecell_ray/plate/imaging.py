@@ -1,16 +1,19 @@
-"""Decode images from any fsspec URL and normalise them the one way training and inference share."""
+"""Decode images from any fsspec URL into one 2-D plane, with the file's own metadata.
+
+The plane's normalisation for the model (one way, shared by training and inference) is
+:mod:`livecell_ray.plate.normalize`, re-exported here.
+"""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import numpy as np
 
-from livecell_ray.config import NormalizeConfig
+from livecell_ray.plate.normalize import SAMPLE_ABOVE, normalize, normalizer, to_rgb  # noqa: F401 (re-exported)
 
 
 class ImageError(ValueError):
@@ -88,6 +91,12 @@ def _decode_tiff(data: bytes, path: str, max_pixels: int, planes: Planes) -> tup
 
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
         series = tif.series[0]
+        shapes = list(dict.fromkeys(tuple(s.shape) for s in tif.series))
+        if len(shapes) > 1 and planes.plane is None and planes.channel is None:
+            # A thumbnail or preview page beside the field, or pages of different images: never guessed at.
+            raise ImageError(f"{path}: holds {len(tif.series)} images of different sizes "
+                             f"({', '.join('x'.join(map(str, sh)) for sh in shapes)}): not one field or a stack of "
+                             f"equal planes (a thumbnail or preview beside it?); export the field alone")
         n = int(np.prod(series.shape))
         if n > max_pixels * 4 and planes.plane is None and planes.channel is None:
             raise ImageError(f"{path}: image of {n} values exceeds the limit of {max_pixels} pixels")
@@ -97,6 +106,9 @@ def _decode_tiff(data: bytes, path: str, max_pixels: int, planes: Planes) -> tup
         colour = colour and planes.channel is None and planes.plane is None  # unless a plane of it is asked for
         extra = [i for i, a in enumerate(series.axes) if a not in "YX" and not (a == "S" and colour)
                  and series.shape[i] > 1]
+        if int(getattr(page, "photometric", 1)) == 3 and getattr(page, "colormap", None) is not None:
+            # A palette image: its pixels are indices into the colormap, not intensities.
+            return _palette_rgb(series.asarray(), page.colormap, path), info
         if not extra and len(tif.pages) == 1:
             # One image (the usual microscope export): libtiff decodes it in half tifffile's time (1.25 vs
             # 2.7 ms a LIVECell field); its answer is kept only when it is the series tifffile describes.
@@ -115,6 +127,14 @@ def _decode_tiff(data: bytes, path: str, max_pixels: int, planes: Planes) -> tup
                              f"{'--stack-axis plane ' + str(planes.plane) if planes.plane not in (None, 0) else ''}"
                              f" asks for another")
         return arr, info
+
+
+def _palette_rgb(index: np.ndarray, colormap: np.ndarray, path: str) -> np.ndarray:
+    """A palette TIFF's pixels through its colormap (3 x 2**bits): the RGB picture it shows."""
+    lut = np.moveaxis(np.asarray(colormap), 0, -1)
+    if index.max(initial=0) >= len(lut):
+        raise ImageError(f"{path}: palette index {int(index.max())} beyond its colormap of {len(lut)} entries")
+    return lut[index]
 
 
 def _select_plane(arr: np.ndarray, axes: str, extra: list[int], info: ImageInfo, planes: Planes,
@@ -229,6 +249,11 @@ def _decode_pil(data: bytes, path: str, max_pixels: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         if im.width * im.height > max_pixels:
             raise ImageError(f"{path}: image of {im.width}x{im.height} exceeds the limit of {max_pixels} pixels")
+        if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            # Palette indices, ink densities or other colour spaces are not intensities: the picture as RGB.
+            im = im.convert("RGB")
+        elif im.mode == "LA":
+            im = im.convert("L")
         return np.asarray(im)
 
 
@@ -256,7 +281,14 @@ def to_gray(arr: np.ndarray, path: str = "<array>", max_pixels: int = 64_000_000
                          f"{max_pixels} pixels")
     if arr.dtype.kind not in "uif" and arr.dtype != bool:
         raise ImageError(f"{path}: unsupported pixel type {arr.dtype}")
-    lo, hi = arr.min(), arr.max()
+    finite = arr
+    if arr.dtype.kind == "f":
+        ok = np.isfinite(arr)
+        if not ok.all():
+            if not ok.any():
+                raise ImageError(f"{path}: no finite pixel (every pixel is NaN or infinite); nothing to segment")
+            finite = arr[ok]  # NaN and inf pixels are left out of the normalisation (normalizer)
+    lo, hi = finite.min(), finite.max()
     if lo == hi:  # a blank frame (shutter, focus or camera failure) has nothing to segment
         raise ImageError(f"{path}: blank image (every pixel is {lo.item()}); nothing to segment")
     return arr
@@ -319,68 +351,3 @@ def read_image_with_info(url: str, storage_options: dict[str, Any] | None = None
     if isinstance(data, int):
         raise TooLarge(url, data)
     return decode_with_info(data, url, max_pixels, planes)
-
-
-def normalize(img: np.ndarray, cfg: NormalizeConfig | None = None) -> np.ndarray:
-    """Scale a 2-D image of any depth to uint8 between robust percentiles.
-
-    Phase-contrast cameras give 8, 12 or 16 bit data with very different ranges; the model sees
-    the same 0-255 contrast whatever came in. A constant image maps to all zeros. Integer images
-    (nearly all) take a histogram and a lookup table: the same result as scaling every pixel in
-    floating point, 5-10x cheaper, which matters on a GPU node where CPUs bound the fields/s.
-    """
-    x = np.asarray(img)
-    # Percentiles on a strided subsample: identical in expectation, 16x cheaper on big fields.
-    sample = x[::4, ::4] if x.size > SAMPLE_ABOVE else x
-    return normalizer(sample, x.dtype, sample is not x, cfg)(x)
-
-
-#: Images of more pixels than this take their percentiles from every 4th row and column.
-SAMPLE_ABOVE = 1_000_000
-
-
-def normalizer(sample: np.ndarray, dtype: np.dtype, subsampled: bool, cfg: NormalizeConfig | None = None
-               ) -> Callable[[np.ndarray], np.ndarray]:
-    """:func:`normalize` as a function of the image's percentile sample (``subsampled``: every 4th row and
-    column of a larger image), so that a field read a band of rows at a time (livecell_ray.pipeline.stream) is
-    scaled exactly as it would be whole."""
-    cfg = cfg or NormalizeConfig()
-    q = [cfg.low_percentile, cfg.high_percentile]
-    if dtype in (np.uint8, np.uint16) and sample.size:
-        counts = np.bincount(sample.ravel(), minlength=256)
-        lo, hi = _percentiles_from_histogram(counts, q)
-        # One entry per value present; a subsample may miss the largest, so then the whole range.
-        values = np.iinfo(dtype).max + 1 if subsampled else len(counts)
-        lut = _scale(np.arange(values, dtype=np.float32), lo, hi)
-        return lut.take
-    lo, hi = np.percentile(sample.astype(np.float32, copy=False), q)
-    return lambda x: _scale(np.asarray(x).astype(np.float32, copy=False), lo, hi)
-
-
-def _percentiles_from_histogram(counts: np.ndarray, q: list[float]) -> tuple[float, float]:
-    """np.percentile's default ('linear') method, read off the values' histogram (exact order statistics)."""
-    n = int(counts.sum())
-    cum = np.cumsum(counts)
-    out = []
-    for p in q:
-        virtual = (n - 1) * (p / 100)
-        prev = int(np.floor(virtual))
-        gamma = virtual - prev
-        a, b = np.searchsorted(cum, [prev, min(prev + 1, n - 1)], side="right").astype(np.float64)
-        # numpy's _lerp, so the values match np.percentile's to the last bit.
-        out.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
-    return out[0], out[1]
-
-
-def _scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """(x - lo) / (hi - lo) to 0..255, rounded; zeros when the range is empty."""
-    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo < 1e-6:
-        return np.zeros(x.shape, dtype=np.uint8)
-    y = (x - np.float64(lo)) * (255.0 / (hi - lo))
-    np.clip(y, 0, 255, out=y)
-    return (y + 0.5).astype(np.uint8)
-
-
-def to_rgb(gray_u8: np.ndarray) -> np.ndarray:
-    """The 3-channel uint8 array YOLO expects (phase contrast is grey)."""
-    return np.repeat(gray_u8[..., None], 3, axis=2)

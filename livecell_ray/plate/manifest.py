@@ -192,6 +192,21 @@ def _natural(v: Any) -> Any:
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
 
 
+def _local_files(root: str) -> list[str]:
+    """Every file under a local folder, symlinked sub-folders followed (a plate assembled from links is common),
+    each real folder once: a link back up the tree is not walked round again."""
+    seen: set[str] = set()
+    out = []
+    for folder, subs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subs[:] = []
+            continue
+        seen.add(real)
+        out += [os.path.join(folder, n) for n in names]
+    return out
+
+
 def scan(source: str, pattern: str = LIVECELL_PATTERN, storage_options: dict[str, Any] | None = None,
          channel: str | None = None, example: str | None = None) -> Manifest:
     """List images under an fsspec URL (recursively) and parse their names.
@@ -208,7 +223,7 @@ def scan(source: str, pattern: str = LIVECELL_PATTERN, storage_options: dict[str
             raise ManifestError(f"{source}: source does not exist")
         if not fs.isdir(root):
             raise ManifestError(f"{source}: source is not a folder (give a folder/prefix or --manifest)")
-        files = sorted(fs.find(root))
+        files = sorted(_local_files(root) if not _has_protocol(source) else fs.find(root))
     except ManifestError:
         raise
     except Exception as exc:
@@ -323,11 +338,28 @@ def build(source: str, pattern: str = LIVECELL_PATTERN, manifest: str | None = N
     """The manifest for a run: an explicit manifest file wins over scanning the source; ``layout`` names an
     instrument's naming preset (livecell_ray.plate.layouts), which stands for ``pattern``."""
     if manifest:
-        return load(manifest, storage_options)
+        return check_names(load(manifest, storage_options), manifest)
     from livecell_ray.plate import layouts
 
     try:
         rx = layouts.pattern_for(layout, pattern)
     except layouts.LayoutError as exc:
         raise ManifestError(str(exc)) from None
-    return scan(source, rx, storage_options, channel, layouts.LAYOUTS[layout].example if layout else None)
+    return check_names(scan(source, rx, storage_options, channel, layouts.LAYOUTS[layout].example if layout else None),
+                       source)
+
+
+def check_names(man: Manifest, where: str) -> Manifest:
+    """Refuse plates whose names differ only in characters a path cannot hold (``Plate 1``, ``Plate-1``,
+    ``Plate/1``): stored under one sanitised name, one's masks would overwrite the other's."""
+    from livecell_ray.store._files import safe
+
+    groups: dict[str, set[str]] = {}
+    for name in man.fields["plate"].astype(str).unique():
+        groups.setdefault(safe(name), set()).add(name)
+    clash = {k: sorted(v) for k, v in groups.items() if len(v) > 1}
+    if clash:
+        k, names = next(iter(sorted(clash.items())))
+        raise ManifestError(f"{where}: plates {', '.join(repr(n) for n in names)} would all be stored as {k!r} "
+                            f"(names differ only in characters outside A-Z a-z 0-9 . _ -); rename them apart")
+    return man

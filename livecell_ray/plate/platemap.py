@@ -163,7 +163,7 @@ def save(outputs: Any, df: pd.DataFrame, source: str) -> dict[str, Any]:
     outputs.write_bytes(store.join(outputs.root, PLATEMAP_FILE), data)
     record = {"source": source, "sha256": hashlib.sha256(data).hexdigest(), "rows": len(df),
               "columns": list(df.columns), "time": datetime.now(timezone.utc).isoformat()}
-    run = outputs.read_run() or {}
+    run = outputs.read_run_or_empty()
     run[RUN_KEY] = record
     outputs.write_run(json.loads(json.dumps(run, default=str)))
     return record

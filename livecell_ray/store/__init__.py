@@ -30,6 +30,7 @@ from livecell_ray.retry import retry
 from livecell_ray.store._chunks import (
     CHUNK_ZSTD_LEVEL,
     array_document,
+    chunk_files,
     field_zarr_path,
     make_folders,
     mask_documents,
@@ -58,6 +59,6 @@ __all__ = [
     "Lease", "LeaseBusy", "LeaseLost", "acquire", "CHUNK_ZSTD_LEVEL", "LAYOUT_KEY", "PART_PREFIX", "SUPERSEDES_KEY",
     "Committed", "FieldResult", "Outputs", "array_document", "commit_tables", "field_zarr_path", "fields_in_plate",
     "file_key", "filesystem", "group_document", "init_plates", "is_local", "is_part", "join", "make_folders",
-    "mask_documents", "mask_files", "parquet_bytes", "read_documents", "read_image", "read_labels", "read_layouts",
-    "retry", "safe", "stream_writer", "table_from_columns", "time_axis", "write_block", "write_masks",
+    "chunk_files", "mask_documents", "mask_files", "parquet_bytes", "read_documents", "read_image", "read_labels",
+    "read_layouts", "retry", "safe", "stream_writer", "table_from_columns", "time_axis", "write_block", "write_masks",
 ]

@@ -52,8 +52,8 @@ def _require_array(outputs: Outputs, plate: str, path: str, shape: tuple[int, ..
     meta = json.loads(document)
     have = tuple(meta["shape"])
     if have[1:] != tuple(shape[1:]):
-        raise ValueError(f"array {path} has shape {have}, this field needs {tuple(shape)} "
-                         f"(all timepoints of a field must have one size)")
+        raise ValueError(f"{shape[2]}x{shape[1]} px, but its field (array {path}) is {have[2]}x{have[1]} px at "
+                         f"another timepoint: every timepoint of a field must have one size")
     if have[0] < shape[0]:
         # The plate's time axis grew since the array was made (a time-lapse processed as it is imaged).
         _lengthen_time_axis(_open_array(outputs.zarr_store(plate), path), shape[0])
@@ -123,6 +123,18 @@ def mask_files(outputs: Outputs, plate: str, row: str, column: int, site: str, t
         else:
             retry(_open_array(outputs.zarr_store(plate), path).__setitem__, t_index, plane)
     return image_path, files
+
+
+def chunk_files(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int) -> list[str]:
+    """The chunk files of one field-timepoint in both its arrays (one whole-field chunk each, or a streamed
+    field's squares), from one listing of each, to remove it."""
+    base = outputs.plate_path(plate)
+    found = []
+    for path in _mask_arrays(row, column, site)[1:]:
+        folder = join(base, path, "c", str(t_index))
+        if outputs.fs.exists(folder):
+            found += sorted(outputs.fs.find(folder))
+    return found
 
 
 def stream_writer(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int,

@@ -221,8 +221,23 @@ class Outputs:
         p = join(self.root, "run.json")
         if not self.fs.exists(p):
             return None
-        with self.fs.open(p, "r") as f:
-            return json.load(f)
+        try:
+            with self.fs.open(p, "r") as f:
+                run = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{p}: damaged run.json, not valid JSON ({exc}); a rerun rewrites it from the "
+                             f"fields' own metadata") from None
+        if not isinstance(run, dict):
+            raise ValueError(f"{p}: damaged run.json, a JSON {type(run).__name__} where an object belongs; a "
+                             f"rerun rewrites it from the fields' own metadata")
+        return run
+
+    def read_run_or_empty(self) -> dict[str, Any]:
+        """run.json for display (a report's header, the saved plate map's name): {} when absent or damaged."""
+        try:
+            return self.read_run() or {}
+        except ValueError:
+            return {}
 
     def write_run(self, run: dict[str, Any]) -> None:
         p = join(self.root, "run.json")
