@@ -132,3 +132,25 @@ def test_pattern_and_manifest_read_other_namings_end_to_end(tmp_path):
     fields = pd.read_parquet(tmp_path / "by_manifest" / "fields")
     assert sorted(zip(fields["well"].astype(str), fields["cell_type"], fields["timepoint"])) == [
         ("C2", "x", 0.0), ("C3", "y", 24.0)]
+
+
+@pytest.mark.slow
+def test_query_values_are_parameters_and_mistyped_input_is_one_line(tmp_path, example_plate):
+    for p in sorted(example_plate.glob("*.tif"))[2:]:
+        p.unlink()
+    out = tmp_path / "out"
+    assert run_cli("segment", str(example_plate), str(out), "--num-cpus", "2").returncode == 0
+    everything = run_cli("query", str(out), "cells", "--format", "csv")
+    one = run_cli("query", str(out), "cells", "--well", "a07", "--format", "csv")  # A7 as A07, a7 or a07
+    assert one.returncode == 0 and everything.returncode == 0, one.stderr
+    import csv
+    import io
+
+    wells = {r["well"] for r in csv.DictReader(io.StringIO(one.stdout))}
+    assert wells == {"A7"} and len(one.stdout.splitlines()) < len(everything.stdout.splitlines())
+    _one_clear_line(run_cli("query", str(out), "cells", "--well", "A7' OR '1'='1"), None, "--well")
+    _one_clear_line(run_cli("sql", str(out), "  "), None, "empty SQL")
+    folder = tmp_path / "dir.pt"
+    folder.mkdir()
+    _one_clear_line(run_cli("segment", str(example_plate), str(tmp_path / "o2"), "--model", str(folder)), None,
+                    str(folder), "is a folder")

@@ -219,3 +219,60 @@ def test_provenance_is_written_before_the_first_field_and_guards_an_interrupted_
             pipeline.run(SegmentConfig(source=str(src), out=str(out), batch_size=1, model="big"))
         s = pipeline.run(cfg)  # the same parameters resume, and rewrite run.json whole
         assert s.fields_skipped == 3 and json.loads((out / "run.json").read_text())["provenance"]["models"]
+
+
+# ---------------------------------------------------------------- outputs that check themselves
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "livecell_ray.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_verify_names_each_damaged_file_and_repair_lets_a_rerun_redo_them(tmp_path, ray_local):
+    src = good_plate(tmp_path)
+    shutil.copy(EXAMPLES / GOOD[0], src / "A172_Phase_A7_2_00d00h00m_1.tif")  # a second field in well A7
+    out = tmp_path / "out"
+    cfg = SegmentConfig(source=str(src), out=str(out), batch_size=4, compact=False)
+    pipeline.run(cfg)
+    p = _cli("verify", str(out))
+    assert p.returncode == 0 and "4 fields" in p.stdout and "no damage" in p.stdout, p.stdout + p.stderr
+    o = store.Outputs(str(out))
+    rows = o.read_table("fields").sort_values("path").reset_index(drop=True)
+    a, b, c = (rows.iloc[i] for i in range(3))
+    cells_a = o.table_path("cells", a.plate, a.well, a.field_id)
+    with open(cells_a, "r+b") as f:  # truncated
+        f.truncate(os.path.getsize(cells_a) // 2)
+    chunk_b = out / b.zarr_path / "labels/cells/0/c" / str(b.t_index) / "0" / "0"
+    chunk_b.unlink()  # would read back as zeros
+    chunk_c = out / c.zarr_path / "labels/cells/0/c" / str(c.t_index) / "0" / "0"
+    data = bytearray(chunk_c.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 16] = bytes(16)  # flipped bytes
+    chunk_c.write_bytes(bytes(data))
+    p = _cli("verify", str(out))
+    damaged = [ln for ln in p.stderr.splitlines() if "damaged:" in ln]
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(damaged) == 3, p.stderr
+    assert any(cells_a in ln and "unreadable Parquet" in ln for ln in damaged)
+    assert any(str(chunk_b.parent.parent) in ln and "chunk missing" in ln and f"{b.n_cells} cells" in ln
+               for ln in damaged)
+    assert any(str(chunk_c.parent.parent) in ln for ln in damaged)
+    p = _cli("verify", str(out), "--repair")
+    assert p.returncode == 0 and p.stderr.count("un-committed:") == 6, p.stderr
+    s = pipeline.run(cfg)
+    assert (s.fields_skipped, s.fields_done, s.fields_failed) == (1, 3, 0)
+    assert _cli("verify", str(out)).returncode == 0
+    # A truncated compacted part: the rerun redoes the well's fields (no traceback), verify names the part.
+    from livecell_ray.store import compact
+
+    compact.compact(str(out))
+    part = next(p for p in o.committed().fields if "/part-" in p)
+    with open(part, "r+b") as f:
+        f.truncate(100)
+    s = pipeline.run(cfg)
+    assert (s.fields_done, s.fields_failed) == (2, 0)  # the two fields of well A7
+    p = _cli("verify", str(out))
+    assert p.returncode == 1 and part in p.stderr and "unreadable Parquet" in p.stderr
+    assert _cli("verify", str(out), "--repair").returncode == 0 and _cli("verify", str(out)).returncode == 0
+    assert len(store.Outputs(str(out)).read_table("fields")) == 4

@@ -1,6 +1,6 @@
 """The ``livecell-ray`` command line (typer + rich): one app, a module per command group.
 
-    run        segment, compact
+    run        segment, compact, verify
     training   train, evaluate, train-classifier, pseudo-label
     answers    query, sql, report
     jobs       submit, status, logs
@@ -21,7 +21,8 @@ __all__ = ["app", "main"]
 
 for _command, _name in ((run.segment, None), (training.train, None), (training.evaluate, None),
                         (training.train_classifier, "train-classifier"), (training.pseudo_label, "pseudo-label"),
-                        (answers.query, None), (answers.sql, None), (run.compact, None), (answers.report, None),
+                        (answers.query, None), (answers.sql, None), (run.compact, None), (run.verify, None),
+                        (answers.report, None),
                         (jobs.submit, None), (jobs.status, None), (jobs.logs, None)):
     app.command(_name)(_command)
 

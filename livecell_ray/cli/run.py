@@ -190,3 +190,31 @@ def compact(
     out_console.print(t)
     if s.errors:
         raise typer.Exit(1)
+
+
+def verify(
+    out: str = typer.Argument(..., help="A run's output location"),
+    repair: bool = typer.Option(False, "--repair", help="Un-commit the damaged fields, so that the same segment "
+                                "command redoes them"),
+    storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
+) -> None:
+    """Read back every committed Parquet file and Zarr chunk; name what is damaged (exit 1), or with --repair
+    un-commit it for a rerun."""
+    from livecell_ray import store
+    from livecell_ray.store import verify as verify_mod
+
+    opts = parse_storage_options(storage_options)
+    o = store.Outputs(out, opts)
+    if not o.fs.exists(store.join(o.root, "fields")):
+        fail(f"{out}: no livecell-ray results here (no fields/)")
+    rep = verify_mod.verify(out, opts, repair=repair)
+    for d in rep.damage:
+        console.print(f"[bold red]damaged:[/] {d.path}: {d.reason}", highlight=False, soft_wrap=True)
+    for p in rep.removed:
+        console.print(f"un-committed: {p}", highlight=False, soft_wrap=True)
+    out_console.print(f"{rep.fields} fields, {rep.files} files read: "
+                      + ("no damage" if rep.ok else f"{len(rep.damage)} damaged"
+                         + (f"; {len(rep.removed)} files un-committed: run the same segment command to redo them"
+                            if repair else "; --repair un-commits them for a rerun")), highlight=False)
+    if not rep.ok and not repair:
+        raise typer.Exit(1)

@@ -53,6 +53,9 @@ class Committed:
     # a compaction changed the folder between the listings of cells/ and fields/ (or a file was deleted)
     lacking_cells: list[str] = dataclasses.field(default_factory=list)
     part_docs: dict[str, bytes] = dataclasses.field(default_factory=dict)  # the live fields parts' bytes, as read
+    # fields parts that cannot be read (truncated, corrupted): their fields count as not done, so a rerun
+    # redoes them; ``livecell-ray verify`` names them and ``--repair`` removes them
+    damaged: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -62,10 +65,16 @@ class Committed:
     def resolve(cls, cells: list[str], fields: list[str], part_docs: dict[str, bytes | None]) -> Committed:
         replaced: set[str] = set()
         held: dict[str, set[str]] = {}
+        damaged: dict[str, str] = {}
         for path, doc in part_docs.items():
             if doc is None:  # removed since the listing: a compaction replaced it
                 continue
-            t = pq.read_table(io.BytesIO(doc), columns=["field_id"])
+            try:
+                t = pq.read_table(io.BytesIO(doc), columns=["field_id"])
+            except Exception as exc:  # noqa: BLE001 - a damaged part: named, and its fields redone
+                first = (str(exc).splitlines() or [""])[0]
+                damaged[path] = f"unreadable Parquet ({type(exc).__name__}: {first})"
+                continue
             meta = t.schema.metadata or {}
             replaced.update(json.loads(meta.get(SUPERSEDES_KEY.encode(), b"[]")))
             held[file_key(path)] = set(t.column("field_id").to_pylist())
@@ -89,8 +98,8 @@ class Committed:
         orphans = [p for p in cells if is_part(p) and file_key(p) not in held]
         # Every committed source of field rows has its cells file (written before it) in the listing.
         has_cells = {file_key(p) for p in keep_cells}
-        lacking = [p for p in keep_fields if file_key(p) not in has_cells]
+        lacking = [p for p in keep_fields if file_key(p) not in has_cells and p not in damaged]
         docs = {p: d for p, d in part_docs.items() if d is not None and file_key(p) in kept}
-        return cls(keep_cells, keep_fields, in_parts | own, kept, stale, orphans, lacking, docs)
+        return cls(keep_cells, keep_fields, in_parts | own, kept, stale, orphans, lacking, docs, damaged)
 
 
