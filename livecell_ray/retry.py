@@ -1,4 +1,5 @@
-"""Retries with backoff for transient I/O errors, shared by reading (imaging) and writing (store)."""
+"""Errors, shared by every stage: transient I/O errors retried with backoff (reading and writing), and any
+error told in one line (a failures/ row, a log line, an ``error:`` line)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,9 @@ def retry(fn: Callable[..., T], *args: Any, attempts: int = 5, base_delay: float
                 raise
             time.sleep(base_delay * (2**i) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -223,10 +223,22 @@ class Results:
               where: str | None = None, with_map: bool = True, well: str | None = None) -> pd.DataFrame:
         """Per-well (or per well x timepoint) aggregates as pandas, with the plate map's columns if there is one;
         ``well``: that well's only (a query parameter, never pasted into the SQL)."""
-        conds = [c for c in (where and f"({where})", "well = ?" if well else None) if c]
-        sql = wells_sql(metrics, by_timepoint, " AND ".join(conds) or None)
-        df = self.df(sql, [well] if well else None)
+        cond, params = _filter(where, well)
+        df = self.df(wells_sql(metrics, by_timepoint, cond), params)
         return self.with_platemap(df) if with_map else df
+
+    def rows(self, table: str, where: str | None = None, well: str | None = None) -> pd.DataFrame:
+        """The fields or cells table's rows (path last), in plate, well, timepoint order, filtered by ``where``
+        (SQL) and ``well`` (a query parameter)."""
+        cond, params = _filter(where, well)
+        sql = f"SELECT * EXCLUDE (path), path FROM {table}" + (f" WHERE {cond}" if cond else "")
+        return self.df(sql + " ORDER BY plate, well, timepoint" + (", label" if table == "cells" else ""), params)
+
+
+def _filter(where: str | None, well: str | None) -> tuple[str | None, list[Any] | None]:
+    """A WHERE condition of a SQL filter and one well, that well a parameter of the query, never pasted in."""
+    conds = [c for c in (where and f"({where})", "well = ?" if well else None) if c]
+    return " AND ".join(conds) or None, [well] if well else None
 
 
 _EMPTY = {

@@ -99,11 +99,7 @@ def query(
                 fail("--by takes only 'timepoint'")
             df = res.wells([m.strip() for m in metrics.split(",") if m.strip()], by == "timepoint", where, well=well)
         elif what in ("fields", "cells"):
-            # The well is a parameter of the query, never pasted into its text.
-            conds = [c for c in (where and f"({where})", "well = ?" if well else None) if c]
-            sql = f"SELECT * EXCLUDE (path), path FROM {what}" + (f" WHERE {' AND '.join(conds)}" if conds else "")
-            sql += " ORDER BY plate, well, timepoint" + (", label" if what == "cells" else "")
-            df = res.df(sql, [well] if well else None)
+            df = res.rows(what, where, well)
         else:
             fail(f"unknown table {what!r}: use wells, fields, cells, growth or dose_response")
     except ValueError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 from livecell_ray import offline
 from livecell_ray.config import DEFAULT_IMGSZ
+from livecell_ray.retry import one_line
 
 SHIPPED = ("small", "big", "bt474", "mcf7")
 DEFAULT_KEY = "*"
@@ -241,9 +242,8 @@ def load(weights: Weights, task: str = "segment"):
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         # Named by the user's path, not the private copy it was unpickled from.
-        text = str(exc).replace(str(private), weights.path).strip().splitlines()
-        raise WeightsError(f"{weights.path}: cannot load the model ({type(exc).__name__}: "
-                           f"{text[0] if text else ''})") from None
+        why = one_line(exc).replace(str(private), weights.path)
+        raise WeightsError(f"{weights.path}: cannot load the model ({why})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

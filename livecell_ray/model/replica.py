@@ -18,6 +18,7 @@ import numpy as np
 from livecell_ray import offline
 from livecell_ray.config import InferenceConfig
 from livecell_ray.model import models
+from livecell_ray.retry import one_line
 
 if TYPE_CHECKING:  # segment imports torch, which the reading and measuring workers never need
     from livecell_ray.model.segment import Instances
@@ -84,10 +85,12 @@ class SegmentActor:
             elif any(failed):
                 log.warning("field classifier failed; cell_type_predicted left empty: %s",
                             "; ".join(e for e in failed if e))
+        from livecell_ray.model.segment import ScaleError
+
         for i in list(todo):
             try:
                 self.segmenter.check_scale(types[i], px[i], images[i].shape, from_metadata[i])
-            except ValueError as exc:
+            except ScaleError as exc:
                 errors[i] = f"{paths[i]}: {exc}"
                 todo.remove(i)
         done = isolated(lambda idx: self.segmenter([images[i] for i in idx], [types[i] for i in idx],
@@ -149,12 +152,6 @@ def isolated(run: Callable[[list[int]], list[Any]], idx: list[int], paths: list[
         except Exception as exc:  # noqa: BLE001 - this field's own failure, recorded as such
             errors[i] = f"{paths[i]}: {what} failed ({one_line(exc)})"
     return out
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def encode_instances(result: Instances) -> tuple[np.ndarray, bytes, bytes]:

@@ -131,7 +131,7 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
             for stage in summary.stage_seconds:
                 summary.stage_seconds[stage] += float(res.get(f"{stage}_s", 0.0))
             if res["status"] == "ok":
-                committed.append(res)
+                committed.append({k: res.get(k) for k in ("field_id", "path", "shape", "n_cells")})
                 summary.fields_done += 1
                 summary.cells += int(res["n_cells"])
                 summary.scale_assumed += not float(res.get("pixel_size", np.nan)) > 0

@@ -13,7 +13,7 @@ import numpy as np
 
 from livecell_ray import store
 from livecell_ray.measure import measure_cells, measure_field
-from livecell_ray.model.replica import one_line
+from livecell_ray.retry import one_line
 
 if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
     import pandas as pd
@@ -141,28 +141,27 @@ def refuse_mixed_shapes(outputs: store.Outputs, fields: pd.DataFrame, done: list
     driver checks once every shard is in. ``done``: this run's summaries of committed fields."""
     if not done:
         return []
-    info = fields.set_index("field_id")
-    by_site: dict[tuple, list[dict[str, Any]]] = {}
-    for s in done:
-        r = info.loc[s["field_id"]]
-        by_site.setdefault((str(r["plate"]), str(r["row"]), int(r["column"]), str(r["site"])), []).append(s)
+    import json
+
+    import pandas as pd
+
+    site = ["plate", "row", "column", "site"]
+    runs = pd.DataFrame(done).merge(fields[["field_id", "well", "t_index", *site]], on="field_id")
+    runs["shape"] = runs["shape"].map(tuple)
+    runs = runs[runs.groupby(site)["shape"].transform("nunique") > 1]  # nearly always none
     refused = []
-    for (plate, row, column, site), runs in by_site.items():
-        if len({tuple(s.get("shape", ())) for s in runs}) < 2:
-            continue
-        docs = store.read_documents(outputs, store.mask_documents(outputs, plate, row, column, site))
+    for (plate, row, column, site_name), g in runs.groupby(site):
+        plate, row, column, site_name = str(plate), str(row), int(column), str(site_name)
+        docs = store.read_documents(outputs, store.mask_documents(outputs, plate, row, column, site_name))
         labels_doc = docs[1] or docs[0]
-        declared = tuple(__import__("json").loads(labels_doc)["shape"][1:]) if labels_doc else ()
-        for s in runs:
-            if tuple(s.get("shape", ())) == declared:
-                continue
-            r = info.loc[s["field_id"]]
-            well, t = str(r["well"]), int(r["t_index"])
+        declared = tuple(json.loads(labels_doc)["shape"][1:]) if labels_doc else ()
+        for s in g[[shape != declared for shape in g["shape"]]].to_dict("records"):
+            well, t = str(s["well"]), int(s["t_index"])
             outputs.remove_many([outputs.table_path("fields", plate, well, s["field_id"]),
                                  outputs.table_path("cells", plate, well, s["field_id"]),
-                                 *store.chunk_files(outputs, plate, row, column, site, t)])
+                                 *store.chunk_files(outputs, plate, row, column, site_name, t)])
             h, w = s["shape"]
-            error = (f"{s['path']}: {w}x{h} px, but its field (plate {plate}, well {well}, site {site}) is "
+            error = (f"{s['path']}: {w}x{h} px, but its field (plate {plate}, well {well}, site {site_name}) is "
                      f"{declared[1] if declared else '?'}x{declared[0] if declared else '?'} px at another "
                      f"timepoint: every timepoint of a field must have one size")
             write_failure(outputs, s["field_id"], s["path"], s["field_id"], plate, well, "write", error)

@@ -13,10 +13,10 @@ import numpy as np
 
 from livecell_ray import store
 from livecell_ray.config import NormalizeConfig, SegmentConfig
-from livecell_ray.model.replica import one_line
 from livecell_ray.pipeline.cluster import format_error
 from livecell_ray.pipeline.finish import field_summary, field_tables, finish_fields, write_failure
 from livecell_ray.plate.imaging import ImageError, Planes, TooLarge, normalize, read_image_with_info
+from livecell_ray.retry import one_line
 
 if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
 

@@ -352,7 +352,7 @@ def build(source: str, pattern: str = LIVECELL_PATTERN, manifest: str | None = N
 def check_names(man: Manifest, where: str) -> Manifest:
     """Refuse plates whose names differ only in characters a path cannot hold (``Plate 1``, ``Plate-1``,
     ``Plate/1``): stored under one sanitised name, one's masks would overwrite the other's."""
-    from livecell_ray.store._files import safe
+    from livecell_ray.store import safe
 
     groups: dict[str, set[str]] = {}
     for name in man.fields["plate"].astype(str).unique():

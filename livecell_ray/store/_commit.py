@@ -12,6 +12,8 @@ import json
 
 import pyarrow.parquet as pq
 
+from livecell_ray.retry import one_line
+
 #: Compacted files of a well start with this; per-field files are named by their 16-hex field_id.
 PART_PREFIX = "part-"
 #: Schema metadata key of a compacted fields/ part: the ids of the older parts it replaces (JSON list).
@@ -72,8 +74,7 @@ class Committed:
             try:
                 t = pq.read_table(io.BytesIO(doc), columns=["field_id"])
             except Exception as exc:  # noqa: BLE001 - a damaged part: named, and its fields redone
-                first = (str(exc).splitlines() or [""])[0]
-                damaged[path] = f"unreadable Parquet ({type(exc).__name__}: {first})"
+                damaged[path] = f"unreadable Parquet ({one_line(exc)})"
                 continue
             meta = t.schema.metadata or {}
             replaced.update(json.loads(meta.get(SUPERSEDES_KEY.encode(), b"[]")))

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import zarr
 
-from livecell_ray.store._commit import file_key, is_part
+from livecell_ray.retry import one_line
+from livecell_ray.store._commit import file_key
 from livecell_ray.store._files import Outputs, is_local, join
 
 
@@ -41,11 +42,6 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.damage
-
-
-def _why(exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _read(outputs: Outputs, path: str) -> Any:
@@ -75,19 +71,19 @@ def verify(out: str, storage_options: dict[str, Any] | None = None, repair: bool
             cols = [k for k in ("field_id", "zarr_path", "t_index", "n_cells") if k in t.column_names]
             df = t.select(cols).to_pandas()
         except Exception as exc:  # noqa: BLE001 - named below, with the reason
-            rep.damage.append(Damage(path, f"unreadable Parquet ({_why(exc)})", path))
+            rep.damage.append(Damage(path, f"unreadable Parquet ({one_line(exc)})", path))
             continue
         for fid in df["field_id"]:
             sources[str(fid)] = path
         rows.append(df)
+    committing = {file_key(p): p for p in c.fields}  # a cells/ file's key is its fields/ file's
     for path in c.cells:
         rep.files += 1
-        key = file_key(path)
-        source = next((s for s in c.fields if file_key(s) == key), path)
+        source = committing.get(file_key(path), path)
         try:
             _read(outputs, path)
         except Exception as exc:  # noqa: BLE001
-            rep.damage.append(Damage(path, f"unreadable Parquet ({_why(exc)})", source))
+            rep.damage.append(Damage(path, f"unreadable Parquet ({one_line(exc)})", source))
     store = _store(outputs) if rows else None
     for df in rows:
         for r in df.itertuples(index=False):
@@ -112,7 +108,7 @@ def _check_field(outputs: Outputs, store: Any, r: Any, source: str, rep: Report)
             arr = zarr.open_array(store, path=f"{r.zarr_path}/{array}", mode="r", zarr_format=3)
             plane = np.asarray(arr[t])
         except Exception as exc:  # noqa: BLE001
-            rep.damage.append(Damage(chunks, f"chunk unreadable ({_why(exc)})", source))
+            rep.damage.append(Damage(chunks, f"chunk unreadable ({one_line(exc)})", source))
             return
         if array != "0" and int(plane.max(initial=0)) != int(r.n_cells):
             rep.damage.append(Damage(chunks, f"labels hold {int(plane.max(initial=0))} cells, the table says "
@@ -135,8 +131,3 @@ def uncommit(outputs: Outputs, sources: list[str]) -> list[str]:
     if not is_local(outputs.url):
         outputs.fs.invalidate_cache()
     return gone
-
-
-def describe(source: str) -> str:
-    """What un-committing a source redoes: one field, or a compacted well part."""
-    return "a compacted well part" if is_part(source) else "one field"
