@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,18 @@ def submit(spec_path: str, address: str, python: str = "python", working_dir: st
     spec = read_spec(spec_path)
     runtime_env = {"working_dir": str(working_dir or ROOT), "excludes": EXCLUDES,
                    "env_vars": offline.worker_env()}
-    return client(address).submit_job(entrypoint=entrypoint(spec, python), runtime_env=runtime_env,
-                                      metadata={"livecell_ray": "segment", "spec": Path(spec_path).name})
+    jobs = client(address)
+    for wait in (1, 2, 4, 8, 15, 0):
+        try:
+            return jobs.submit_job(entrypoint=entrypoint(spec, python), runtime_env=runtime_env,
+                                   metadata={"livecell_ray": "segment", "spec": Path(spec_path).name})
+        except RuntimeError as exc:
+            # A head that has just started answers 500 until its job agent is up, and says to try again;
+            # no job was made, so trying again cannot duplicate one.
+            if "No available agent" not in str(exc) or not wait:
+                raise
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def status(job_id: str, address: str) -> str:
