@@ -93,11 +93,17 @@ def run_train(name: str, data: Path, model: str, epochs: int, lr0: float) -> Pat
     return PROJECT / name / "weights" / "last.pt"
 
 
+def pretrained() -> Path:
+    """This machine's pre-training if it ran here, else the committed one (a fresh checkout continues from it)."""
+    for pre in (PROJECT / "pre" / "weights" / "last.pt", LOGS / "pre" / "last.pt"):
+        if pre.exists():
+            return pre
+    raise SystemExit(f"{PROJECT / 'pre'}: run `pretrain` first")
+
+
 def stage1(fold: str, epochs: int) -> Path:
     """The shipped stage-1 recipe from the pre-trained model, on fold `fold`'s LIVECell data."""
-    pre = PROJECT / "pre" / "weights" / "last.pt"
-    if not pre.exists():
-        raise SystemExit(f"{pre}: run `pretrain` first")
+    pre = pretrained()
     ls.PROJECT = PROJECT  # livecell_student writes its fold data under its PROJECT
     data = PROJECT / f"{fold}-data" / "data.yaml"
     if not data.exists():
@@ -189,7 +195,10 @@ def main() -> None:
     if a.cmd == "pack":
         pack()
     elif a.cmd == "pretrain":
-        print(run_train("pre", pretrain_data(), a.base, a.epochs, 1e-3))
+        if not (PROJECT / "pre").exists() and (LOGS / "pre" / "last.pt").exists():
+            print(f"{LOGS / 'pre' / 'last.pt'}: the committed pre-training, used as it is")
+        else:
+            print(run_train("pre", pretrain_data(), a.base, a.epochs, 1e-3))
     elif a.cmd == "stage1":
         print(stage1(a.fold, a.epochs))
     elif a.cmd == "eval":

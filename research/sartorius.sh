@@ -13,6 +13,7 @@ mkdir -p runs/sartorius
 python $S pretrain --epochs "${PRE_EPOCHS:-10}"
 python $S snapshot
 for f in ${FOLDS:-f0 f1 f3 f5 f2 f4}; do
+  [ -f weights/logs/sartorius/eval_$f.json ] && continue  # scored in an earlier session
   python $S stage1 "$f" --epochs "${S1_EPOCHS:-30}"
   [ -f runs/sartorius/eval_$f.json ] || python $S eval "$f"
   python $S snapshot
