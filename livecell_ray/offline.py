@@ -57,3 +57,20 @@ def _dejavu_font() -> Path | None:
 def worker_env() -> dict[str, str]:
     """Environment variables for Ray runtime_env so workers are offline too."""
     return configure()
+
+
+def quiet_ray_errors() -> None:
+    """Ray's driver prints every error its processes publish (a dead raylet's last 20 log lines among them)
+    to stdout from a thread of its own; the pipeline says what went wrong in one line (a field's failures/
+    row, a RayDown), so those messages go to Ray's logger instead, which logs errors only."""
+    import logging
+
+    import ray._private.worker as ray_worker
+
+    ray_log = logging.getLogger("ray")
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            ray_log.debug("%s: %s", data.get("pid", "ray"), line)
+
+    ray_worker.print_to_stdstream = to_log

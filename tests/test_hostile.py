@@ -276,3 +276,148 @@ def test_verify_names_each_damaged_file_and_repair_lets_a_rerun_redo_them(tmp_pa
     assert p.returncode == 1 and part in p.stderr and "unreadable Parquet" in p.stderr
     assert _cli("verify", str(out), "--repair").returncode == 0 and _cli("verify", str(out)).returncode == 0
     assert len(store.Outputs(str(out)).read_table("fields")) == 4
+
+
+# ---------------------------------------------------------------- a full disk, a read-only OUT, Ray's processes dying
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real filesystem of 1.2 MB (a tmpfs): room for two fields' outputs, not three."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if p.returncode:
+        pytest.skip(f"a real full disk needs mount(8) of a tmpfs (root): {p.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _remount(mnt, opts: str) -> None:
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,{opts}", str(mnt)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_run_is_one_line_leaves_no_temporary_files_and_the_rerun_completes(
+        tmp_path, small_disk, ray_local):
+    src = good_plate(tmp_path, GOOD + ["BV2_Phase_B4_2_02d16h00m_3.tif", "MCF7_Phase_E4_1_02d16h00m_1.tif"])
+    out = small_disk / "out"
+    p = _cli("segment", str(src), str(out), "--batch-size", "1")
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr
+    assert "No space left on device, ENOSPC" in errors[0] and str(out) in errors[0]
+    assert not list(out.rglob("*.tmp"))  # the failed write removed its temporary file
+    done = len(store.Outputs(str(out)).done_field_ids())
+    assert 0 < done < 5
+    (out / "masks" / "left-by-a-killed-writer.tmp").write_bytes(b"x")
+    _remount(small_disk, "size=64m")
+    s = pipeline.run(SegmentConfig(source=str(src), out=str(out), batch_size=1))
+    assert (s.fields_skipped, s.fields_done, s.fields_failed) == (done, 5 - done, 0)
+    assert not list(out.rglob("*.tmp")) and len(store.Outputs(str(out)).read_table("fields")) == 5
+
+
+@pytest.mark.slow
+def test_an_out_made_read_only_mid_run_stops_with_one_line_and_resumes(tmp_path, small_disk):
+    import subprocess
+    import sys
+    import time
+
+    _remount(small_disk, "size=64m")
+    src = good_plate(tmp_path, GOOD + ["BV2_Phase_B4_2_02d16h00m_3.tif", "MCF7_Phase_E4_1_02d16h00m_1.tif"])
+    out = small_disk / "out"
+    p = subprocess.Popen([sys.executable, "-m", "livecell_ray.cli", "segment", str(src), str(out), "--batch-size",
+                          "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((out / "fields").rglob("*.parquet")) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    _remount(small_disk, "ro")
+    _, stderr = p.communicate(timeout=240)
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 2 and "Traceback" not in stderr and len(errors) == 1, stderr
+    assert "Read-only file system, EROFS" in errors[0] and str(out) in errors[0], errors
+    _remount(small_disk, "rw")
+    # The stopped run could not release OUT's lease on a read-only disk; the rerun takes it over, since the
+    # process holding it is gone.
+    p = _cli("segment", str(src), str(out), "--batch-size", "1")
+    assert p.returncode == 0, p.stderr
+    skipped = int(next(ln for ln in p.stdout.splitlines() if "already done" in ln).split("│")[2])
+    assert skipped >= 1 and len(store.Outputs(str(out)).read_table("fields")) == 5
+    assert not list(out.rglob("*.tmp"))
+
+
+def _ray_processes(pids: set[int] | None = None) -> set[int]:
+    """Live (not zombie) processes of Ray, or of those given."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and (proc.pid in (pids or ()) or (
+                pids is None and ("ray::" in cmd or "ray/core/src" in cmd))):
+            found.add(proc.pid)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["raylet", "gcs_server"])
+def test_rays_own_processes_killed_mid_run_give_one_error_line_and_leave_no_ray_behind(tmp_path, victim, ray_local):
+    """`segment` starts its own local Ray; its raylet or GCS SIGKILLed after the first commit: the run stops with
+    one `error:` line (or, the GCS gone, finishes the plate) and leaves none of that Ray's processes running."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    src = good_plate(tmp_path, GOOD + ["BV2_Phase_B4_2_02d16h00m_3.tif", "MCF7_Phase_E4_1_02d16h00m_1.tif"])
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "livecell_ray.cli", "segment", str(src), str(out), "--batch-size",
+                          "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ray_pids: set[int] = set()
+    deadline = time.monotonic() + 240
+    while not list((out / "fields").rglob("*.parquet")) and time.monotonic() < deadline and p.poll() is None:
+        ray_pids |= {c.pid for c in psutil.Process(p.pid).children(recursive=True)}
+        time.sleep(0.2)
+    kids = psutil.Process(p.pid).children(recursive=True)
+    ray_pids |= {c.pid for c in kids}
+    target = [c for c in kids if victim in " ".join(c.cmdline())]
+    assert target, f"no {victim} under the run's process"
+    target[0].kill()
+    stdout, stderr = p.communicate(timeout=180)
+    assert "Traceback" not in stderr and "(raylet)" not in stdout + stderr, stderr
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    if p.returncode:
+        assert p.returncode == 2 and len(errors) == 1 and "Ray's own processes" in errors[0], stderr
+    else:
+        assert victim == "gcs_server" and "segmented now" in stdout
+    time.sleep(2)
+    assert not _ray_processes(ray_pids), "Ray processes outlived the run"
+    s = pipeline.run(SegmentConfig(source=str(src), out=str(out), batch_size=1))
+    assert s.fields_skipped + s.fields_done == 5 and s.fields_failed == 0
+
+
+@pytest.mark.slow
+def test_a_rerun_redoes_fields_whose_files_are_not_whole_and_queries_name_a_damaged_file(tmp_path, ray_local):
+    src = good_plate(tmp_path)
+    out = tmp_path / "out"
+    cfg = SegmentConfig(source=str(src), out=str(out), batch_size=4, compact=False)
+    pipeline.run(cfg)
+    o = store.Outputs(str(out))
+    a, b = o.read_table("fields").sort_values("path").iloc[:2].itertuples()
+    cells_a = o.table_path("cells", a.plate, a.well, a.field_id)
+    with open(cells_a, "r+b") as f:  # truncated: breaks every query over cells
+        f.truncate(os.path.getsize(cells_a) // 2)
+    for args in (["query", str(out), "cells"], ["query", str(out), "wells"], ["sql", str(out), "SELECT 1"],
+                 ["report", str(out), "--html", str(tmp_path / "r.html")]):
+        p = _cli(*args)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.count("\n") == 1 and cells_a in p.stderr and "verify" in p.stderr, p.stderr
+    open(o.table_path("fields", b.plate, b.well, b.field_id), "wb").close()  # emptied
+    s = pipeline.run(cfg)  # neither is skipped: both redone, the third kept
+    assert (s.fields_skipped, s.fields_done, s.fields_failed) == (1, 2, 0) and len(s.damaged) == 2
+    assert any(cells_a in d for d in s.damaged)
+    assert len(o.read_table("fields")) == 3 and _cli("verify", str(out)).returncode == 0
+    assert _cli("query", str(out), "cells").returncode == 0

@@ -25,6 +25,16 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def query_error(out: str, exc: Exception) -> str:
+    """A failed query in one line: a damaged results file (truncated, corrupted) named with what repairs it,
+    anything else as the query's own error."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if ".parquet" in first or "magic bytes" in first.lower() or "Parquet" in type(exc).__name__:
+        return (f"{out}: a results file is damaged ({first}); `livecell-ray verify {out} --repair` names it and "
+                f"un-commits its fields, and the same segment command then redoes them")
+    return f"query failed: {first}"
+
+
 def parse_storage_options(text: str | None) -> dict[str, Any]:
     if not text:
         return {}

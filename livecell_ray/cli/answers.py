@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from livecell_ray.cli._app import console, fail, out_console, parse_storage_options
+from livecell_ray.cli._app import console, fail, out_console, parse_storage_options, query_error
 
 
 def _emit(df: Any, fmt: str, output: str | None) -> None:
@@ -43,6 +43,9 @@ def _emit(df: Any, fmt: str, output: str | None) -> None:
 
 
 def _open(out: str, storage_options: str | None, platemap: str | None = None):
+    import duckdb
+    import pyarrow as pa
+
     from livecell_ray.answers.query import open_results
     from livecell_ray.plate.platemap import PlateMapError
 
@@ -56,6 +59,8 @@ def _open(out: str, storage_options: str | None, platemap: str | None = None):
         return open_results(out, opts, platemap=platemap)
     except PlateMapError as exc:
         fail(str(exc))
+    except (duckdb.Error, pa.ArrowException) as exc:
+        fail(query_error(out, exc))
 
 
 def query(
@@ -105,7 +110,7 @@ def query(
     except ValueError as exc:
         fail(str(exc))
     except duckdb.Error as exc:
-        fail(f"query failed: {str(exc).splitlines()[0]}")
+        fail(query_error(out, exc))
     if limit:
         df = df.head(limit)
     _emit(df, fmt, output)
@@ -133,7 +138,7 @@ def sql(
     try:
         df = res.df(statement)
     except duckdb.Error as exc:
-        fail(f"query failed: {str(exc).splitlines()[0]}")
+        fail(query_error(out, exc))
     _emit(df, fmt, output)
 
 
@@ -144,8 +149,14 @@ def report(
     platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet), kept beside the results"),
 ) -> None:
     """A self-contained HTML report: heatmaps, growth and dose-response curves, areas, overlays."""
+    import duckdb
+    import pyarrow as pa
+
     from livecell_ray.answers import report as report_mod
 
     _open(out, storage_options, platemap)
-    path = report_mod.write(out, html_path, parse_storage_options(storage_options))
+    try:
+        path = report_mod.write(out, html_path, parse_storage_options(storage_options))
+    except (duckdb.Error, pa.ArrowException) as exc:
+        fail(query_error(out, exc))
     out_console.print(f"report: {Path(path).resolve()}")

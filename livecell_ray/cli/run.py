@@ -123,13 +123,32 @@ def segment(
             summary = pipeline.run(cfg, on_field, planned)
     except (ManifestError, WeightsError, ImageError, pipeline.RunError) as exc:
         fail(pipeline.format_error(exc))
+    except pipeline.RayDown as exc:
+        fail_ray_down(exc)
     except KeyboardInterrupt:
         fail("interrupted; rerun the same command to resume", 130)
+    if pipeline.ray_down():  # the plate completed, but not every one of Ray's own processes lived through it
+        pipeline.stop_local_ray()  # their agents would outlive this process
     if pm is not None:
         platemap_mod.save(planned[1], pm, platemap)
     _print_summary(summary)
     if strict and (summary.fields_failed or summary.unmatched):
         raise typer.Exit(1)
+
+
+def fail_ray_down(exc: Exception) -> None:
+    """Ray's own processes died: one line, the rest of that Ray killed (its agents outlive a dead raylet), and
+    an exit that does not wait on Ray (its exit handler would talk to a dead GCS for a minute)."""
+    import os
+    import sys
+
+    from livecell_ray import pipeline
+
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    pipeline.stop_local_ray()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def _print_summary(s: Any) -> None:
@@ -143,6 +162,9 @@ def _print_summary(s: Any) -> None:
     t.add_row("time", f"{s.seconds:.1f} s ({s.fields_per_second:.2f} fields/s)")
     for why in s.restarts:
         t.add_row("restarted", why)
+    if s.damaged:
+        t.add_row("damaged, redone", f"{len(s.damaged)} committed fields whose files were not whole (first: "
+                  f"{s.damaged[0]})")
     if s.scale_assumed:
         t.add_row("pixel size", f"assumed for {s.scale_assumed} fields: no --pixel-size and none in the files, so "
                   f"taken to be the model's (give --pixel-size UM if they are imaged at another scale)")

@@ -24,7 +24,8 @@ from livecell_ray import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "run": "driver", "cut_shards": "driver", "RunError": "preflight", "RunSummary": "preflight", "plan": "preflight",
     "provenance": "preflight", "same_provenance": "preflight", "init_ray": "cluster", "start_replicas": "cluster",
-    "in_flight": "cluster", "format_error": "cluster", "SegmentActor": "cluster", "process_shard": "shard",
+    "in_flight": "cluster", "format_error": "cluster", "RayDown": "cluster", "stop_local_ray": "cluster",
+    "ray_down": "cluster", "SegmentActor": "cluster", "process_shard": "shard",
     "read_field": "shard", "stream_field": "shard", "finish_field": "finish", "finish_fields": "finish",
     "write_failure": "finish", "write_plates": "finish",
 })

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from livecell_ray import offline
 from livecell_ray.config import SegmentConfig
 from livecell_ray.model import models
 from livecell_ray.model.replica import SegmentActor
-
-if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
-
-    pass
+from livecell_ray.retry import one_line
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,63 @@ def init_ray(cfg: SegmentConfig) -> None:
         # job runtime_env, so the worker Ray prestarts for the first driver (default environment) is one the
         # model replica can take: 0.8 s less to the first field than a worker started for a runtime_env.
         offline.configure()
-        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        try:
+            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        except Exception as exc:  # a raylet or GCS that died while starting: say so, leave nothing behind
+            session = stop_local_ray()
+            raise RayDown(f"Ray could not start on this machine ({one_line(exc)}); its logs: {session or '/tmp/ray'}"
+                          ) from None
+        offline.quiet_ray_errors()
+
+
+class RayDown(RuntimeError):
+    """The local Ray's own processes (raylet, GCS) stopped: the run cannot go on, and what is left of that Ray
+    is to be killed (:func:`stop_local_ray`) rather than left to Ray's reconnection timeouts and logs."""
+
+
+def ray_down() -> str:
+    """'' while the local Ray this process started has all its processes; else those that died (names).
+    A Ray joined by address is not this process's to watch: ''."""
+    import ray._private.worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    if node is None or not getattr(node, "head", False):
+        return ""
+    try:
+        return ", ".join(sorted({kind for kind, _ in node.dead_processes()}))
+    except Exception:  # noqa: BLE001 - Ray shut down meanwhile: nothing to watch
+        return ""
+
+
+def stop_local_ray() -> str:
+    """Kill every process of the local Ray this process started: its descendants that are Ray's, and those
+    its raylet started (agents, workers: they outlive a killed raylet, no longer this process's
+    descendants), found by the session folder on their command lines. Returns that folder ('' if none).
+    Nothing of a Ray joined by address is touched."""
+    import psutil
+    import ray
+    import ray._private.worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    if node is not None and not getattr(node, "head", False):
+        return ""
+    session = node.get_session_dir_path() if node is not None else ""
+    raylets = {str(pi.process.pid) for pi in (node.all_processes.get("raylet", []) if node is not None else [])}
+    package = os.path.dirname(ray.__file__)
+    me = psutil.Process()
+    ours = {p.pid for p in me.children(recursive=True)}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.pid == me.pid or not (package in cmd or cmd.startswith("ray::")):
+                continue
+            # Workers name themselves ray::...; a dead raylet's are known by the raylet they were started by.
+            if (proc.pid in ours or (session and session in cmd)
+                    or proc.environ().get("RAY_RAYLET_PID") in raylets):
+                os.kill(proc.pid, signal.SIGKILL)
+        except (psutil.Error, OSError):
+            pass
+    return session
 
 
 def start_replicas(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> list[Any]:
@@ -83,6 +137,8 @@ def stop_replicas(replicas: list[Any]) -> None:
     """Kill model replicas (their processes too), those already gone included."""
     import ray
 
+    if ray_down():  # nothing answers: stop_local_ray kills what is left
+        return
     for r in replicas:
         try:
             ray.kill(r, no_restart=True)

@@ -18,10 +18,12 @@ from livecell_ray.config import SegmentConfig
 from livecell_ray.model import models
 from livecell_ray.pipeline.cluster import (
     SHARD_CPUS,
+    RayDown,
     early_replicas,
     format_error,
     in_flight,
     init_ray,
+    ray_down,
     recycle,
     root_cause,
     start_replicas,
@@ -71,6 +73,10 @@ def run(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int], None]
             raise RunError(str(exc)) from None
         finally:
             lease.release()
+    except OSError as exc:  # OUT full or read-only, met by the driver (run.json, the plate's metadata, ...)
+        if not store.unwritable(exc):
+            raise
+        raise RunError(store.unwritable_message(cfg.out, exc)) from None
     finally:
         stop_replicas(early)  # those the run did not use (nothing to do, or it stopped before its shards)
 
@@ -101,13 +107,14 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
     known = store.retry(store.read_layouts, outputs, man.fields["plate"].unique())
     fields, layouts = manifest_mod.apply_layout(man.fields, known)
     man = manifest_mod.Manifest(fields, man.unmatched)
-    done = outputs.done_field_ids()
+    damaged: list[str] = []
+    done = _done(outputs, damaged)
     failed = outputs.failure_keys()  # one listing: stale rows go, the fields to redo are marked from it
     # Fields done since they failed (their rows' removal itself failed).
     outputs.remove_many([outputs.table_path("failures", None, None, key) for key in failed & done])
     todo = man.fields[~man.fields["field_id"].isin(done)]
     summary = RunSummary(out=outputs.url, fields_total=len(man.fields), fields_skipped=len(man.fields) - len(todo),
-                         unmatched=len(man.unmatched))
+                         unmatched=len(man.unmatched), damaged=damaged)
     for path in man.unmatched:
         key = "unmatched-" + manifest_mod.field_id(path, "", "", 0, 0.0)
         summary.failures.append(write_failure(outputs, key, path, "", "", "", "manifest",
@@ -227,7 +234,7 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, failed: set[str], out: str,
                     ref = task.remote(rows, replicas[next_shard % len(replicas)], cfg_ref, out, meta)
                     pending[ref] = rows
                     next_shard += 1
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.stall_timeout_s or None)
+                ready = _wait(list(pending), cfg.stall_timeout_s, out)
                 if not ready:
                     reason = f"no field finished for {cfg.stall_timeout_s:g} s"
                     break
@@ -241,6 +248,9 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, failed: set[str], out: str,
                         raise RunError(f"{out}: a model replica stopped for good ({root_cause(exc)}); the fields "
                                        f"finished are kept: run the same command again to resume") from None
                     except Exception as exc:  # the task's worker died past its retries, or Ray lost its result
+                        check_ray(out)
+                        if store.unwritable(getattr(exc, "cause", None)):  # OUT full or read-only: stop here
+                            raise RunError(store.unwritable_message(out, exc.cause)) from None
                         summaries = [_lost(outputs, r, exc) for r in rows]
                     for res in summaries:
                         finished.add(res["field_id"])
@@ -248,9 +258,10 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, failed: set[str], out: str,
             if not reason:
                 return
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            stop_replicas(replicas)  # a frozen replica too: its process is killed
+            if not ray_down():  # a Ray whose raylet or GCS died answers nothing: stop_local_ray's to clean up
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                stop_replicas(replicas)  # a frozen replica too: its process is killed
         remaining = [r for r in remaining if r["field_id"] not in finished]
         restarts.append(f"{reason}; started again over the {len(remaining)} fields left")
         if len(restarts) > cfg.stall_restarts:
@@ -259,6 +270,50 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, failed: set[str], out: str,
                            f"the fields finished are kept: run the same command again to resume, or raise "
                            f"stall_timeout_s")
         log.warning("%s: %s", out, restarts[-1])
+
+
+def _done(outputs: store.Outputs, damaged: list[str]) -> set[str]:
+    """The committed fields a rerun skips: not those whose committed files are not whole (truncated,
+    emptied): those are un-committed, so this run redoes them, and named in ``damaged``."""
+    from livecell_ray.store import verify
+
+    c = outputs.committed()
+    bad = verify.unreadable_sources(outputs, c)
+    if not bad:
+        return c.done
+    damaged.extend(bad.values())
+    log.warning("%s: %d committed fields have damaged files, redone (first: %s)", outputs.url, len(bad),
+                next(iter(bad.values())))
+    verify.uncommit(outputs, sorted(bad))
+    return outputs.done_field_ids()
+
+
+#: How often the driver, while it waits for shards, checks that the local Ray's own processes are alive.
+WATCH_S = 1.0
+
+
+def _wait(refs: list[Any], stall_timeout_s: float | None, out: str) -> list[Any]:
+    """ray.wait for one of ``refs`` up to ``stall_timeout_s`` (None or 0: forever), in steps of WATCH_S so that
+    a local Ray whose raylet or GCS died stops the run in a second (RayDown) instead of never answering."""
+    import ray
+
+    deadline = time.monotonic() + stall_timeout_s if stall_timeout_s else None
+    while True:
+        step = WATCH_S if deadline is None else max(0.0, min(WATCH_S, deadline - time.monotonic()))
+        ready, _ = ray.wait(refs, num_returns=1, timeout=step)
+        if ready:
+            return ready
+        check_ray(out)
+        if deadline is not None and time.monotonic() >= deadline:
+            return []
+
+
+def check_ray(out: str) -> None:
+    """Raise RayDown if the local Ray this run started lost one of its own processes."""
+    dead = ray_down()
+    if dead:
+        raise RayDown(f"{out}: Ray's own processes on this machine stopped mid-run ({dead} killed or crashed); "
+                      f"the fields finished are kept: run the same command again to resume")
 
 
 def cut_shards(rows: list[dict[str, Any]], batch: int, ramp: int) -> list[list[dict[str, Any]]]:

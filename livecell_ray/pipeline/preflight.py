@@ -46,6 +46,7 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "model": 0.0, "finish": 0.0})
     time_to_first_field: float | None = None
     restarts: list[str] = field(default_factory=list)  # why each stalled execution was thrown away
+    damaged: list[str] = field(default_factory=list)  # committed fields found damaged, redone: path and reason
     # Fields segmented with no pixel size known (no --pixel-size, manifest column or file metadata): taken to be
     # at the model's scale, which the CLI's summary says.
     scale_assumed: int = 0

@@ -172,6 +172,8 @@ def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str
     except ImageError as exc:
         summary.update(status="failed", stage=stage, error=str(exc))
     except Exception as exc:
+        if store.unwritable(exc):
+            raise  # OUT's, not this field's: the run stops (see the driver's _results)
         summary.update(status="failed", stage=stage, error=f"{row['path']}: {one_line(exc)}")
     if summary["status"] != "ok":
         write_failure(outputs, summary["field_id"], summary["path"], summary["field_id"], str(row["plate"]),

@@ -50,6 +50,8 @@ from livecell_ray.store._files import (
     read_documents,
     safe,
     table_from_columns,
+    unwritable,
+    unwritable_message,
 )
 from livecell_ray.store._lease import Lease, LeaseBusy, LeaseLost, acquire
 from livecell_ray.store._ngff import LAYOUT_KEY, fields_in_plate, group_document, init_plates, read_layouts, time_axis
@@ -60,5 +62,6 @@ __all__ = [
     "Committed", "FieldResult", "Outputs", "array_document", "commit_tables", "field_zarr_path", "fields_in_plate",
     "file_key", "filesystem", "group_document", "init_plates", "is_local", "is_part", "join", "make_folders",
     "chunk_files", "mask_documents", "mask_files", "parquet_bytes", "read_documents", "read_image", "read_labels",
-    "read_layouts", "retry", "safe", "stream_writer", "table_from_columns", "time_axis", "write_block", "write_masks",
+    "read_layouts", "retry", "safe", "stream_writer", "table_from_columns", "time_axis", "unwritable",
+    "unwritable_message", "write_block", "write_masks",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from livecell_ray.store._chunks import mask_documents, mask_files
-from livecell_ray.store._files import Outputs, parquet_bytes, read_documents, table_from_columns
+from livecell_ray.store._files import Outputs, parquet_bytes, read_documents, table_from_columns, unwritable
 
 
 @dataclass
@@ -64,6 +64,8 @@ def write_block(outputs: Outputs, fields: list[FieldResult], metadata: dict[str,
                 outputs.write_many(files)
                 outputs.write_many(marker)
             except Exception as exc:
+                if unwritable(exc):  # OUT's, not this field's: every field after it would fail the same way
+                    raise
                 del pending[f.field_id]
                 errors[f.field_id] = _reason(f, exc)
     try:  # committed fields' failures/ rows from an earlier run go, in one request on an object store

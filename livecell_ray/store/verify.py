@@ -115,6 +115,43 @@ def _check_field(outputs: Outputs, store: Any, r: Any, source: str, rep: Report)
                                              f"{int(r.n_cells)}", source))
 
 
+def unreadable_sources(outputs: Outputs, c: Any) -> dict[str, str]:
+    """The fields/ files whose committed per-field Parquet files (cells/ or fields/) are not whole: {source:
+    reason}. What a rerun checks before it skips a field: both ends of each file (Parquet's magic bytes, the
+    footer's length), two small reads a file (a tenth of a ms on a local disk), not the read of every byte
+    that ``verify`` does. Local OUTs only: an object store's PUT is whole or absent, and thousands of
+    requests each rerun would cost more than they could find."""
+    if not is_local(outputs.url):
+        return {}
+    committing = {file_key(p): p for p in c.fields}
+    bad: dict[str, str] = {}
+    for path in c.fields + c.cells:
+        if "/part-" in path:  # a compacted part: the commit reader read its fields/ file whole already
+            continue
+        why = _not_whole(path)
+        if why:
+            bad.setdefault(committing.get(file_key(path), path), f"{path}: {why}")
+    return bad
+
+
+def _not_whole(path: str) -> str:
+    import os
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, size - 8))
+            tail = f.read(8)
+    except OSError as exc:
+        return one_line(exc)
+    if size < 12 or head != b"PAR1" or tail[4:] != b"PAR1":
+        return f"not a whole Parquet file ({size} bytes, no magic bytes at its ends)"
+    if int.from_bytes(tail[:4], "little") > size - 12:
+        return f"truncated Parquet file ({size} bytes, shorter than its footer says)"
+    return ""
+
+
 def uncommit(outputs: Outputs, sources: list[str]) -> list[str]:
     """Remove the fields/ files (a field's own, or a part) and their cells/ twins: those fields are no longer
     done, so the next run redoes them. Returns what was removed."""
