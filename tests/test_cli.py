@@ -79,6 +79,13 @@ def test_bad_pattern(tmp_path):
     _one_clear_line(p, tmp_path / "out", "--pattern")
 
 
+def test_version_is_the_package_version():
+    import livecell_ray
+
+    p = run_cli("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"livecell-ray {livecell_ray.__version__}", p.stdout + p.stderr
+
+
 def test_help_lists_commands():
     p = run_cli("--help")
     assert p.returncode == 0 and "segment" in p.stdout
@@ -138,8 +145,10 @@ def test_pattern_and_manifest_read_other_namings_end_to_end(tmp_path):
 def test_query_values_are_parameters_and_mistyped_input_is_one_line(tmp_path, example_plate):
     for p in sorted(example_plate.glob("*.tif"))[2:]:
         p.unlink()
+    (example_plate / "scan_0001.tif").write_bytes(next(example_plate.glob("*.tif")).read_bytes())  # unmatched
     out = tmp_path / "out"
-    assert run_cli("segment", str(example_plate), str(out), "--num-cpus", "2").returncode == 0
+    seg = run_cli("segment", str(example_plate), str(out), "--num-cpus", "2")
+    assert seg.returncode == 0 and "1: scan_0001.tif (each in failures/)" in seg.stdout, seg.stdout
     everything = run_cli("query", str(out), "cells", "--format", "csv")
     one = run_cli("query", str(out), "cells", "--well", "a07", "--format", "csv")  # A7 as A07, a7 or a07
     assert one.returncode == 0 and everything.returncode == 0, one.stderr
@@ -150,6 +159,19 @@ def test_query_values_are_parameters_and_mistyped_input_is_one_line(tmp_path, ex
     assert wells == {"A7"} and len(one.stdout.splitlines()) < len(everything.stdout.splitlines())
     _one_clear_line(run_cli("query", str(out), "cells", "--well", "A7' OR '1'='1"), None, "--well")
     _one_clear_line(run_cli("sql", str(out), "  "), None, "empty SQL")
+    # Empty values print as nothing in a table, never as nan or None.
+    import pandas as pd
+
+    cells_csv = pd.read_csv(io.StringIO(everything.stdout))
+    assert cells_csv.isna().any().any()  # the run leaves some values empty (no pixel size: no area in um2)
+    table = run_cli("query", str(out), "cells", "--limit", "5", "--format", "table").stdout
+    assert not {"nan", "None", "NaN", "<NA>"} & set(table.replace("│", " ").split()), table
+    # Files to write checked before the work: a missing folder, a folder given as the file.
+    _one_clear_line(run_cli("query", str(out), "wells", "--format", "csv", "--output", "/nonexistent/dir/x.csv"),
+                    None, "--output", "/nonexistent/dir does not exist")
+    _one_clear_line(run_cli("report", str(out), "--html", "/nonexistent/r.html"), None, "--html",
+                    "/nonexistent does not exist")
+    _one_clear_line(run_cli("report", str(out), "--html", str(tmp_path)), None, "--html", "is a folder")
     folder = tmp_path / "dir.pt"
     folder.mkdir()
     _one_clear_line(run_cli("segment", str(example_plate), str(tmp_path / "o2"), "--model", str(folder)), None,

@@ -14,9 +14,38 @@ console = Console(stderr=True)
 out_console = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        import livecell_ray
+
+        out_console.print(f"livecell-ray {livecell_ray.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit")) -> None:
     """livecell-ray: plate -> manifest -> Ray model actors -> OME-Zarr masks + Parquet statistics."""
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Before any work: a file to write is not a folder and its folder exists (one line, not a traceback
+    after the query ran)."""
+    import os
+
+    if not path:
+        return
+    if os.path.isdir(path):
+        fail(f"{flag} {path}: is a folder; give a file in it, e.g. {os.path.join(path, 'out' + _suffix(flag))}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        fail(f"{flag} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        fail(f"{flag} {path}: the folder {parent} is not writable")
+
+
+def _suffix(flag: str) -> str:
+    return ".html" if flag == "--html" else ".csv"
 
 
 def fail(msg: str, code: int = 2) -> None:

@@ -9,11 +9,12 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from livecell_ray.cli._app import console, fail, out_console, parse_storage_options, query_error
+from livecell_ray.cli._app import check_output_file, console, fail, out_console, parse_storage_options, query_error
 
 
 def _emit(df: Any, fmt: str, output: str | None) -> None:
     """Print or save a table as table/csv/json/parquet."""
+    check_output_file(output, "--output")
     if fmt == "parquet":
         if not output:
             fail("--format parquet needs --output FILE")
@@ -29,7 +30,7 @@ def _emit(df: Any, fmt: str, output: str | None) -> None:
         for c in df.columns:
             t.add_column(str(c), justify="right" if df[c].dtype.kind in "iuf" else "left")
         for row in df.itertuples(index=False):
-            t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+            t.add_row(*[_cell(v) for v in row])
         if output:
             fail("--output needs --format csv, json or parquet")
         out_console.print(t)
@@ -40,6 +41,15 @@ def _emit(df: Any, fmt: str, output: str | None) -> None:
         Path(output).write_text(text)
     else:
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+def _cell(v: Any) -> str:
+    """A table cell: a value left empty (None, NaN, NaT) prints as nothing, not as 'nan' or 'None'."""
+    import pandas as pd
+
+    if v is None or (not isinstance(v, (str, bytes)) and pd.api.types.is_scalar(v) and pd.isna(v)):
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _open(out: str, storage_options: str | None, platemap: str | None = None):
@@ -154,6 +164,7 @@ def report(
 
     from livecell_ray.answers import report as report_mod
 
+    check_output_file(html_path, "--html")
     _open(out, storage_options, platemap)
     try:
         path = report_mod.write(out, html_path, parse_storage_options(storage_options))

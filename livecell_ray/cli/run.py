@@ -151,13 +151,24 @@ def fail_ray_down(exc: Exception) -> None:
     os._exit(2)
 
 
+def _unmatched(s: Any, shown: int = 3) -> str:
+    """How many files the pattern did not match, and the first names: a misspelt pattern shows at once."""
+    import os
+
+    names = [os.path.basename(f["path"]) for f in s.failures if f.get("stage") == "manifest"]
+    if not s.unmatched or not names:
+        return str(s.unmatched)
+    more = f" and {s.unmatched - shown} more" if s.unmatched > shown else ""
+    return f"{s.unmatched}: {', '.join(names[:shown])}{more} (each in failures/)"
+
+
 def _print_summary(s: Any) -> None:
     t = Table(title="livecell-ray segment", show_header=False)
     t.add_row("fields in plate", str(s.fields_total))
     t.add_row("already done (skipped)", str(s.fields_skipped))
     t.add_row("segmented now", str(s.fields_done))
     t.add_row("failed", str(s.fields_failed))
-    t.add_row("files not matching the pattern", str(s.unmatched))
+    t.add_row("files not matching the pattern", _unmatched(s))
     t.add_row("cells", str(s.cells))
     t.add_row("time", f"{s.seconds:.1f} s ({s.fields_per_second:.2f} fields/s)")
     for why in s.restarts:
