@@ -59,8 +59,12 @@ class RayDown(RuntimeError):
     is to be killed (:func:`stop_local_ray`) rather than left to Ray's reconnection timeouts and logs."""
 
 
+#: The local Ray's processes without which nothing runs (a log monitor or a dashboard may go; these may not).
+VITAL = frozenset({"raylet", "gcs_server"})
+
+
 def ray_down() -> str:
-    """'' while the local Ray this process started has all its processes; else those that died (names).
+    """'' while the local Ray this process started has its VITAL processes; else those that died (names).
     A Ray joined by address is not this process's to watch: ''."""
     import ray._private.worker as ray_worker
 
@@ -68,7 +72,7 @@ def ray_down() -> str:
     if node is None or not getattr(node, "head", False):
         return ""
     try:
-        return ", ".join(sorted({kind for kind, _ in node.dead_processes()}))
+        return ", ".join(sorted({kind for kind, _ in node.dead_processes() if kind in VITAL}))
     except Exception:  # noqa: BLE001 - Ray shut down meanwhile: nothing to watch
         return ""
 
