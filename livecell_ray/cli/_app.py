@@ -48,9 +48,14 @@ def _suffix(flag: str) -> str:
     return ".html" if flag == "--html" else ".csv"
 
 
+def error_line(msg: str) -> None:
+    """The one `error:` line every refused or stopped command ends with, on stderr."""
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+
+
 def fail(msg: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit, never a traceback."""
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    error_line(msg)
     raise typer.Exit(code)
 
 

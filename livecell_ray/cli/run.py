@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from livecell_ray.cli._app import console, fail, out_console, parse_storage_options
+from livecell_ray.cli._app import console, error_line, fail, out_console, parse_storage_options
 from livecell_ray.config import LIVECELL_PATTERN, InferenceConfig, SegmentConfig
 
 
@@ -144,7 +144,7 @@ def fail_ray_down(exc: Exception) -> None:
 
     from livecell_ray import pipeline
 
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    error_line(str(exc))
     pipeline.stop_local_ray()
     sys.stdout.flush()
     sys.stderr.flush()

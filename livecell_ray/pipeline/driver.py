@@ -285,7 +285,7 @@ def _done(outputs: store.Outputs, damaged: list[str]) -> set[str]:
     log.warning("%s: %d committed fields have damaged files, redone (first: %s)", outputs.url, len(bad),
                 next(iter(bad.values())))
     verify.uncommit(outputs, sorted(bad))
-    return outputs.done_field_ids()
+    return c.done - {store.file_key(p) for p in bad}  # per-field sources: each one's key is its field_id
 
 
 #: How often the driver, while it waits for shards, checks that the local Ray's own processes are alive.

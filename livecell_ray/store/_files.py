@@ -77,7 +77,6 @@ class Outputs:
 
     def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
         if "://" not in out:
-
             out = os.path.abspath(out)
         self.url = out.rstrip("/")
         self.storage_options = dict(storage_options or {})
@@ -127,7 +126,7 @@ class Outputs:
     def clean_temporary(self) -> int:
         """Remove temporary files a killed or failed writer left behind (readers never look at them): in the
         tables, beside run.json and among the masks' chunks. Only a local OUT has any (an object store's
-        PUT needs no temporary name); a walk of the folders, 50 ms for 20,000 chunk files."""
+        PUT needs no temporary name), so only a local OUT's folders are walked."""
         if not is_local(self.url):
             return 0
         n = 0

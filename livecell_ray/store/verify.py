@@ -11,6 +11,7 @@ or absent, or labels that disagree with the table (a chunk that reads back as ze
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from livecell_ray.retry import one_line
-from livecell_ray.store._commit import file_key
+from livecell_ray.store._commit import Committed, file_key, is_part
 from livecell_ray.store._files import Outputs, is_local, join
 
 
@@ -115,18 +116,20 @@ def _check_field(outputs: Outputs, store: Any, r: Any, source: str, rep: Report)
                                              f"{int(r.n_cells)}", source))
 
 
-def unreadable_sources(outputs: Outputs, c: Any) -> dict[str, str]:
+def unreadable_sources(outputs: Outputs, c: Committed) -> dict[str, str]:
     """The fields/ files whose committed per-field Parquet files (cells/ or fields/) are not whole: {source:
     reason}. What a rerun checks before it skips a field: both ends of each file (Parquet's magic bytes, the
-    footer's length), two small reads a file (a tenth of a ms on a local disk), not the read of every byte
-    that ``verify`` does. Local OUTs only: an object store's PUT is whole or absent, and thousands of
-    requests each rerun would cost more than they could find."""
+    footer's length), two small reads a file, not the read of every byte that ``verify`` does. Local OUTs
+    only: an object store's PUT is whole or absent, and a request a file each rerun would cost more than it
+    could find."""
     if not is_local(outputs.url):
         return {}
     committing = {file_key(p): p for p in c.fields}
     bad: dict[str, str] = {}
     for path in c.fields + c.cells:
-        if "/part-" in path:  # a compacted part: the commit reader read its fields/ file whole already
+        # Compacted parts are left to ``verify``: the commit reader read each fields part whole already (a
+        # damaged one is in c.damaged), a cells part is not checked here.
+        if is_part(path):
             continue
         why = _not_whole(path)
         if why:
@@ -135,8 +138,7 @@ def unreadable_sources(outputs: Outputs, c: Any) -> dict[str, str]:
 
 
 def _not_whole(path: str) -> str:
-    import os
-
+    """'' for a file that starts and ends as Parquet does and is as long as its footer says; else why not."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
