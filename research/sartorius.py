@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -39,8 +40,12 @@ from livecell_ray.training import dataset  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sartorius"
 PACK = Path(".sart")
-PROJECT = Path("runs/sartorius")
-LOGS = Path("weights/logs/sartorius")
+#: SARTORIUS_ARCH=big: the same chain for `big` (YOLOv8s-seg, from the Usiigaci-only big.pt), in its own folders.
+ARCH = os.environ.get("SARTORIUS_ARCH", "small")
+_SUFFIX = "" if ARCH == "small" else f"_{ARCH}"
+PROJECT = Path(f"runs/sartorius{_SUFFIX}")
+LOGS = Path(f"weights/logs/sartorius{_SUFFIX}")
+BASE = {"small": ".gpu/base.pt", "big": "weights/big.pt"}[ARCH]
 TILE = ls.TILE
 SHSY5Y_REPEAT = 2  # LIVECell's hardest type: its Sartorius fields twice
 ALL_FOLDS = {"f0": "all", **FOLDS}
@@ -93,6 +98,30 @@ def run_train(name: str, data: Path, model: str, epochs: int, lr0: float) -> Pat
     return PROJECT / name / "weights" / "last.pt"
 
 
+def pretrain_chunked(epochs: int, chunk: int, base: str) -> Path:
+    """Pre-training in runs of ``chunk`` epochs, each from the last one's stripped weights, committed to
+    LOGS/pre after each: a CPU pre-training longer than a session (`big`'s: about 5 h on 2 cores) goes on
+    in the next session from the last finished chunk, where one long run would start again from scratch
+    (its last.pt, with the optimizer state, lives in runs/, which a new checkout does not have). Each chunk
+    is its own warm-up-free schedule at the same lr0; the log says how many ran."""
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    state = LOGS / "pre" / "chunks.json"
+    done = json.loads(state.read_text())["chunks"] if state.exists() else 0
+    while done * chunk < epochs:
+        start = str(LOGS / "pre" / "last.pt") if done else base
+        k = done + 1
+        last = run_train(f"pre-c{k}", pretrain_data(), start, chunk, 1e-3)
+        (LOGS / "pre").mkdir(parents=True, exist_ok=True)
+        strip_optimizer(str(last), str(LOGS / "pre" / "last.pt"))
+        shutil.copy(last.parent.parent / "results.csv", LOGS / "pre" / f"results_c{k}.csv")
+        shutil.copy(last.parent.parent / "args.yaml", LOGS / "pre" / "args.yaml")
+        state.write_text(json.dumps({"chunks": k, "chunk_epochs": chunk, "epochs": epochs, "base": base}) + "\n")
+        print(f"pre-training chunk {k} ({k * chunk} of {epochs} epochs) -> {LOGS / 'pre' / 'last.pt'}", flush=True)
+        done = k
+    return LOGS / "pre" / "last.pt"
+
+
 def pretrained() -> Path:
     """This machine's pre-training if it ran here, else the committed one (a fresh checkout continues from it)."""
     for pre in (PROJECT / "pre" / "weights" / "last.pt", LOGS / "pre" / "last.pt"):
@@ -137,7 +166,8 @@ def snapshot() -> None:
     from ultralytics.utils.torch_utils import strip_optimizer
 
     LOGS.mkdir(parents=True, exist_ok=True)
-    for run in sorted(p for p in PROJECT.iterdir() if (p / "weights" / "last.pt").exists()):
+    for run in sorted(p for p in PROJECT.iterdir() if (p / "weights" / "last.pt").exists()
+                      and not p.name.startswith("pre-c")):  # chunks: pretrain_chunked keeps their logs
         dst = LOGS / run.name
         dst.mkdir(exist_ok=True)
         for name in ("args.yaml", "results.csv"):
@@ -181,7 +211,8 @@ def main() -> None:
     sub.add_parser("pack")
     pt = sub.add_parser("pretrain")
     pt.add_argument("--epochs", type=int, default=10)
-    pt.add_argument("--base", default=".gpu/base.pt", help="starting weights (the Usiigaci-only small.pt)")
+    pt.add_argument("--base", default=BASE, help="starting weights (the Usiigaci-only small.pt or big.pt)")
+    pt.add_argument("--chunk", type=int, default=0, help="epochs a run, each committed (0: one run)")
     s1 = sub.add_parser("stage1")
     s1.add_argument("fold", choices=sorted(ALL_FOLDS))
     s1.add_argument("--epochs", type=int, default=30)
@@ -194,6 +225,8 @@ def main() -> None:
     a = p.parse_args()
     if a.cmd == "pack":
         pack()
+    elif a.cmd == "pretrain" and a.chunk:
+        print(pretrain_chunked(a.epochs, a.chunk, a.base))
     elif a.cmd == "pretrain":
         if not (PROJECT / "pre").exists() and (LOGS / "pre" / "last.pt").exists():
             print(f"{LOGS / 'pre' / 'last.pt'}: the committed pre-training, used as it is")

@@ -10,10 +10,13 @@ S=research/sartorius.py
 [ -d .gpu/lc ] || python research/pack_livecell_gpu.py .gpu
 [ -d .sart/train ] || python $S pack
 mkdir -p runs/sartorius
-python $S pretrain --epochs "${PRE_EPOCHS:-10}"
+# SARTORIUS_ARCH=big PRE_CHUNK=2: big's chain, its pre-training committed every 2 epochs (weights/logs/sartorius_big)
+L=weights/logs/sartorius${SARTORIUS_ARCH:+_$SARTORIUS_ARCH}
+L=${L%_small}
+python $S pretrain --epochs "${PRE_EPOCHS:-10}" --chunk "${PRE_CHUNK:-0}"
 python $S snapshot
 for f in ${FOLDS:-f0 f1 f3 f5 f2 f4}; do
-  [ -f weights/logs/sartorius/eval_$f.json ] && continue  # scored in an earlier session
+  [ -f "$L/eval_$f.json" ] && continue  # scored in an earlier session
   python $S stage1 "$f" --epochs "${S1_EPOCHS:-30}"
   [ -f runs/sartorius/eval_$f.json ] || python $S eval "$f"
   python $S snapshot

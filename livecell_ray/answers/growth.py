@@ -96,6 +96,6 @@ def growth_table(per_time: pd.DataFrame, metric: str = "cells_per_field_mean",
     """
     rows = []
     for (plate, well), g in per_time.groupby(["plate", "well"], sort=True):
-        rows.append({"plate": plate, "well": well, **fit_well(g["timepoint"].to_numpy(), g[metric].to_numpy(), cfg)})
+        rows.append({"plate": plate, "well": well, **fit_well(g["timepoint_h"].to_numpy(), g[metric].to_numpy(), cfg)})
     out = pd.DataFrame(rows, columns=["plate", "well", *COLUMNS])
     return out.astype({"n_points": int, "n_timepoints": int})

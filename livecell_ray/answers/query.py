@@ -21,29 +21,37 @@ from livecell_ray.plate import platemap as platemap_mod
 
 #: per-well metrics over fields (one row per field-timepoint) ...
 FIELD_METRICS: dict[str, str] = {
-    "fields": "count(*)",
+    "fields": "count(DISTINCT field || '|' || crop)",  # fields (sites), not images: pooled, a field imaged 4 times is 1
+    "images": "count(*)",
     "cells": "sum(n_cells)::BIGINT",
     "cells_per_field_mean": "avg(n_cells)",
     "cells_per_field_sd": "stddev_samp(n_cells)",
-    "confluence": "avg(confluence)",
+    "confluence_pct": "100 * avg(confluence)",  # as Incucyte shows it; the fields table's confluence is a fraction
 }
-#: ... and over the cells of those fields.
+#: ... and over the cells of those fields (um^2: NULL where the scale is unknown).
 CELL_METRICS: dict[str, str] = {
-    "area_median": "median(area_px)",
-    "area_mean": "avg(area_px)",
+    "area_px_median": "median(area_px)",
+    "area_um2_median": "median(area_um2)",
+    "area_px_mean": "avg(area_px)",
+    "area_um2_mean": "avg(area_um2)",
     "eccentricity_mean": "avg(eccentricity)",
     "solidity_mean": "avg(solidity)",
     "intensity_mean": "avg(mean_intensity)",
 }
 WELL_METRICS: dict[str, str] = {**FIELD_METRICS, **CELL_METRICS, "failed": "failures per well"}
-ALIASES = {"count": "cells", "n_cells": "cells", "area": "area_median", "eccentricity": "eccentricity_mean",
-           "solidity": "solidity_mean", "intensity": "intensity_mean"}
+#: Names a user may type (and those of output format 0.2) for the metrics above.
+ALIASES = {"count": "cells", "n_cells": "cells", "area": "area_px_median", "area_median": "area_px_median",
+           "area_mean": "area_px_mean", "area_um2": "area_um2_median", "confluence": "confluence_pct",
+           "eccentricity": "eccentricity_mean", "solidity": "solidity_mean", "intensity": "intensity_mean"}
+#: The time key of per-timepoint rows: hours since the plate's first scan.
+TIME = "timepoint_h"
 #: DuckDB's words for a file that was listed but is gone when read.
 _VANISHED = ("No files found that match", "No such file")
 _REOPEN_TRIES = 4
 T = TypeVar("T")
-DEFAULT_METRICS = ("fields", "cells", "cells_per_field_mean", "cells_per_field_sd", "confluence",
-                   "area_median", "area_mean", "eccentricity_mean", "solidity_mean", "intensity_mean", "failed")
+DEFAULT_METRICS = ("fields", "images", "cells", "cells_per_field_mean", "cells_per_field_sd", "confluence_pct",
+                   "area_px_median", "area_um2_median", "area_px_mean", "area_um2_mean", "eccentricity_mean",
+                   "solidity_mean", "intensity_mean", "failed")
 
 
 class Results:
@@ -65,6 +73,7 @@ class Results:
         self.con = duckdb.connect()
         self.con.execute("SET enable_progress_bar = false")
         self.copied = 0  # files read from a local copy
+        self._with_files: set[str] = set()  # the tables that have files (the others are empty views)
         self._tmp: Any = None  # the finalizer of the current local copy
         self._retry(lambda: None, stale=True)
         if platemap:  # validated against the imaged wells, then kept beside the results for later queries
@@ -96,7 +105,7 @@ class Results:
 
     def growth(self, cfg: growth_mod.GrowthConfig | None = None) -> pd.DataFrame:
         """Growth rate and doubling time per well (or the reason there is none), with the map's columns."""
-        per_time = self.wells(["cells_per_field_mean"], by_timepoint=True, with_map=False)
+        per_time = self.wells(["cells_per_field_mean"], with_map=False)
         return self.with_platemap(growth_mod.growth_table(per_time, cfg=cfg))
 
     def dose_response(self, metric: str = "cells_per_field_mean", at: float | None = None,
@@ -112,12 +121,12 @@ class Results:
         if metric in growth_mod.COLUMNS:
             return self.growth()
         metric = ALIASES.get(metric, metric)
-        per_time = self.wells([metric], by_timepoint=True, with_map=False)
+        per_time = self.wells([metric], with_map=False)
         if at is not None:
-            per_time = per_time[np.isclose(per_time["timepoint"], at)]
+            per_time = per_time[np.isclose(per_time[TIME], at)]
             if per_time.empty:
-                raise ValueError(f"no well was imaged at {at:g} h")
-        last = per_time.sort_values("timepoint").groupby(["plate", "well"], as_index=False).tail(1)
+                raise ValueError(f"no well was imaged at {at:g} h (hours since the plate's first scan)")
+        last = per_time.sort_values(TIME).groupby(["plate", "well"], as_index=False).tail(1)
         return self.with_platemap(last.reset_index(drop=True))
 
     def _open(self) -> None:
@@ -126,14 +135,40 @@ class Results:
         tables = {"cells": c.cells, "fields": c.fields, "failures": self.outputs.table_files("failures")}
         if not store.is_local(self.outputs.url):
             tables = self._local_copies(tables, self.copy_limit_mb, c.part_docs)
+        self._with_files = {t for t, files in tables.items() if files}
         for table, files in tables.items():
             # Only committed rows, each once: per-field files and compacted parts (store.Committed).
             if files:
                 rel = self.con.read_parquet(files, hive_partitioning=table != "failures", union_by_name=True)
-                rel.create_view(table, replace=True)
+                rel.create_view(f"_{table}_files", replace=True)
+                self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _{table}_files")
             else:
                 self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
+        self._elapsed_time()
         self._wells_view()
+
+    def _elapsed_time(self) -> None:
+        """``timepoint_h`` for rows written before output format 0.3 (which lack it): hours since the plate's
+        first scan among its fields, what the pipeline now writes; rows that have it are read as they are."""
+        if "failures" in self._with_files and TIME not in self._columns("failures"):  # failures before 0.3
+            self.con.execute(f"CREATE OR REPLACE VIEW failures AS SELECT *, NULL::DOUBLE AS {TIME} "
+                             "FROM _failures_files")
+        if "fields" not in self._with_files or (
+                TIME in self._columns("fields")
+                and not self.con.execute(f"SELECT count(*) FROM fields WHERE {TIME} IS NULL").fetchone()[0]):
+            return
+        self.con.execute("CREATE OR REPLACE VIEW _origin AS SELECT plate, min(timepoint) AS o FROM _fields_files "
+                         "GROUP BY plate")
+        for table in ("fields", "cells") if "cells" in self._with_files else ("fields",):
+            have = self._columns(f"_{table}_files")
+            elapsed = "round(t.timepoint - _origin.o, 4)"
+            col = f"coalesce(t.{TIME}, {elapsed})" if TIME in have else elapsed
+            sel = f"t.* REPLACE ({col} AS {TIME})" if TIME in have else f"t.*, {col} AS {TIME}"
+            self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT {sel} FROM _{table}_files t "
+                             f"LEFT JOIN _origin USING (plate)")
+
+    def _columns(self, view: str) -> set[str]:
+        return {r[0] for r in self.con.execute(f"DESCRIBE {view}").fetchall()}
 
     def _wells_view(self) -> None:
         """The ``wells`` view (per well and timepoint), joined with the plate map when there is one."""
@@ -219,12 +254,18 @@ class Results:
     def failures(self) -> duckdb.DuckDBPyRelation:
         return self.con.table("failures")
 
-    def wells(self, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS, by_timepoint: bool = False,
-              where: str | None = None, with_map: bool = True, well: str | None = None) -> pd.DataFrame:
-        """Per-well (or per well x timepoint) aggregates as pandas, with the plate map's columns if there is one;
-        ``well``: that well's only (a query parameter, never pasted into the SQL)."""
+    def wells(self, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS, by_timepoint: bool = True,
+              where: str | None = None, with_map: bool = True, well: str | None = None,
+              last: bool = False) -> pd.DataFrame:
+        """Per well and timepoint aggregates as pandas (the ``wells`` view's rows), with the plate map's columns if
+        there is one. ``last``: each well's last timepoint only; ``by_timepoint=False``: every timepoint pooled
+        (``fields`` then still counts fields, ``images`` their images). ``well``: that well's only (a query
+        parameter, never pasted into the SQL)."""
         cond, params = _filter(where, well)
         df = self.df(wells_sql(metrics, by_timepoint, cond), params)
+        if last and by_timepoint and not df.empty:
+            df = df.sort_values(TIME).groupby(["plate", "well"], as_index=False).tail(1)
+            df = df.sort_values(["plate", "well"]).reset_index(drop=True)
         return self.with_platemap(df) if with_map else df
 
     def rows(self, table: str, where: str | None = None, well: str | None = None) -> pd.DataFrame:
@@ -232,7 +273,7 @@ class Results:
         (SQL) and ``well`` (a query parameter)."""
         cond, params = _filter(where, well)
         sql = f"SELECT * EXCLUDE (path), path FROM {table}" + (f" WHERE {cond}" if cond else "")
-        return self.df(sql + " ORDER BY plate, well, timepoint" + (", label" if table == "cells" else ""), params)
+        return self.df(sql + f" ORDER BY plate, well, {TIME}" + (", label" if table == "cells" else ""), params)
 
 
 def _filter(where: str | None, well: str | None) -> tuple[str | None, list[Any] | None]:
@@ -244,12 +285,15 @@ def _filter(where: str | None, well: str | None) -> tuple[str | None, list[Any] 
 _EMPTY = {
     "cells": "SELECT ''::VARCHAR AS plate, ''::VARCHAR AS well, ''::VARCHAR AS field_id, 0::UINTEGER AS label, "
              "0::BIGINT AS area_px, 0.0::DOUBLE AS eccentricity, 0.0::DOUBLE AS solidity, "
-             "0.0::DOUBLE AS mean_intensity, ''::VARCHAR AS cell_type, 0.0::DOUBLE AS timepoint",
+             "0.0::DOUBLE AS mean_intensity, 0.0::DOUBLE AS area_um2, ''::VARCHAR AS field, 0::INTEGER AS crop, "
+             "''::VARCHAR AS cell_type, 0.0::DOUBLE AS timepoint, 0.0::DOUBLE AS timepoint_h",
     "fields": "SELECT ''::VARCHAR AS plate, ''::VARCHAR AS well, ''::VARCHAR AS field_id, 0::BIGINT AS n_cells, "
-              "0.0::DOUBLE AS confluence, 0.0::DOUBLE AS timepoint, ''::VARCHAR AS cell_type, "
+              "0.0::DOUBLE AS confluence, ''::VARCHAR AS field, 0::INTEGER AS crop, 0.0::DOUBLE AS timepoint, "
+              "0.0::DOUBLE AS timepoint_h, NULL::TIMESTAMP AS acquired, ''::VARCHAR AS cell_type, "
               "''::VARCHAR AS path, ''::VARCHAR AS status",
     "failures": "SELECT ''::VARCHAR AS key, ''::VARCHAR AS path, ''::VARCHAR AS field_id, ''::VARCHAR AS plate, "
-                "''::VARCHAR AS well, ''::VARCHAR AS stage, ''::VARCHAR AS error, ''::VARCHAR AS time",
+                "''::VARCHAR AS well, ''::VARCHAR AS stage, ''::VARCHAR AS error, ''::VARCHAR AS time, "
+                "0.0::DOUBLE AS timepoint_h",
 }
 
 
@@ -263,7 +307,7 @@ def wells_sql(metrics: tuple[str, ...] | list[str], by_timepoint: bool = False, 
     unknown = [m for m in metrics if m not in WELL_METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(WELL_METRICS)}")
-    keys = ["plate", "well"] + (["timepoint"] if by_timepoint else [])
+    keys = ["plate", "well"] + ([TIME] if by_timepoint else [])
     k = ", ".join(keys)
     fsel = ", ".join(f"{FIELD_METRICS[m]} AS {m}" for m in metrics if m in FIELD_METRICS) or "count(*) AS _n"
     csel = ", ".join(f"{CELL_METRICS[m]} AS {m}" for m in metrics if m in CELL_METRICS) or "count(*) AS _m"
@@ -272,10 +316,10 @@ def wells_sql(metrics: tuple[str, ...] | list[str], by_timepoint: bool = False, 
             f"c AS (SELECT * FROM cells WHERE field_id IN (SELECT field_id FROM f)), "
             f"fa AS (SELECT {k}, {fsel} FROM f GROUP BY {k}), "
             f"ca AS (SELECT {k}, {csel} FROM c GROUP BY {k}), "
-            f"x AS (SELECT plate, well, count(*) AS failed FROM failures GROUP BY plate, well) "
+            f"x AS (SELECT {k}, count(*) AS failed FROM failures GROUP BY {k}) "
             f"SELECT {', '.join('fa.' + key for key in keys)}, "
             f"{', '.join(_metric_col(m) for m in metrics)} "
-            f"FROM fa LEFT JOIN ca USING ({k}) LEFT JOIN x ON x.plate = fa.plate AND x.well = fa.well "
+            f"FROM fa LEFT JOIN ca USING ({k}) LEFT JOIN x ON {' AND '.join(f'x.{c} = fa.{c}' for c in keys)} "
             f"ORDER BY {', '.join('fa.' + key for key in keys)}")
 
 

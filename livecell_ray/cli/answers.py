@@ -12,8 +12,32 @@ from rich.table import Table
 from livecell_ray.cli._app import check_output_file, console, fail, out_console, parse_storage_options, query_error
 
 
-def _emit(df: Any, fmt: str, output: str | None) -> None:
-    """Print or save a table as table/csv/json/parquet."""
+#: The columns a terminal shows first, per table (the rest follow in the table's order while they fit).
+FIRST = ("plate", "well", "timepoint_h", "site", "label", "n_cells", "cells_per_field_mean", "confluence_pct",
+         "area_um2_median", "area_px_median", "area_um2", "area_px", "eccentricity", "solidity", "mean_intensity",
+         "confluence", "cells", "fields", "failed", "doubling_time_h", "growth_rate_per_h", "reason", "cell_type",
+         "status", "stage", "error")
+
+
+def _fit(df: Any, width: int) -> tuple[Any, list[str]]:
+    """The columns of ``df`` that fit a terminal ``width`` wide, whole (headers never cut): those of FIRST
+    first, then the others in order, columns with no value in any row left out; returns the narrowed frame
+    and the names left out."""
+    shown, used = [], 4
+    for c in [c for c in FIRST if c in df.columns] + [c for c in df.columns if c not in FIRST]:
+        values = [_cell(v) for v in df[c].head(200)]
+        if not any(values):
+            continue
+        need = max([len(str(c)), *map(len, values)]) + 3
+        if shown and used + need > width:
+            continue
+        shown.append(c)
+        used += need
+    return df[shown], [c for c in df.columns if c not in shown]
+
+
+def _emit(df: Any, fmt: str, output: str | None, all_columns: bool = False) -> None:
+    """Print or save a table as table/csv/json/parquet (a table: the columns that fit, unless ``all_columns``)."""
     check_output_file(output, "--output")
     if fmt == "parquet":
         if not output:
@@ -26,14 +50,21 @@ def _emit(df: Any, fmt: str, output: str | None) -> None:
     elif fmt == "json":
         text = df.to_json(orient="records", indent=2)
     elif fmt == "table":
-        t = Table(show_lines=False)
-        for c in df.columns:
-            t.add_column(str(c), justify="right" if df[c].dtype.kind in "iuf" else "left")
-        for row in df.itertuples(index=False):
-            t.add_row(*[_cell(v) for v in row])
         if output:
             fail("--output needs --format csv, json or parquet")
+        left: list[str] = []
+        if not all_columns:
+            df, left = _fit(df, out_console.width)
+        t = Table(show_lines=False)
+        for c in df.columns:
+            t.add_column(str(c), justify="right" if df[c].dtype.kind in "iuf" else "left", no_wrap=True,
+                         min_width=len(str(c)))
+        for row in df.itertuples(index=False):
+            t.add_row(*[_cell(v) for v in row])
         out_console.print(t)
+        if left:  # on stderr: stdout holds the table alone
+            console.print(f"{len(left)} more columns ({', '.join(left[:6])}{', ...' if len(left) > 6 else ''}): "
+                          f"--all-columns, or --format csv", highlight=False)
         return
     else:
         fail(f"unknown --format {fmt!r}: use table, csv, json or parquet")
@@ -76,10 +107,13 @@ def _open(out: str, storage_options: str | None, platemap: str | None = None):
 def query(
     out: str = typer.Argument(..., help="A run's output location"),
     what: str = typer.Argument("wells", help="wells, fields, cells, growth or dose_response"),
-    metrics: str = typer.Option(",".join(("fields", "cells", "cells_per_field_mean", "cells_per_field_sd",
-                                          "confluence", "area_median", "failed")),
-                                help="Comma-separated well metrics"),
-    by: str | None = typer.Option(None, help="'timepoint' for per well x timepoint rows"),
+    metrics: str = typer.Option(",".join(("fields", "cells", "cells_per_field_mean", "confluence_pct",
+                                          "area_px_median", "area_um2_median", "failed")),
+                                help="Comma-separated well metrics (livecell-ray query OUT wells --metrics '' "
+                                     "lists them)"),
+    by: str = typer.Option("timepoint", help="wells: 'timepoint' (one row per well and timepoint, as the "
+                           "wells view) or 'well' (every timepoint pooled)"),
+    last: bool = typer.Option(False, "--last", help="wells: each well's last timepoint only"),
     where: str | None = typer.Option(None, help="SQL filter on fields, e.g. \"cell_type = 'A172'\""),
     well: str | None = typer.Option(None, help="Only this well (fields, cells)"),
     limit: int | None = typer.Option(None, min=1, help="At most N rows"),
@@ -90,8 +124,9 @@ def query(
                                         "unit, control, ...), kept beside the results for later queries"),
     metric: str = typer.Option("cells_per_field_mean", help="dose_response: the per-well metric fitted "
                                "(a well metric, or growth_rate_per_h / doubling_time_h)"),
-    at: float | None = typer.Option(None, help="dose_response: the timepoint (h) of a well metric "
-                                    "(default: each well's last)"),
+    at: float | None = typer.Option(None, help="dose_response: the timepoint of a well metric, in hours since "
+                                    "the plate's first scan (default: each well's last)"),
+    all_columns: bool = typer.Option(False, "--all-columns", help="table: every column, however wide"),
 ) -> None:
     """Per-well answers (cells per field, confluence, area, shape, intensity, growth, dose-response), or rows."""
     import duckdb
@@ -110,9 +145,20 @@ def query(
         elif what == "dose_response":
             df = res.dose_response(metric, at)
         elif what == "wells":
-            if by not in (None, "timepoint"):
-                fail("--by takes only 'timepoint'")
-            df = res.wells([m.strip() for m in metrics.split(",") if m.strip()], by == "timepoint", where, well=well)
+            if by not in ("timepoint", "well"):
+                fail(f"--by {by!r}: use 'timepoint' (one row per well and timepoint) or 'well' (pooled)")
+            if last and by == "well":
+                fail("--last picks a timepoint: it goes with --by timepoint, not --by well")
+            names = [m.strip() for m in metrics.split(",") if m.strip()]
+            if not names:
+                from livecell_ray.answers.query import WELL_METRICS
+
+                fail(f"--metrics: give one or more of {', '.join(WELL_METRICS)}")
+            df = res.wells(names, by == "timepoint", where, well=well, last=last)
+            what_rows = ("one row per well and timepoint (hours since the plate's first scan)" if by == "timepoint"
+                         and not last else "each well's last timepoint" if last else "every timepoint pooled")
+            if fmt == "table":
+                console.print(f"wells: {what_rows}", highlight=False)
         elif what in ("fields", "cells"):
             df = res.rows(what, where, well)
         else:
@@ -123,7 +169,7 @@ def query(
         fail(query_error(out, exc))
     if limit:
         df = df.head(limit)
-    _emit(df, fmt, output)
+    _emit(df, fmt, output, all_columns)
     issues = res.platemap_issues()
     if what in ("wells", "growth", "dose_response") and len(issues):
         # On stderr, so that CSV or JSON on stdout stays one table; never dropped silently.
@@ -138,6 +184,7 @@ def sql(
     fmt: str = typer.Option("table", "--format", help="table, csv, json or parquet"),
     output: str | None = typer.Option(None),
     storage_options: str | None = typer.Option(None),
+    all_columns: bool = typer.Option(False, "--all-columns", help="table: every column, however wide"),
 ) -> None:
     """Any DuckDB SQL over the run's views."""
     import duckdb
@@ -149,7 +196,7 @@ def sql(
         df = res.df(statement)
     except duckdb.Error as exc:
         fail(query_error(out, exc))
-    _emit(df, fmt, output)
+    _emit(df, fmt, output, all_columns)
 
 
 def report(

@@ -346,6 +346,6 @@ def _lost(outputs: store.Outputs, row: dict[str, Any], exc: BaseException) -> di
     summary, so that the rest of the plate goes on and a rerun tries it again."""
     error = f"{row['path']}: its task could not finish ({format_error(exc)})"
     write_failure(outputs, str(row["field_id"]), str(row["path"]), str(row["field_id"]), str(row["plate"]),
-                  str(row["well"]), "worker", error)
+                  str(row["well"]), "worker", error, row.get("timepoint_h"))
     return {"field_id": str(row["field_id"]), "path": str(row["path"]), "status": "failed", "n_cells": 0,
             "stage": "worker", "error": error}

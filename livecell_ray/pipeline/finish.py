@@ -83,7 +83,7 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
     for row, s in zip(rows, summaries):
         if s["status"] != "ok":
             write_failure(outputs, s["field_id"], s["path"], s["field_id"], str(row["plate"]), str(row["well"]),
-                          s["stage"], s["error"])
+                          s["stage"], s["error"], row.get("timepoint_h"))
     each = (time.perf_counter() - t0) / max(1, len(rows))
     for s in summaries:
         s["finish_s"] = each
@@ -109,10 +109,12 @@ def field_tables(row: dict[str, Any], cells: dict[str, np.ndarray], fstats: dict
     cells_cols = {"field_id": [fid] * n, **cells,
                   "field": [meta["field"]] * n, "crop": np.full(n, int(row["crop"]), np.int32),
                   "site": [meta["site"]] * n, "timepoint": np.full(n, float(row["timepoint"])),
+                  "timepoint_h": np.full(n, float(row["timepoint_h"])),
                   "cell_type": [meta["cell_type"]] * n, "path": [meta["path"]] * n}
     field_cols = {
         "field_id": [fid], "path": [meta["path"]], "field": [meta["field"]],
         "crop": [int(row["crop"])], "site": [meta["site"]], "timepoint": [float(row["timepoint"])],
+        "timepoint_h": [float(row["timepoint_h"])], "acquired": [_acquired(str(row.get("acquired") or ""))],
         "t_index": [int(row["t_index"])], "cell_type": [meta["cell_type"]],
         "cell_type_predicted": [str(row.get("cell_type_predicted", ""))],
         "cell_type_probability": [float(row.get("cell_type_probability", np.nan))],
@@ -122,13 +124,24 @@ def field_tables(row: dict[str, Any], cells: dict[str, np.ndarray], fstats: dict
     return cells_cols, field_cols
 
 
+def _acquired(iso: str) -> Any:
+    """The acquisition time as a Parquet timestamp (no time zone: the instrument's clock); None when the
+    names carry none."""
+    return datetime.fromisoformat(iso) if iso else None
+
+
 def write_failure(outputs: store.Outputs, key: str, path: str, field_id: str, plate: str, well: str,
-                  stage: str, error: str) -> dict[str, Any]:
-    """One row in failures/, keyed so that a rerun overwrites rather than duplicates it."""
+                  stage: str, error: str, timepoint_h: float | None = None) -> dict[str, Any]:
+    """One row in failures/, keyed so that a rerun overwrites rather than duplicates it (``timepoint_h``: the
+    image's, where it is known, so that per-timepoint well rows count their own failures)."""
     rec = {"key": key, "path": path, "field_id": field_id, "plate": plate, "well": well, "stage": stage,
-           "error": error, "time": datetime.now(timezone.utc).isoformat()}
-    outputs.write_table(outputs.table_path("failures", None, None, key),
-                        store.table_from_columns({k: [v] for k, v in rec.items()}))
+           "error": error, "time": datetime.now(timezone.utc).isoformat(),
+           "timepoint_h": None if timepoint_h is None or timepoint_h != timepoint_h else float(timepoint_h)}
+    import pyarrow as pa
+
+    table = store.table_from_columns({k: [v] for k, v in rec.items() if k != "timepoint_h"})
+    table = table.append_column("timepoint_h", pa.array([rec["timepoint_h"]], pa.float64()))
+    outputs.write_table(outputs.table_path("failures", None, None, key), table)
     return rec
 
 
@@ -146,7 +159,7 @@ def refuse_mixed_shapes(outputs: store.Outputs, fields: pd.DataFrame, done: list
     import pandas as pd
 
     site = ["plate", "row", "column", "site"]
-    runs = pd.DataFrame(done).merge(fields[["field_id", "well", "t_index", *site]], on="field_id")
+    runs = pd.DataFrame(done).merge(fields[["field_id", "well", "t_index", "timepoint_h", *site]], on="field_id")
     runs["shape"] = runs["shape"].map(tuple)
     runs = runs[runs.groupby(site)["shape"].transform("nunique") > 1]  # nearly always none
     refused = []
@@ -164,6 +177,7 @@ def refuse_mixed_shapes(outputs: store.Outputs, fields: pd.DataFrame, done: list
             error = (f"{s['path']}: {w}x{h} px, but its field (plate {plate}, well {well}, site {site_name}) is "
                      f"{declared[1] if declared else '?'}x{declared[0] if declared else '?'} px at another "
                      f"timepoint: every timepoint of a field must have one size")
-            write_failure(outputs, s["field_id"], s["path"], s["field_id"], plate, well, "write", error)
+            write_failure(outputs, s["field_id"], s["path"], s["field_id"], plate, well, "write", error,
+                          s["timepoint_h"])
             refused.append({**s, "status": "failed", "stage": "write", "error": error})
     return refused

@@ -177,6 +177,6 @@ def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str
         summary.update(status="failed", stage=stage, error=f"{row['path']}: {one_line(exc)}")
     if summary["status"] != "ok":
         write_failure(outputs, summary["field_id"], summary["path"], summary["field_id"], str(row["plate"]),
-                      str(row["well"]), summary["stage"], summary["error"])
+                      str(row["well"]), summary["stage"], summary["error"], row.get("timepoint_h"))
     summary["finish_s"] = time.perf_counter() - t0 - summary["read_s"] - summary["model_s"]
     return summary

@@ -20,7 +20,9 @@ import pandas as pd
 from livecell_ray.config import IMAGE_SUFFIXES, LIVECELL_PATTERN
 
 COLUMNS = ["field_id", "path", "plate", "well", "row", "column", "field", "crop", "timepoint",
-           "cell_type", "site", "t_index", "n_timepoints", "plane", "pixel_size"]
+           "cell_type", "site", "t_index", "n_timepoints", "plane", "pixel_size", "timepoint_h", "acquired"]
+#: Columns a manifest's rows carry before :func:`apply_layout` places them on their plate.
+_PARSED = [c for c in COLUMNS if c not in ("field_id", "site", "t_index", "n_timepoints", "timepoint_h")]
 
 _WELL = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
 
@@ -98,6 +100,7 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
         row, col = parse_well(f"{row}{int(g['column'])}")
     else:
         return None
+    acquired = ""
     if "timepoint" in g:
         t = float(g["timepoint"])
     elif "year" in g:  # a calendar time (Incucyte exports): hours since 2000-01-01, stable across runs
@@ -105,6 +108,7 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
 
         when = datetime(int(g["year"]), int(g["month"]), int(g["mday"]), int(g.get("hour", 0)), int(g.get("minute", 0)))
         t = (when - datetime(2000, 1, 1)).total_seconds() / 3600
+        acquired = when.isoformat(timespec="minutes")  # the instrument's clock, as the name gives it
     elif "t" in g and not ({"day", "hour", "minute"} & g.keys()):  # a timepoint index (Harmony, CellVoyager)
         t = float(int(g["t"]))
     else:
@@ -119,6 +123,7 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
         "crop": int(g.get("crop", 0)),
         "timepoint": round(t, 4),
         "cell_type": cell_type,
+        "acquired": acquired,
         **({"channel": g["channel"]} if "channel" in g else {}),
     }
 
@@ -136,6 +141,9 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
         df["plane"] = -1  # the whole file is the field (-1), or this plane of a stack (--stack-axis t)
     if "pixel_size" not in df:
         df["pixel_size"] = np.nan  # um/px given for this field (a manifest column); NaN: --pixel-size or the file's
+    if "acquired" not in df:
+        df["acquired"] = ""  # the acquisition's date and time, where the names carry one
+    df["acquired"] = df["acquired"].fillna("").astype(str)
     df["plane"] = df["plane"].fillna(-1).astype(int)
     df["pixel_size"] = df["pixel_size"].astype(float)
     df["well"] = [f"{r}{c}" for r, c in zip(df["row"], df["column"])]
@@ -154,9 +162,11 @@ def apply_layout(fields: pd.DataFrame, known: dict[str, dict[str, Any]]
     """NGFF site names and time indices, keeping every one that OUT already uses.
 
     ``known`` maps a plate to its layout from an earlier run: ``timepoints`` (hours; position = t index)
-    and ``sites`` (well -> "field|crop" -> site name). Series and timepoints already there keep their
-    place; new series take the next site numbers in each well (in natural order of field, then crop),
-    new timepoints the next t indices (in time order). So a plate that grows between runs (new
+    and ``sites`` (well -> "field|crop" -> site name), and ``origin_h``: the plate's first scan, from which
+    ``timepoint_h`` counts elapsed hours (fixed once written, so a plate that grows keeps its clock; an
+    image older than the first run's first scan gets a negative ``timepoint_h``). Series and timepoints
+    already there keep their place; new series take the next site numbers in each well (in natural order
+    of field, then crop), new timepoints the next t indices (in time order). So a plate that grows between runs (new
     timepoints every few hours, a field added) never moves or overwrites what was written. The time
     axis is the plate's: ``n_timepoints`` is its whole length, so every image of a plate has the same
     (t, y, x) shape, as NGFF plate viewers expect (a field not imaged at some timepoint keeps empty
@@ -167,6 +177,7 @@ def apply_layout(fields: pd.DataFrame, known: dict[str, dict[str, Any]]
         lay = known.get(str(plate)) or {}
         times = [float(t) for t in lay.get("timepoints", [])]
         times += sorted(set(g["timepoint"].astype(float)) - set(times))
+        origin = float(lay.get("origin_h", min(times)))
         sites = {str(w): dict(s) for w, s in lay.get("sites", {}).items()}
         series = g[["well", "field", "crop"]].drop_duplicates()
         series = series.sort_values(["well", "field", "crop"],
@@ -179,9 +190,10 @@ def apply_layout(fields: pd.DataFrame, known: dict[str, dict[str, Any]]
         t_index = {t: i for i, t in enumerate(times)}
         parts.append(g.assign(
             site=[sites[str(w)][f"{f}|{int(c)}"] for w, f, c in zip(g["well"], g["field"], g["crop"])],
-            t_index=[t_index[float(t)] for t in g["timepoint"]], n_timepoints=len(times)))
-        layouts[str(plate)] = {"timepoints": times, "sites": sites}
-    df = pd.concat(parts) if parts else fields.assign(site=[], t_index=[], n_timepoints=[])
+            t_index=[t_index[float(t)] for t in g["timepoint"]], n_timepoints=len(times),
+            timepoint_h=(g["timepoint"].astype(float) - origin).round(4)))
+        layouts[str(plate)] = {"timepoints": times, "sites": sites, "origin_h": origin}
+    df = pd.concat(parts) if parts else fields.assign(site=[], t_index=[], n_timepoints=[], timepoint_h=[])
     df = df.sort_values(["plate", "row", "column", "site", "t_index"],
                         key=lambda c: c.astype(int) if c.name == "site" else c).reset_index(drop=True)
     return df[COLUMNS], layouts
@@ -328,8 +340,7 @@ def expand_stacks(man: Manifest, interval_h: float | None, storage_options: dict
         if not step or step <= 0:
             raise ManifestError(f"{path}: --stack-axis t needs --interval HOURS (the file does not say its own)")
         rows += [{**r, "plane": k, "timepoint": round(float(r["timepoint"]) + k * step, 4)} for k in range(shape[ax])]
-    cols = [c for c in COLUMNS if c not in ("field_id", "site", "t_index", "n_timepoints")]
-    return Manifest(_finish(pd.DataFrame(rows)[cols]), man.unmatched)
+    return Manifest(_finish(pd.DataFrame(rows)[_PARSED]), man.unmatched)
 
 
 def build(source: str, pattern: str = LIVECELL_PATTERN, manifest: str | None = None,
