@@ -11,7 +11,6 @@ from rich.table import Table
 
 from livecell_ray.cli._app import check_output_file, console, fail, out_console, parse_storage_options, query_error
 
-
 #: The columns a terminal shows first, per table (the rest follow in the table's order while they fit).
 FIRST = ("plate", "well", "timepoint_h", "site", "label", "n_cells", "cells_per_field_mean", "confluence_pct",
          "area_um2_median", "area_px_median", "area_um2", "area_px", "eccentricity", "solidity", "mean_intensity",

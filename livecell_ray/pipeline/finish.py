@@ -96,8 +96,8 @@ def _field_result(row: dict[str, Any], labels: np.ndarray, cells: dict[str, np.n
     cells_cols, field_cols = field_tables(row, cells, fstats)
     return store.FieldResult(str(row["field_id"]), str(row["path"]), str(row["plate"]), str(row["well"]),
                              str(row["row"]), int(row["column"]), str(row["site"]), int(row["t_index"]),
-                             int(row["n_timepoints"]), np.asarray(row["image"]), labels, cells_cols, field_cols,
-                             bool(row.get("failed_before")))
+                             int(row["n_timepoints"]), np.asarray(row["raw"]), labels, cells_cols, field_cols,
+                             bool(row.get("failed_before")), np.asarray(row["image"]))
 
 
 def field_tables(row: dict[str, Any], cells: dict[str, np.ndarray], fstats: dict[str, Any]

@@ -148,7 +148,7 @@ def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str
             summary.update(model_node=how["model_node"], model_pid=how["model_pid"])
             image_path, write = store.stream_writer(outputs, str(row["plate"]), str(row["row"]), int(row["column"]),
                                                     str(row["site"]), int(row["t_index"]), int(row["n_timepoints"]),
-                                                    (h, w), stream.CHUNK)
+                                                    (h, w), stream.CHUNK, reader.dtype)
 
             def submit(tiles: list[np.ndarray]) -> Callable[[], list[tuple]]:
                 ref = replica.segment_tiles.remote(how["key"], tiles)

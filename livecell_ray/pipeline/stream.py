@@ -192,13 +192,13 @@ class _Cells:
 
 def segment_streamed(reader: RowReader, submit: Callable[[list[np.ndarray]], Callable[[], list[tuple]]],
                      working: tuple[int, int], plan: list[tiles_mod.Tile], pixel_size: float | None,
-                     write_rows: Callable[[int, np.ndarray, np.ndarray], None],
+                     write_rows: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None],
                      to_u8: Callable[[np.ndarray], np.ndarray]) -> Streamed:
     """Segment, measure and write one field a tile row at a time (the module's docstring says how).
 
     ``submit``: uint8 tiles at the working scale -> a call that waits for each tile's (labels, confidences,
     class ids), the model's answers; the next tile row is submitted before this one is merged, so that
-    the network and the merging overlap. ``write_rows(y, image_rows, label_rows)``: called with whole chunk
+    the network and the merging overlap. ``write_rows(y, raw_rows, label_rows, uint8_rows)``: called with whole chunk
     rows of the field (``y`` a multiple of CHUNK) as they become final, top to bottom. ``working`` and
     ``plan``: the model's (``Segmenter.tiling``); ``to_u8``: :func:`normaliser`'s. Returns the cells and
     field statistics the whole field gives.
@@ -298,7 +298,8 @@ def segment_streamed(reader: RowReader, submit: Callable[[list[np.ndarray]], Cal
             cells.measured[ready - 1] = True
         while written < h and (done >= min(h, written + CHUNK)):
             end = min(h, written + CHUNK)
-            write_rows(written, img_rows[written - held:end - held], lab_rows[written - held:end - held])
+            write_rows(written, raw_rows[written - held:end - held], lab_rows[written - held:end - held],
+                       img_rows[written - held:end - held])
             written = end
         out.peak_rows["field rows"] = max(out.peak_rows["field rows"], lab_rows.shape[0])
         pending = np.flatnonzero(~cells.measured)

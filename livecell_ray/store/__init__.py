@@ -2,7 +2,7 @@
 
 Layout under OUT (an fsspec URL)::
 
-    masks/<plate>.zarr/<row>/<col>/<site>/0                 image the model saw, uint8 (t, y, x)
+    masks/<plate>.zarr/<row>/<col>/<site>/0                 image as the instrument wrote it, its dtype (t, y, x)
     masks/<plate>.zarr/<row>/<col>/<site>/labels/cells/0    instance labels, uint32 (t, y, x)
     cells/plate=<p>/well=<w>/<field_id>.parquet              one row per cell
     fields/plate=<p>/well=<w>/<field_id>.parquet             one row per field-timepoint (commit marker)

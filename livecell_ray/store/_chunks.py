@@ -61,6 +61,25 @@ def _require_array(outputs: Outputs, plate: str, path: str, shape: tuple[int, ..
     return all(meta.get(k) == ours[k] for k in ours if k not in ("shape", "attributes"))
 
 
+def _image_plane(plane: np.ndarray, document: bytes | None, normalised: np.ndarray | None, path: str) -> np.ndarray:
+    """The plane to store in a field's image array: the instrument's own values in their own dtype; for an
+    array an earlier output format (0.2) made uint8 from the normalised plane, that plane, so one series keeps
+    one meaning; a dtype the array cannot hold (a series whose timepoints were saved at different depths) is
+    refused, never cast into garbage."""
+    plane = plane.astype(plane.dtype.newbyteorder("="), copy=False)
+    if document is None:
+        return plane
+    stored = np.dtype(json.loads(document).get("data_type", plane.dtype.name))
+    if stored == plane.dtype:
+        return plane
+    if stored == np.uint8 and normalised is not None:
+        return normalised.astype(np.uint8, copy=False)
+    if np.can_cast(plane.dtype, stored, "safe"):
+        return plane.astype(stored)
+    raise ValueError(f"the image is {plane.dtype}, but its field's image array ({path}) is {stored} from another "
+                     f"timepoint: every timepoint of a field must be saved at one bit depth")
+
+
 def _encode_chunk(plane: np.ndarray) -> bytes:
     """One chunk's bytes as ``array_document``'s codecs make them: C-order little-endian bytes, then zstd."""
     import numcodecs
@@ -99,8 +118,11 @@ def mask_documents(outputs: Outputs, plate: str, row: str, column: int, site: st
 
 def mask_files(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int,
                n_timepoints: int, image: np.ndarray, labels: np.ndarray,
-               documents: list[bytes | None] | None = None) -> tuple[str, dict[str, bytes]]:
-    """One field-timepoint's image and labels as the files to write: (zarr path, {path: bytes}).
+               documents: list[bytes | None] | None = None, normalised: np.ndarray | None = None
+               ) -> tuple[str, dict[str, bytes]]:
+    """One field-timepoint's image (the instrument's values, see :func:`_image_plane`; ``normalised``: the
+    model's uint8 plane, for arrays of output format 0.2) and labels as the files to write: (zarr path,
+    {path: bytes}).
 
     Each plane is one whole chunk, encoded here and written as a file (one atomic write, so a retry
     rewrites a chunk whole): through zarr's array API the two writes cost 7 ms a field, mostly its
@@ -112,9 +134,10 @@ def mask_files(outputs: Outputs, plate: str, row: str, column: int, site: str, t
     image_path, image_array, labels_array = _mask_arrays(row, column, site)
     shape = (n_timepoints, *labels.shape)
     base = outputs.plate_path(plate)
-    planes = ((image_array, image.astype(np.uint8, copy=False)), (labels_array, labels.astype(np.uint32, copy=False)))
     if documents is None:
         documents = read_documents(outputs, mask_documents(outputs, plate, row, column, site))
+    planes = ((image_array, _image_plane(np.asarray(image), documents[0], normalised, image_array)),
+              (labels_array, labels.astype(np.uint32, copy=False)))
     files: dict[str, bytes] = {}
     for (path, plane), document in zip(planes, documents):
         if _require_array(outputs, plate, path, shape, plane.dtype, document, files):
@@ -138,10 +161,12 @@ def chunk_files(outputs: Outputs, plate: str, row: str, column: int, site: str, 
 
 
 def stream_writer(outputs: Outputs, plate: str, row: str, column: int, site: str, t_index: int,
-                  n_timepoints: int, shape: tuple[int, int], chunk: int
-                  ) -> tuple[str, Callable[[int, np.ndarray, np.ndarray], None]]:
-    """A streamed field's image and labels, written a chunk row at a time: (zarr path, write(y, image rows,
-    label rows)), ``y`` a multiple of ``chunk`` and the rows ``chunk`` of them (fewer at the field's end).
+                  n_timepoints: int, shape: tuple[int, int], chunk: int, dtype: np.dtype = np.dtype(np.uint8)
+                  ) -> tuple[str, Callable[[int, np.ndarray, np.ndarray, np.ndarray | None], None]]:
+    """A streamed field's image (``dtype``: the instrument's) and labels, written a chunk row at a time: (zarr
+    path, write(y, image rows, label rows, normalised rows)), ``y`` a multiple of ``chunk`` and the rows
+    ``chunk`` of them (fewer at the field's end); the normalised rows are stored only in an image array of
+    output format 0.2 (:func:`_image_plane`).
 
     Its arrays are chunked in ``chunk`` squares, so that no chunk needs the field whole; each chunk is a
     file written whole (zarr stores edge chunks padded to the full square). An array laid out otherwise
@@ -152,13 +177,15 @@ def stream_writer(outputs: Outputs, plate: str, row: str, column: int, site: str
     base = outputs.plate_path(plate)
     documents = read_documents(outputs, mask_documents(outputs, plate, row, column, site))
     files: dict[str, bytes] = {}
+    probe = _image_plane(np.zeros((1, 1), dtype), documents[0], np.zeros((1, 1), np.uint8), arrays[0])
     direct = [_require_array(outputs, plate, path, full, np.dtype(dt), doc, files, chunk)
-              for path, dt, doc in zip(arrays, (np.uint8, np.uint32), documents)]
+              for path, dt, doc in zip(arrays, (probe.dtype, np.uint32), documents)]
     outputs.write_many(files)
 
-    def write(y: int, image: np.ndarray, labels: np.ndarray) -> None:
+    def write(y: int, image: np.ndarray, labels: np.ndarray, normalised: np.ndarray | None = None) -> None:
         out: dict[str, bytes] = {}
-        for path, plane, ours in zip(arrays, (image.astype(np.uint8, copy=False), labels.astype(np.uint32)), direct):
+        stored = _image_plane(image, documents[0], normalised, arrays[0])
+        for path, plane, ours in zip(arrays, (stored, labels.astype(np.uint32)), direct):
             if not ours:
                 retry(_open_array(outputs.zarr_store(plate), path).__setitem__,
                       (t_index, slice(y, y + plane.shape[0])), plane)
@@ -213,7 +240,7 @@ def read_labels(outputs: Outputs, plate: str, zarr_path: str, t_index: int) -> n
 
 
 def read_image(outputs: Outputs, plate: str, zarr_path: str, t_index: int) -> np.ndarray:
-    """One stored (normalised) image."""
+    """One stored image, in the instrument's values (output format 0.2: the normalised plane)."""
     root = zarr.open_group(outputs.zarr_store(plate), mode="r", zarr_format=3)
     return np.asarray(root[f"{zarr_path}/0"][t_index])
 

@@ -31,11 +31,12 @@ class FieldResult:
     site: str
     t_index: int
     n_timepoints: int
-    image: np.ndarray
+    image: np.ndarray  # the instrument's values
     labels: np.ndarray
     cells: dict[str, Any]  # columns of its cells/ file
     field: dict[str, Any]  # columns of its fields/ row (the commit marker)
     failed_before: bool = False  # an earlier run left a failures/ row for it
+    normalised: np.ndarray | None = None  # the model's uint8 plane, stored only in arrays of output format 0.2
 
 
 def write_block(outputs: Outputs, fields: list[FieldResult], metadata: dict[str, str]) -> dict[str, str]:
@@ -84,7 +85,7 @@ def _files(outputs: Outputs, f: FieldResult, documents: list[bytes | None] | Non
            ) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """A field's files: (masks and cells, its fields/ commit marker)."""
     _, files = mask_files(outputs, f.plate, f.row, f.column, f.site, f.t_index, f.n_timepoints, f.image, f.labels,
-                          documents)
+                          documents, f.normalised)
     cells, marker = _table_files(outputs, f.plate, f.well, f.field_id, f.cells, f.field, metadata)
     return {**files, **cells}, marker
 
