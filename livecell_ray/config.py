@@ -98,6 +98,7 @@ class SegmentConfig:
     # to it). None: every file is read whole.
     stream_mb: float | None = 64.0
     overwrite: bool = False
+    append: bool = False  # add this source's fields to an OUT that holds another source's (run.json lists both)
     replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica
     # How much the shards in flight may hold at once (about 4 bytes a pixel of 704x520 fields: normalised
     # plane, labels, raw plane): bounds pipeline.in_flight, so memory stays flat however large the plate.
@@ -146,6 +147,9 @@ class SegmentConfig:
             raise ValueError("--interval (interval) applies to --stack-axis t only")
         if self.channel is not None and str(self.channel).lstrip("-").isdigit() and int(self.channel) < 0:
             raise ValueError(f"--channel (channel) {self.channel} is out of range: channels count from 0")
+        if self.layout is not None and self.pattern != LIVECELL_PATTERN:
+            raise ValueError(f"--layout (layout) {self.layout!r} stands for a --pattern (pattern): give one of "
+                             f"the two, not both")
 
     @property
     def stream_bytes(self) -> int | None:
@@ -155,7 +159,7 @@ class SegmentConfig:
     def provenance(self) -> dict[str, Any]:
         """Parameters that change the outputs; a rerun into OUT must match these to resume."""
         d = dataclasses.asdict(self)
-        for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite",
+        for k in ("source", "out", "address", "num_cpus", "storage_options", "replicas", "overwrite", "append",
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
                   "replica_resources", "max_pixels", "stream_mb", "object_store_budget_mb", "io_tasks",
                   "io_worker_max_fields", "stall_timeout_s", "stall_restarts", "compact", "wait_for_lease",
@@ -189,7 +193,8 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "gpus_per_replica": "gpus_per_replica", "cpus_per_replica": "cpus_per_replica",
               "batch_size": "batch_size", "storage_options": "storage_options", "pixel_size": "pixel_size",
               "pattern": "pattern", "manifest": "manifest", "trust_weights": "trust_weights",
-              "overwrite": "overwrite", "replica_resources": "replica_resources", "max_pixels": "max_pixels",
+              "overwrite": "overwrite", "append": "append", "replica_resources": "replica_resources",
+              "max_pixels": "max_pixels",
               "stream_mb": "stream_mb", "object_store_budget_mb": "object_store_budget_mb", "io_tasks": "io_tasks",
               "io_worker_max_fields": "io_worker_max_fields", "stall_timeout_s": "stall_timeout_s",
               "stall_restarts": "stall_restarts", "compact": "compact", "wait": "wait_for_lease",

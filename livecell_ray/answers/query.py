@@ -64,7 +64,7 @@ class Results:
     """
 
     def __init__(self, out: str, storage_options: dict[str, Any] | None = None, copy_limit_mb: float = 1024,
-                 platemap: str | None = None):
+                 platemap: str | None = None, save_platemap: bool = False):
         self.outputs = store.Outputs(out, storage_options)
         self.platemap: pd.DataFrame | None = None
         self.copy_limit_mb = copy_limit_mb
@@ -76,11 +76,19 @@ class Results:
         self._with_files: set[str] = set()  # the tables that have files (the others are empty views)
         self._tmp: Any = None  # the finalizer of the current local copy
         self._retry(lambda: None, stale=True)
-        if platemap:  # validated against the imaged wells, then kept beside the results for later queries
+        #: What happened to a ``platemap`` given here: "saved", "this query only" (a map is saved already and
+        #: ``save_platemap`` was not given: the saved one is never replaced silently), or None.
+        self.platemap_use: str | None = None
+        saved = platemap_mod.load(self.outputs)
+        if platemap:  # validated against the imaged wells; kept beside the results when none is, or when asked
             pm = platemap_mod.read(platemap, storage_options)
             platemap_mod.check_wells(pm, self.imaged_wells(), platemap)
-            platemap_mod.save(self.outputs, pm, platemap)
-        self.platemap = platemap_mod.load(self.outputs)
+            if saved is None or save_platemap:
+                platemap_mod.save(self.outputs, pm, platemap)
+                saved, self.platemap_use = platemap_mod.load(self.outputs), "saved"
+            else:
+                saved, self.platemap_use = pm, "this query only"
+        self.platemap = saved
         if self.platemap is not None:
             self.con.register("platemap", self.platemap)
             self._wells_view()
@@ -330,7 +338,8 @@ def _metric_col(m: str) -> str:
 
 
 def open_results(out: str, storage_options: dict[str, Any] | None = None, copy_limit_mb: float = 1024,
-                 platemap: str | None = None) -> Results:
+                 platemap: str | None = None, save_platemap: bool = False) -> Results:
     """Open a run's OUT for querying: ``open_results('out').wells()``; ``platemap`` (CSV or Parquet) is
-    validated and kept beside the results, replacing an earlier one."""
-    return Results(out, storage_options, copy_limit_mb, platemap)
+    validated and kept beside the results where none is, else used for this query only unless
+    ``save_platemap`` (which replaces the saved one)."""
+    return Results(out, storage_options, copy_limit_mb, platemap, save_platemap)

@@ -267,9 +267,11 @@ def _heatmaps(res: Results, per_time: pd.DataFrame) -> list[str]:
     return parts
 
 
-def build(out: str, storage_options: dict[str, Any] | None = None, max_overlays: int = 96) -> str:
-    """The HTML text of the report for one run's OUT."""
-    res = Results(out, storage_options)
+def build(out: str, storage_options: dict[str, Any] | None = None, max_overlays: int = 96,
+          res: Results | None = None) -> str:
+    """The HTML text of the report for one run's OUT (``res``: its results as opened already, with the plate
+    map they use)."""
+    res = res or Results(out, storage_options)
     outputs = res.outputs
     fields = res.df("SELECT * FROM fields")
     cells = res.df("SELECT plate, well, cell_type, area_px, area_um2 FROM cells")
@@ -322,9 +324,9 @@ def build(out: str, storage_options: dict[str, Any] | None = None, max_overlays:
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
 
-def write(out: str, html_path: str, storage_options: dict[str, Any] | None = None) -> str:
+def write(out: str, html_path: str, storage_options: dict[str, Any] | None = None, res: Results | None = None) -> str:
     """Build and save the report; returns its path."""
-    text = build(out, storage_options)
+    text = build(out, storage_options, res=res)
     with open(html_path, "w", encoding="utf-8") as f:
         f.write(text)
     return html_path

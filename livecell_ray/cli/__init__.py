@@ -2,7 +2,7 @@
 
     run        segment, compact, verify
     training   train, evaluate, train-classifier, pseudo-label
-    answers    query, sql, report
+    answers    query, sql, report, export
     jobs       submit, status, logs
 
 The commands are registered here, in the order ``--help`` lists them.
@@ -22,7 +22,7 @@ __all__ = ["app", "main"]
 for _command, _name in ((run.segment, None), (training.train, None), (training.evaluate, None),
                         (training.train_classifier, "train-classifier"), (training.pseudo_label, "pseudo-label"),
                         (answers.query, None), (answers.sql, None), (run.compact, None), (run.verify, None),
-                        (answers.report, None),
+                        (answers.report, None), (answers.export, None),
                         (jobs.submit, None), (jobs.status, None), (jobs.logs, None)):
     app.command(_name)(_command)
 

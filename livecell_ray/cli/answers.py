@@ -82,7 +82,7 @@ def _cell(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _open(out: str, storage_options: str | None, platemap: str | None = None):
+def _open(out: str, storage_options: str | None, platemap: str | None = None, save_platemap: bool = False):
     import duckdb
     import pyarrow as pa
 
@@ -96,11 +96,15 @@ def _open(out: str, storage_options: str | None, platemap: str | None = None):
     if not o.fs.exists(store.join(o.root, "fields")) and not o.fs.exists(store.join(o.root, "run.json")):
         fail(f"{out}: no livecell-ray results here (no fields/ or run.json)")
     try:
-        return open_results(out, opts, platemap=platemap)
+        res = open_results(out, opts, platemap=platemap, save_platemap=save_platemap)
     except PlateMapError as exc:
         fail(str(exc))
     except (duckdb.Error, pa.ArrowException) as exc:
         fail(query_error(out, exc))
+    if res.platemap_use == "this query only":
+        console.print(f"plate map: {platemap} used for this query only; the one saved with the run is kept "
+                      f"(--save-platemap replaces it)", highlight=False)
+    return res
 
 
 def query(
@@ -120,7 +124,10 @@ def query(
     output: str | None = typer.Option(None, help="Write to this file instead of stdout"),
     storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
     platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet: well[, plate], compound, dose, "
-                                        "unit, control, ...), kept beside the results for later queries"),
+                                        "unit, control, ...), kept beside the results for later queries when "
+                                        "none is (else used for this query only)"),
+    save_platemap: bool = typer.Option(False, "--save-platemap", help="Replace the plate map saved with the run "
+                                       "by --platemap's"),
     metric: str = typer.Option("cells_per_field_mean", help="dose_response: the per-well metric fitted "
                                "(a well metric, or growth_rate_per_h / doubling_time_h)"),
     at: float | None = typer.Option(None, help="dose_response: the timepoint of a well metric, in hours since "
@@ -130,7 +137,7 @@ def query(
     """Per-well answers (cells per field, confluence, area, shape, intensity, growth, dose-response), or rows."""
     import duckdb
 
-    res = _open(out, storage_options, platemap)
+    res = _open(out, storage_options, platemap, save_platemap)
     if well:
         from livecell_ray.plate.manifest import ManifestError, parse_well
 
@@ -202,7 +209,8 @@ def report(
     out: str = typer.Argument(..., help="A run's output location"),
     html_path: str = typer.Option("report.html", "--html", help="Where to write the page"),
     storage_options: str | None = typer.Option(None),
-    platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet), kept beside the results"),
+    platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet), kept beside the results when none is"),
+    save_platemap: bool = typer.Option(False, "--save-platemap", help="Replace the saved plate map by --platemap's"),
 ) -> None:
     """A self-contained HTML report: heatmaps, growth and dose-response curves, areas, overlays."""
     import duckdb
@@ -211,9 +219,43 @@ def report(
     from livecell_ray.answers import report as report_mod
 
     check_output_file(html_path, "--html")
-    _open(out, storage_options, platemap)
+    res = _open(out, storage_options, platemap, save_platemap)
     try:
-        path = report_mod.write(out, html_path, parse_storage_options(storage_options))
+        path = report_mod.write(out, html_path, parse_storage_options(storage_options), res)
     except (duckdb.Error, pa.ArrowException) as exc:
         fail(query_error(out, exc))
     out_console.print(f"report: {Path(path).resolve()}")
+
+
+def export(
+    out: str = typer.Argument(..., help="A run's output location"),
+    path: str = typer.Argument(..., help="The file to write (.parquet, .csv; incucyte: .txt or .csv)"),
+    kind: str = typer.Option("cytotable", "--as", help="cytotable (one row per cell, Metadata_* and Cells_* "
+                             "columns, as pycytominer takes them) or incucyte (one metric: timepoints as rows, "
+                             "wells as columns)"),
+    metric: str = typer.Option("confluence_pct", help="incucyte: the well metric"),
+    where: str | None = typer.Option(None, help="cytotable: SQL filter on cells"),
+    storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
+) -> None:
+    """A run's tables in other tools' shapes: CytoTable/pycytominer per-cell profiles, or Incucyte's wide export."""
+    import duckdb
+
+    from livecell_ray.answers import export as export_mod
+
+    if kind not in ("cytotable", "incucyte"):
+        fail(f"--as {kind!r}: use cytotable or incucyte")
+    check_output_file(path, "FILE")
+    res = _open(out, storage_options)
+    try:
+        df = export_mod.cytotable(res, where) if kind == "cytotable" else export_mod.incucyte_wide(res, metric)
+    except ValueError as exc:
+        fail(str(exc))
+    except duckdb.Error as exc:
+        fail(query_error(out, exc))
+    if path.endswith(".parquet"):
+        df.to_parquet(path, index=False)
+    elif path.endswith((".txt", ".tsv")):
+        df.to_csv(path, sep="\t", index=False)
+    else:
+        df.to_csv(path, index=False)
+    console.print(f"wrote {len(df)} rows, {len(df.columns)} columns to {path}", highlight=False)

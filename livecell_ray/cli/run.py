@@ -54,6 +54,8 @@ def segment(
                                  "part a table (fast queries; see 'livecell-ray compact')"),
     trust_weights: bool = typer.Option(False, help="Allow loading a .pt file that is not a shipped model"),
     overwrite: bool = typer.Option(False, help="Replace OUT made with another model or parameters"),
+    append: bool = typer.Option(False, help="Add this source's fields to an OUT that holds another source's "
+                                "(run.json then lists every source)"),
     strict: bool = typer.Option(False, help="Exit non-zero when any field failed"),
     platemap: str | None = typer.Option(None, help="Plate map (CSV/Parquet: well[, plate], compound, dose, unit, "
                                         "control, ...): checked first, kept beside the results"),
@@ -81,7 +83,7 @@ def segment(
                             replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                             io_tasks=io_tasks, pattern=pattern, manifest=manifest, pixel_size=pixel_size,
                             address=address, num_cpus=num_cpus, storage_options=opts, overwrite=overwrite,
-                            max_pixels=max_pixels, stream_mb=stream_mb or None,
+                            append=append, max_pixels=max_pixels, stream_mb=stream_mb or None,
                             stall_timeout_s=stall_timeout or None, compact=compact, inference=inference,
                             wait_for_lease=wait, route=route,
                             classifier=None if classifier == "none" else classifier, channel=channel,

@@ -38,6 +38,8 @@ from livecell_ray.pipeline.preflight import (
     provenance,
     reader_channel,
     same_provenance,
+    same_source,
+    sources,
 )
 from livecell_ray.pipeline.shard import process_shard
 
@@ -101,8 +103,9 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
         previous = None
     outputs.clean_temporary()
     # Provenance before the first field: a run stopped after its first commit still says what made it.
+    every_source = [s for s in sources(previous) if not same_source(s, cfg.source)] + [cfg.source]
     outputs.write_run({**(previous or {}), "provenance": prov, "started": (previous or {}).get("started", started),
-                       "source": cfg.source})
+                       "source": cfg.source, "sources": every_source})
     # Sites and time indices around what OUT already holds: a plate imaged since the last run grows.
     known = store.retry(store.read_layouts, outputs, man.fields["plate"].unique())
     fields, layouts = manifest_mod.apply_layout(man.fields, known)
@@ -166,7 +169,8 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
                      "restarts": summary.restarts, "compaction": summary.compaction,
                      "fields_scale_assumed": summary.scale_assumed,
                      "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()}},
-        "source": cfg.source, "fields_in_manifest": summary.fields_total, "fields_done": fields_now,
+        "source": cfg.source, "sources": every_source, "fields_in_manifest": summary.fields_total,
+        "fields_done": fields_now,
         "unmatched_files": len(man.unmatched),
         "execution": {"replicas": cfg.replicas, "batch_size": cfg.batch_size,
                       "gpus_per_replica": cfg.gpus_per_replica, "cpus_per_replica": cfg.cpus_per_replica,

@@ -170,7 +170,27 @@ def previous_run(cfg: SegmentConfig, outputs: store.Outputs, prov: dict[str, Any
     if recorded is not None and not cfg.overwrite and not same_provenance(recorded, prov):
         raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
                        f"use another OUT or --overwrite")
+    others = sources(previous)
+    if others and not any(same_source(s, cfg.source) for s in others) and not (cfg.append or cfg.overwrite):
+        raise RunError(f"{cfg.out}: holds the results of another source ({others[-1]}); give --append to add "
+                       f"{cfg.source}'s fields to them (run.json then lists both), or use another OUT")
     return previous, recorded
+
+
+def sources(run: dict[str, Any] | None) -> list[str]:
+    """Every source whose fields an OUT holds, as its run.json records them (``sources``; before output format
+    0.3 only the last run's ``source``)."""
+    run = run or {}
+    return list(run.get("sources") or ([run["source"]] if run.get("source") else []))
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two source URLs name one plate: local paths compared resolved (``plate`` and ``./plate/``)."""
+    import os
+
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def committed_provenance(outputs: store.Outputs) -> dict[str, dict[str, Any]]:

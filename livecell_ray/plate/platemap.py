@@ -31,6 +31,8 @@ FORMATS = {6: (2, 3), 12: (3, 4), 24: (4, 6), 48: (6, 8), 96: (8, 12), 384: (16,
 #: ``control`` values meaning a negative (vehicle, untreated: 100%) and a positive (full effect: 0%) control.
 NEGATIVE = {"negative", "neg", "vehicle", "dmso", "untreated", "true", "yes", "1"}
 POSITIVE = {"positive", "pos", "kill", "max"}
+#: The columns the analyses read; a header matches without case, spaces or dashes ("Well", "Cell Line").
+KNOWN = ("plate", "well", "compound", "dose", "unit", "cell_line", "treatment", "control", "plate_format")
 
 
 class PlateMapError(ValueError):
@@ -50,10 +52,30 @@ def read(path: str, storage_options: dict[str, Any] | None = None) -> pd.DataFra
         if path.lower().endswith(".parquet"):
             df = pd.read_parquet(io.BytesIO(data))
         else:
-            df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+            sep = _separator(data)
+            df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, sep=sep, encoding="utf-8-sig")
+            if sep == ";" and "dose" in [_header(c) for c in df.columns]:  # Excel's CSV where 0,5 is a half
+                col = next(c for c in df.columns if _header(c) == "dose")
+                df[col] = df[col].str.replace(",", ".", regex=False)
     except Exception as exc:
         raise PlateMapError(f"{path}: not a readable CSV or Parquet file ({type(exc).__name__}: {exc})") from exc
     return validate(df, path)
+
+
+def _separator(data: bytes) -> str:
+    """The CSV's field separator, read off its header line: ',' unless the header has none and has ';' (Excel's
+    CSV in locales whose decimal mark is a comma) or tabs."""
+    head = data.split(b"\n", 1)[0]
+    if b"," in head:
+        return ","
+    return ";" if b";" in head else "\t" if b"\t" in head else ","
+
+
+def _header(name: Any) -> str:
+    """A header as KNOWN names it, where it is one of them ("Cell Line" -> "cell_line"); else as it is."""
+    s = str(name).strip().lstrip("\ufeff")
+    key = s.lower().replace(" ", "_").replace("-", "_")
+    return key if key in KNOWN else s
 
 
 def _line(i: int, path: str) -> str:
@@ -64,7 +86,7 @@ def _line(i: int, path: str) -> str:
 def validate(df: pd.DataFrame, path: str) -> pd.DataFrame:
     """The map with wells normalised, dose numeric, empty strings as missing; PlateMapError otherwise."""
     df = df.reset_index(drop=True)
-    df.columns = [str(c).strip() for c in df.columns]
+    df.columns = [_header(c) for c in df.columns]
     if "well" not in df.columns:
         raise PlateMapError(f"{path}: no 'well' column (columns: {', '.join(df.columns) or 'none'})")
     if df.empty:
