@@ -93,14 +93,18 @@ def test_layout_keeps_known_sites_and_times_and_numbers_new_ones_after_them(tmp_
     # On its own: sites in natural field order (10 after 2), times in order.
     alone = {(w, f): (s, t) for w, f, s, t in fields[["well", "field", "site", "t_index"]].itertuples(index=False)}
     assert alone[("A7", "1")] == ("0", 1) and alone[("A7", "2")] == ("1", 1) and alone[("A7", "10")] == ("2", 0)
+    # Elapsed hours count from the plate's first scan (2 h here), whatever the names count from.
+    assert sorted(fields["timepoint_h"]) == [0.0, 6.0, 6.0, 6.0]
     # OUT already holds A7 field 2 as site 0 at hours 0 and 4: it keeps them, the rest comes after.
     known = {"A172": {"timepoints": [0.0, 4.0], "sites": {"A7": {"2|1": "0"}}}}
     laid, layouts = m.apply_layout(fields, known)
     got = {(w, f): (s, t) for w, f, s, t in laid[["well", "field", "site", "t_index"]].itertuples(index=False)}
     assert got == {("A7", "2"): ("0", 3), ("A7", "1"): ("1", 3), ("A7", "10"): ("2", 2), ("B1", "1"): ("0", 3)}
     assert set(laid["n_timepoints"]) == {4}
-    assert layouts["A172"] == {"timepoints": [0.0, 4.0, 2.0, 8.0],
+    assert layouts["A172"] == {"timepoints": [0.0, 4.0, 2.0, 8.0], "origin_h": 0.0,
                                "sites": {"A7": {"2|1": "0", "1|1": "1", "10|1": "2"}, "B1": {"1|1": "0"}}}
+    # OUT's first scan (0 h) stays the origin: a plate that grows keeps its clock.
+    assert sorted(laid["timepoint_h"]) == [2.0, 8.0, 8.0, 8.0]
     # Applying the layout it returned changes nothing: a rerun of the same files is stable.
     again, same = m.apply_layout(fields, layouts)
     pd.testing.assert_frame_equal(again, laid)

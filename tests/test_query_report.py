@@ -63,18 +63,21 @@ def _table(out, name) -> pd.DataFrame:
 
 def _expected_wells(out, by_time: bool) -> pd.DataFrame:
     fields, cells = _table(out, "fields"), _table(out, "cells")
-    keys = ["plate", "well"] + (["timepoint"] if by_time else [])
+    keys = ["plate", "well"] + (["timepoint_h"] if by_time else [])
     for d in (fields, cells):
         d["plate"], d["well"] = d["plate"].astype(str), d["well"].astype(str)
-    f = fields.groupby(keys).agg(fields=("field_id", "size"), cells=("n_cells", "sum"),
-                                 cells_per_field_mean=("n_cells", "mean"), confluence=("confluence", "mean"))
-    c = cells.groupby(keys).agg(area_median=("area_px", "median"), eccentricity_mean=("eccentricity", "mean"),
-                                solidity_mean=("solidity", "mean"), intensity_mean=("mean_intensity", "mean"))
+    fields["series"] = fields["field"].astype(str) + "|" + fields["crop"].astype(str)
+    f = fields.groupby(keys).agg(fields=("series", "nunique"), images=("field_id", "size"), cells=("n_cells", "sum"),
+                                 cells_per_field_mean=("n_cells", "mean"), confluence_pct=("confluence", "mean"))
+    f["confluence_pct"] *= 100
+    c = cells.groupby(keys).agg(area_px_median=("area_px", "median"), area_um2_median=("area_um2", "median"),
+                                eccentricity_mean=("eccentricity", "mean"), solidity_mean=("solidity", "mean"),
+                                intensity_mean=("mean_intensity", "mean"))
     return f.join(c, how="left").reset_index().sort_values(keys).reset_index(drop=True)
 
 
-METRICS = ["fields", "cells", "cells_per_field_mean", "confluence", "area_median", "eccentricity_mean",
-           "solidity_mean", "intensity_mean"]
+METRICS = ["fields", "images", "cells", "cells_per_field_mean", "confluence_pct", "area_px_median", "area_um2_median",
+           "eccentricity_mean", "solidity_mean", "intensity_mean"]
 
 
 @pytest.mark.parametrize("by_time", [False, True])
@@ -91,13 +94,14 @@ def test_wells_equal_pandas(request, which, by_time):
 
 def test_query_cli_json_and_where(plate96):
     p = subprocess.run([sys.executable, "-m", "livecell_ray.cli", "query", str(plate96), "wells", "--by",
-                        "timepoint", "--where", "timepoint = 12", "--metrics", "cells,confluence", "--format",
+                        "timepoint", "--where", "timepoint_h = 12", "--metrics", "cells,confluence", "--format",
                         "json"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
-    assert len(rows) == 96 and {r["timepoint"] for r in rows} == {12.0}
+    assert len(rows) == 96 and {r["timepoint_h"] for r in rows} == {12.0}
+    assert {"confluence_pct", "cells"} <= set(rows[0])  # 'confluence' is the 0.2 name of confluence_pct
     exp = _expected_wells(plate96, True)
-    exp = exp[exp["timepoint"] == 12].set_index("well")["cells"]
+    exp = exp[exp["timepoint_h"] == 12].set_index("well")["cells"]
     assert {r["well"]: r["cells"] for r in rows} == {w: int(v) for w, v in exp.items()}
 
 
@@ -142,13 +146,30 @@ def test_report_renders_in_headless_chromium(plate96, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(html.as_uri())
         imgs = page.evaluate("Array.from(document.images).map(i => [i.className, i.naturalWidth, i.complete])")
+        alts = page.evaluate("Array.from(document.images).map(i => i.alt)")
+        # An overlay opens at full resolution on a click, and closes on the next.
+        first = page.locator("img.overlay").first
+        small = first.bounding_box()["width"]
+        first.click()
+        full = first.bounding_box()["width"]
+        first.click()
+        back = first.bounding_box()["width"]
+        tables = page.evaluate("Array.from(document.querySelectorAll('td')).map(t => t.textContent)")
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     kinds = {c for c, w, ok in imgs if w > 0 and ok}
     assert {"heatmap", "growth", "areas", "overlay", "treatment", "dose"} <= kinds
     assert sum(1 for c, _, _ in imgs if c == "dose") == 2  # one curve per compound, controls excluded
-    assert sum(1 for c, _, _ in imgs if c == "overlay") == 96
+    assert sum(1 for c, _, _ in imgs if c == "overlay") == 192  # each well at its first and last timepoint
     assert sum(1 for c, _, _ in imgs if c == "heatmap") == 4
+    assert sum(1 for c, _, _ in imgs if c == "heatmap small") == 2  # cells per field at each of the 2 timepoints
+    # Heatmaps say in words what they show and at which time; tables print no NaN.
+    heat = [a for (c, _, _), a in zip(imgs, alts) if c == "heatmap"]
+    assert "P96: confluence (%), at 12 h" in heat and "P96: median cell area (µm²), at 12 h" in heat, heat
+    assert not any(t.strip().lower() in ("nan", "none") for t in tables)
+    # Shown 480 px wide; once clicked, the field's own 256 px (and the 1 px border each side).
+    assert full == 256 + 2 and small > full and back == small
+    assert all(w == 256 for c, w, _ in imgs if c == "overlay")  # every overlay is the field at full resolution
     assert (tmp_path / "report.png").stat().st_size > 50_000
 
 
@@ -158,7 +179,7 @@ def test_queries_and_the_report_on_a_laptop_import_neither_ray_nor_torch(example
     code = ("import sys, livecell_ray\n"
             "from livecell_ray.answers import report\n"
             f"res = livecell_ray.open_results({str(example_out)!r})\n"
-            "w = res.wells(['cells_per_field_mean', 'confluence'])\n"
+            "w = res.wells(['cells_per_field_mean', 'confluence_pct'])\n"
             f"report.write({str(example_out)!r}, {str(html)!r})\n"
             "print(int(w['cells_per_field_mean'].sum()),\n"
             "      [m for m in ('ray', 'torch', 'ultralytics') if m in sys.modules])\n")

@@ -202,8 +202,11 @@ def test_plate_map_through_queries_and_kept_beside_results(example_run, tmp_path
     assert len(g) == len(wells) and g["reason"].str.startswith("too few timepoints").all() and "compound" in g
     dr = again.dose_response("cells_per_field_mean")
     assert list(dr["compound"]) == ["d"] and dr["n_doses"][0] == 4 and bool(dr["normalised"][0])
-    # a new map replaces the kept one
-    open_results(str(out), platemap=_write(tmp_path, "well,treatment\nA7,none\n", "map2.csv"))
+    # a new map given to a query is that query's only; asked to, it replaces the kept one
+    once = open_results(str(out), platemap=_write(tmp_path, "well,treatment\nA7,none\n", "map2.csv"))
+    assert once.platemap_use == "this query only" and "compound" not in once.wells().columns
+    assert "compound" in open_results(str(out)).wells().columns
+    open_results(str(out), platemap=str(tmp_path / "map2.csv"), save_platemap=True)
     assert "compound" not in open_results(str(out)).wells().columns
     assert res.platemap is not None
 

@@ -37,18 +37,18 @@ def _mosaic16() -> np.ndarray:
 
 
 def _stream(reader, tile_fn, working, plan, px):
-    """segment_streamed with a local model; the chunk rows it writes, assembled."""
-    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    """segment_streamed with a local model; the chunk rows it writes (the raw image, labels, the uint8 image),
+    assembled."""
+    rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def write(y, image, labels):
+    def write(y, image, labels, uint8):
         assert y not in rows and y % stream.CHUNK == 0
-        rows[y] = (image.copy(), labels.copy())
+        rows[y] = (image.copy(), labels.copy(), uint8.copy())
 
     res = stream.segment_streamed(reader, lambda t: (lambda r=tile_fn(t): r), working, plan, px, write,
                                   stream.normaliser(reader))
-    image = np.concatenate([rows[y][0] for y in sorted(rows)])
-    labels = np.concatenate([rows[y][1] for y in sorted(rows)])
-    return res, image, labels
+    image, labels, uint8 = (np.concatenate([rows[y][k] for y in sorted(rows)]) for k in range(3))
+    return res, image, labels, uint8
 
 
 def _model_tiles(seg, key):
@@ -69,10 +69,11 @@ def test_a_streamed_field_is_the_whole_field_label_for_label_at_the_models_scale
     assert reader._offset is not None  # read by seeking to its rows
     key, scale, working, plan = segmenter.tiling("x", px, reader.shape)
     assert scale == 1.0 and working == raw.shape and len({t.y for t in plan}) >= 2
-    res, image, labels = _stream(reader, _model_tiles(segmenter, key), working, plan, px)
+    res, image, labels, uint8 = _stream(reader, _model_tiles(segmenter, key), working, plan, px)
     assert whole.labels.max() > 500
     np.testing.assert_array_equal(labels, whole.labels)
-    np.testing.assert_array_equal(image, normalize(raw))
+    np.testing.assert_array_equal(image, raw)  # the instrument's values go to the Zarr image
+    np.testing.assert_array_equal(uint8, normalize(raw))  # the model's plane, for arrays of format 0.2
     assert set(res.cells) == set(want)
     for c in want:
         np.testing.assert_array_equal(res.cells[c], want[c], err_msg=c)
@@ -92,7 +93,7 @@ def test_a_streamed_field_resampled_to_the_models_scale_finds_the_same_cells(seg
     whole = segmenter([normalize(raw)], ["x"], [1.24])[0].labels
     key, scale, working, plan = segmenter.tiling("x", 1.24, reader.shape)
     assert scale == pytest.approx(1.24 / models.resolve("small").working_pixel_size)
-    _, _, labels = _stream(reader, _model_tiles(segmenter, key), working, plan, 1.24)
+    _, _, labels, _ = _stream(reader, _model_tiles(segmenter, key), working, plan, 1.24)
     n, m = int(whole.max()), int(labels.max())
     assert n > 500 and abs(n - m) <= 0.01 * n, (n, m)
     assert (_best_iou(whole.astype(np.int64), labels.astype(np.int64))[1:] >= 0.5).mean() >= 0.97
@@ -131,7 +132,7 @@ def test_a_tall_field_streams_in_a_few_tile_rows_with_the_whole_fields_cells(tmp
     scale = field_px  # working px per field px
     working = tiles.resampled_shape((h, w), scale)
     plan = tiles.plan(working, 128, 32)
-    res, image, labels = _stream(reader, _threshold_model, working, plan, None)
+    res, image, labels, uint8 = _stream(reader, _threshold_model, working, plan, None)
     # The whole-field reference: the same working image (stream.working_rows over all of it), every tile's
     # answer merged at once, mapped back whole, measured whole.
     to_u8 = stream.normaliser(reader)
@@ -142,7 +143,8 @@ def test_a_tall_field_streams_in_a_few_tile_rows_with_the_whole_fields_cells(tmp
     want = measure_cells(lab, raw, cls, conf)
     assert lab.max() > 1000
     np.testing.assert_array_equal(labels, lab)
-    np.testing.assert_array_equal(image, normalize(raw))
+    np.testing.assert_array_equal(image, raw)
+    np.testing.assert_array_equal(uint8, normalize(raw))
     for c in want:
         np.testing.assert_array_equal(res.cells[c], want[c], err_msg=c)
     assert res.peak_rows["working labels"] <= 2 * 128

@@ -95,7 +95,8 @@ def growth_table(per_time: pd.DataFrame, metric: str = "cells_per_field_mean",
     changes between timepoints.
     """
     rows = []
+    time = "timepoint_h" if "timepoint_h" in per_time else "timepoint"  # hours since the first scan; 0.2's name
     for (plate, well), g in per_time.groupby(["plate", "well"], sort=True):
-        rows.append({"plate": plate, "well": well, **fit_well(g["timepoint_h"].to_numpy(), g[metric].to_numpy(), cfg)})
+        rows.append({"plate": plate, "well": well, **fit_well(g[time].to_numpy(), g[metric].to_numpy(), cfg)})
     out = pd.DataFrame(rows, columns=["plate", "well", *COLUMNS])
     return out.astype({"n_points": int, "n_timepoints": int})

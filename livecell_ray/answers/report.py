@@ -254,7 +254,7 @@ def _heatmaps(res: Results, per_time: pd.DataFrame) -> list[str]:
         when = (f"at {at.iloc[0]:g} h" if at.nunique() == 1 else
                 f"at each well's last timepoint ({at.min():g} to {at.max():g} h)")
         for metric in metrics:
-            parts.append(f'<img class="heatmap" alt="{html.escape(plate)} {metric}" '
+            parts.append(f'<img class="heatmap" alt="{html.escape(plate)}: {label(metric)}, {when}" '
                          f'src="data:image/png;base64,{heatmap(last, metric, plate, when)}">')
         times = sorted(per_time.loc[per_time["plate"] == plate, "timepoint_h"].unique())
         if 1 < len(times) <= SMALL_MULTIPLES:

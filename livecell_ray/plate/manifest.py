@@ -123,7 +123,7 @@ def parse_name(name: str, pattern: str | re.Pattern[str] = LIVECELL_PATTERN) -> 
         "crop": int(g.get("crop", 0)),
         "timepoint": round(t, 4),
         "cell_type": cell_type,
-        "acquired": acquired,
+        **({"acquired": acquired} if acquired else {}),
         **({"channel": g["channel"]} if "channel" in g else {}),
     }
 
