@@ -88,3 +88,20 @@ def test_your_own_plates_commands_run_as_documented(tmp_path):
         assert store.read_labels(out, f.plate, f.zarr_path.split(".zarr/", 1)[1], int(f.t_index)).shape == shape
         assert out.read_run()["last_run"]["fields_scale_assumed"] == 0, name  # every scale known
         assert np.isfinite(out.read_table("cells")["area_um2"]).all(), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "livecell" / "unlabelled").exists(),
+                    reason="../shared/data/livecell/unlabelled is absent: the worked example runs on it")
+def test_the_worked_examples_in_docs_are_what_their_commands_give():
+    """docs/examples.py runs each worked example's commands; the page must hold exactly their output."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_examples", ROOT / "docs" / "examples.py")
+    examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(examples)
+    for name, (page, _, needs) in examples.EXAMPLES.items():
+        text = (ROOT / page).read_text()
+        i, j = examples.block(text, name)
+        assert text[i:j].strip(), f"{page}: example {name} is empty (run python docs/examples.py)"
+        assert examples.run(name) == text[i:j], f"{page}: example {name} is stale (run python docs/examples.py)"
