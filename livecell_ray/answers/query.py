@@ -7,6 +7,7 @@ Views: ``cells`` (one row per cell), ``fields`` (one row per field-timepoint), `
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,7 +22,8 @@ from livecell_ray.plate import platemap as platemap_mod
 
 #: per-well metrics over fields (one row per field-timepoint) ...
 FIELD_METRICS: dict[str, str] = {
-    "fields": "count(DISTINCT field || '|' || crop)",  # fields (sites), not images: pooled, a field imaged 4 times is 1
+    # Fields (sites), not images: pooled, a field imaged 4 times is 1 (rows without a field name: each its own).
+    "fields": "count(DISTINCT coalesce(field, field_id) || '|' || coalesce(crop, 0))",
     "images": "count(*)",
     "cells": "sum(n_cells)::BIGINT",
     "cells_per_field_mean": "avg(n_cells)",
@@ -149,7 +151,12 @@ class Results:
             if files:
                 rel = self.con.read_parquet(files, hive_partitioning=table != "failures", union_by_name=True)
                 rel.create_view(f"_{table}_files", replace=True)
-                self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _{table}_files")
+                # Columns a file lacks (one of an earlier output format, or written by another tool) as NULL,
+                # so every query sees the documented columns.
+                have = self._columns(f"_{table}_files")
+                extra = "".join(f", NULL::{t} AS {c}" for c, t in _EMPTY_COLUMNS[table] if c not in have)
+                self.con.execute(f"CREATE OR REPLACE VIEW _{table}_all AS SELECT *{extra} FROM _{table}_files")
+                self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _{table}_all")
             else:
                 self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM ({_EMPTY[table]}) WHERE false")
         self._elapsed_time()
@@ -158,22 +165,15 @@ class Results:
     def _elapsed_time(self) -> None:
         """``timepoint_h`` for rows written before output format 0.3 (which lack it): hours since the plate's
         first scan among its fields, what the pipeline now writes; rows that have it are read as they are."""
-        if "failures" in self._with_files and TIME not in self._columns("failures"):  # failures before 0.3
-            self.con.execute(f"CREATE OR REPLACE VIEW failures AS SELECT *, NULL::DOUBLE AS {TIME} "
-                             "FROM _failures_files")
-        if "fields" not in self._with_files or (
-                TIME in self._columns("fields")
-                and not self.con.execute(f"SELECT count(*) FROM fields WHERE {TIME} IS NULL").fetchone()[0]):
+        if "fields" not in self._with_files or not self.con.execute(
+                f"SELECT count(*) FROM fields WHERE {TIME} IS NULL").fetchone()[0]:
             return
-        self.con.execute("CREATE OR REPLACE VIEW _origin AS SELECT plate, min(timepoint) AS o FROM _fields_files "
+        self.con.execute("CREATE OR REPLACE VIEW _origin AS SELECT plate, min(timepoint) AS o FROM _fields_all "
                          "GROUP BY plate")
         for table in ("fields", "cells") if "cells" in self._with_files else ("fields",):
-            have = self._columns(f"_{table}_files")
-            elapsed = "round(t.timepoint - _origin.o, 4)"
-            col = f"coalesce(t.{TIME}, {elapsed})" if TIME in have else elapsed
-            sel = f"t.* REPLACE ({col} AS {TIME})" if TIME in have else f"t.*, {col} AS {TIME}"
-            self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT {sel} FROM _{table}_files t "
-                             f"LEFT JOIN _origin USING (plate)")
+            col = f"coalesce(t.{TIME}, round(t.timepoint - _origin.o, 4))"
+            self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT t.* REPLACE ({col} AS {TIME}) "
+                             f"FROM _{table}_all t LEFT JOIN _origin USING (plate)")
 
     def _columns(self, view: str) -> set[str]:
         return {r[0] for r in self.con.execute(f"DESCRIBE {view}").fetchall()}
@@ -303,6 +303,10 @@ _EMPTY = {
                 "''::VARCHAR AS well, ''::VARCHAR AS stage, ''::VARCHAR AS error, ''::VARCHAR AS time, "
                 "0.0::DOUBLE AS timepoint_h",
 }
+
+
+#: Each table's documented columns and their types (from _EMPTY), added as NULL where a file lacks them.
+_EMPTY_COLUMNS = {t: [(c, ty) for ty, c in re.findall(r"::(\w+) AS (\w+)", sql)] for t, sql in _EMPTY.items()}
 
 
 def wells_sql(metrics: tuple[str, ...] | list[str], by_timepoint: bool = False, where: str | None = None) -> str:
