@@ -159,20 +159,26 @@ def test_tables_fit_80_columns_and_print_empty_as_blank(incucyte):
     assert "--all-columns" in _cli("query", str(out), "cells", "--limit", "2", env={"COLUMNS": "80"}).stderr
 
 
-def test_another_source_is_refused_unless_appended_and_run_json_lists_every_source(incucyte, tmp_path, ray_module):
+def test_another_plate_is_refused_unless_appended_and_run_json_lists_every_source(incucyte, tmp_path, ray_module):
     src, out = incucyte
     run = tmp_path / "run"
     shutil.copytree(out, run)
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(next(src.glob("VID42_B3_1_*")), other / "VID43_D4_1_2024y03m06d_10h00m.tif")
+    later = tmp_path / "later"  # the same plate's next scan, in a folder of its own: taken, and recorded
+    later.mkdir()
+    shutil.copy(next(src.glob("VID42_B3_1_*")), later / "VID42_B3_1_2024y03m06d_02h30m.tif")
+    grown = _cli("segment", str(later), str(run), "--layout", "incucyte", "--pixel-size", "1.24", "--imgsz", "256")
+    assert grown.returncode == 0, grown.stderr[-2000:]
+    assert 12.0 in set(open_results(str(run)).df("SELECT timepoint_h FROM fields")["timepoint_h"])
     args = ["segment", str(other), str(run), "--layout", "incucyte", "--pixel-size", "1.24", "--imgsz", "256"]
     refused = _cli(*args)
     assert refused.returncode != 0 and "--append" in refused.stderr and str(src) in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     assert _cli(*args, "--append").returncode == 0
     record = json.loads((run / "run.json").read_text())
-    assert record["sources"] == [str(src), str(other)]
+    assert record["sources"] == [str(src), str(later), str(other)]
     assert set(open_results(str(run)).df("SELECT DISTINCT plate FROM fields")["plate"]) == {"VID42", "VID43"}
 
 

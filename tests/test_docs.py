@@ -100,7 +100,7 @@ def test_the_worked_examples_in_docs_are_what_their_commands_give():
     spec = importlib.util.spec_from_file_location("docs_examples", ROOT / "docs" / "examples.py")
     examples = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(examples)
-    for name, (page, _, needs) in examples.EXAMPLES.items():
+    for name, (page, _, _needs) in examples.EXAMPLES.items():
         text = (ROOT / page).read_text()
         i, j = examples.block(text, name)
         assert text[i:j].strip(), f"{page}: example {name} is empty (run python docs/examples.py)"

@@ -1,5 +1,6 @@
 """What finished outputs answer: DuckDB views and per-well aggregates (``query``), growth rates and doubling
-times (``growth``), dose-response fits (``dose_response``) and the HTML plate report (``report``).
+times (``growth``), dose-response fits (``dose_response``), the HTML plate report (``report``) and exports in
+other tools' shapes (``export``: CytoTable/pycytominer, Incucyte).
 
 May import: config, store, plate (well names, plate maps). Never Ray, torch or the model side: a query on a
 laptop reads Parquet and Zarr only (tests/test_layers.py checks it in a fresh process).

@@ -144,7 +144,8 @@ def plan(cfg: SegmentConfig, weights: dict[str, models.Weights] | None = None
     if cfg.route == "auto":
         provenance(cfg, weights)  # checks that a classifier is there to route by
     _check_out(cfg, outputs)
-    previous_run(cfg, outputs, provenance(cfg, weights))
+    previous, _ = previous_run(cfg, outputs, provenance(cfg, weights))
+    check_source(cfg, outputs, previous, list(man.fields["plate"].unique()))
     return man, outputs, weights
 
 
@@ -170,11 +171,27 @@ def previous_run(cfg: SegmentConfig, outputs: store.Outputs, prov: dict[str, Any
     if recorded is not None and not cfg.overwrite and not same_provenance(recorded, prov):
         raise RunError(f"{cfg.out}: holds results of another model or other parameters; "
                        f"use another OUT or --overwrite")
-    others = sources(previous)
-    if others and not any(same_source(s, cfg.source) for s in others) and not (cfg.append or cfg.overwrite):
-        raise RunError(f"{cfg.out}: holds the results of another source ({others[-1]}); give --append to add "
-                       f"{cfg.source}'s fields to them (run.json then lists both), or use another OUT")
     return previous, recorded
+
+
+def check_source(cfg: SegmentConfig, outputs: store.Outputs, previous: dict[str, Any] | None,
+                 plates: list[str]) -> None:
+    """An OUT holds the plates of the sources that made it: a source bringing a plate the OUT does not hold,
+    into an OUT that holds another source's plates, is refused unless --append (a second plate added by
+    mistake would go unnoticed). New timepoints or fields of a plate the OUT holds, from another folder (a
+    plate processed as it is imaged), are taken; run.json lists every source either way."""
+    others = [s for s in sources(previous) if not same_source(s, cfg.source)]
+    if not others or cfg.append or cfg.overwrite:
+        return
+    masks = store.join(outputs.root, "masks")
+    held = {p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+            for p in (outputs.fs.ls(masks, detail=False) if outputs.fs.exists(masks) else [])}
+    new = sorted({str(p) for p in plates if store.safe(str(p)) not in held})
+    if held and new:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise RunError(f"{cfg.out}: holds plates of another source ({others[0]}{more}), and {cfg.source} brings "
+                       f"plate {new[0]}{f' (and {len(new) - 1} more)' if len(new) > 1 else ''} it does not hold; "
+                       f"give --append to add it (run.json then lists both sources), or use another OUT")
 
 
 def sources(run: dict[str, Any] | None) -> list[str]:

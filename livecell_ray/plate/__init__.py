@@ -1,8 +1,9 @@
 """The plate: its files become a manifest of fields (plate, well, field, timepoint, cell type), read and decoded.
 
 ``manifest`` parses names (LIVECell's convention, ``--pattern``, ``--manifest`` CSVs) and lists a plate through
-fsspec; ``layouts`` holds the instruments' naming presets; ``platemap`` reads and checks plate maps;
-``imaging`` decodes a field's plane (TIFF, OME-TIFF, PNG, JPEG) and normalises it for the model.
+fsspec; ``loaddata`` reads CellProfiler LoadData CSVs as manifests; ``layouts`` holds the instruments' naming
+presets; ``platemap`` reads and checks plate maps; ``imaging`` decodes a field's plane (TIFF, OME-TIFF, PNG,
+JPEG) and normalises it for the model.
 
 May import: config, retry, store (a plate map is saved beside a run's results). Never Ray, torch or the
 model side: a plate is listed and read on any CPU worker.
