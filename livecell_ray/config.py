@@ -13,6 +13,8 @@ LIVECELL_PATTERN = (
     r"(?P<cell_type>[A-Za-z0-9]+)_Phase_(?P<well>[A-Pa-p]\d{1,2})_(?P<field>\d+)_"
     r"(?P<day>\d+)d(?P<hour>\d+)h(?P<minute>\d+)m_(?P<crop>\d+)"
 )
+#: LIVECell's pixel size (Incucyte S3, 10x): the scale of the shipped models' training data.
+LIVECELL_PIXEL_SIZE_UM = 1.24
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 

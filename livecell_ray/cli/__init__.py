@@ -1,9 +1,10 @@
 """The ``livecell-ray`` command line (typer + rich): one app, a module per command group.
 
     run        segment, compact, verify
-    training   train, evaluate, train-classifier, pseudo-label
+    training   train, evaluate, train-classifier, pseudo-label, curate
     answers    query, sql, report, export
     jobs       submit, status, logs
+    models     models add, list, remove (the user's own)
 
 The commands are registered here, in the order ``--help`` lists them.
 """
@@ -14,17 +15,19 @@ import sys
 
 import typer
 
-from livecell_ray.cli import answers, jobs, run, training
+from livecell_ray.cli import answers, jobs, models, run, training
 from livecell_ray.cli._app import app, console
 
 __all__ = ["app", "main"]
 
 for _command, _name in ((run.segment, None), (training.train, None), (training.evaluate, None),
                         (training.train_classifier, "train-classifier"), (training.pseudo_label, "pseudo-label"),
+                        (training.curate, None),
                         (answers.query, None), (answers.sql, None), (run.compact, None), (run.verify, None),
                         (answers.report, None), (answers.export, None),
                         (jobs.submit, None), (jobs.status, None), (jobs.logs, None)):
     app.command(_name)(_command)
+app.add_typer(models.app, name="models")
 
 
 def main() -> None:

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import typer
 
-from livecell_ray.cli._app import fail, out_console
-from livecell_ray.config import InferenceConfig, check_positive
+from livecell_ray.cli._app import console, fail, out_console
+from livecell_ray.config import LIVECELL_PIXEL_SIZE_UM, InferenceConfig, check_positive
 
 
 def train(
-    data: str = typer.Option(..., help="Mask folder (setN/raw.tif + instances_ids.png) or COCO json"),
+    data: str = typer.Option(..., help="Labelled fields: a folder from `curate` (FIELD/image.tif + labels.tif), "
+                             "the Cell Tracking Challenge layout (NN/tNNN.tif + NN_GT|NN_ST/SEG/man_segNNN.tif), "
+                             "a mask folder (setN/raw.tif + instances_ids.png) or a COCO json"),
     images_dir: str | None = typer.Option(None, help="Images folder for COCO json"),
     val: str = typer.Option("", help="Comma-separated field names held out for validation"),
     model: str = typer.Option("yolov8n-seg.yaml", help="ultralytics model YAML (from scratch) or .pt to fine-tune"),
@@ -21,7 +23,12 @@ def train(
     imgsz: int = typer.Option(512, min=32),
     batch: int = typer.Option(8, min=1),
     workers: int = typer.Option(2, min=0, help="Data-loading processes per run"),
-    scale: float = typer.Option(0.5, min=0.05, help="Resize fields by this factor before training"),
+    scale: float | None = typer.Option(None, min=0.05, help="Resize fields by this factor before training "
+                                       "(default: from --pixel-size, else 0.5)"),
+    pixel_size: float | None = typer.Option(None, min=0.001, help="Micrometres per pixel of --data: fields are "
+                                            "resampled to the scale of --model's training data (a shipped "
+                                            "model's; LIVECell's 1.24 for others); a folder from `curate` "
+                                            "says its own"),
     tile: int | None = typer.Option(None, help="Cut fields into tiles of this size"),
     synthetic: int = typer.Option(0, min=0, help="Copy-paste synthetic fields to add"),
     backgrounds: str | None = typer.Option(None, help="Folder of unlabelled fields: their cell-free texture "
@@ -45,6 +52,11 @@ def train(
     """Train a YOLOv8-seg model offline (resumable), optionally with copy-paste expansion."""
     from livecell_ray.training import train as train_mod
 
+    if scale is None:
+        scale = training_scale(data, model, pixel_size)
+        console.print(f"scale: fields resized by {scale:.3g} to the model's training scale", highlight=False)
+    elif pixel_size is not None:
+        fail("give --scale or --pixel-size, not both")
     run_dir = Path(project) / name
     data_yaml = run_dir.parent / f"{name}-data" / "data.yaml"
     if not (resume and (run_dir / "weights" / "last.pt").exists() and data_yaml.exists()):
@@ -61,6 +73,26 @@ def train(
                                 time_hours=time_hours, workers=workers, lr0=lr0)
     best = train_mod.train(cfg, resume=resume)
     out_console.print(f"best weights: {best}")
+
+
+def training_scale(data: str, model: str, pixel_size: float | None) -> float:
+    """The resize factor that takes ``data``'s fields to ``model``'s training scale: from ``pixel_size``, or
+    the pixel size a `curate` folder records (curate.json); 0.5 (Usiigaci's to LIVECell's) when neither says."""
+    import json
+
+    from livecell_ray.model import models
+
+    if pixel_size is None and (Path(data) / "curate.json").exists():
+        sizes = {f.get("pixel_size_um") for f in json.loads((Path(data) / "curate.json").read_text())["fields"]}
+        if len(sizes) == 1 and None not in sizes:
+            pixel_size = float(sizes.pop())
+    if pixel_size is None:
+        return 0.5
+    try:
+        target = models.resolve(model, trust=True).pixel_size or LIVECELL_PIXEL_SIZE_UM
+    except models.WeightsError:  # a YAML (from scratch) or another file: LIVECell's scale
+        target = LIVECELL_PIXEL_SIZE_UM
+    return pixel_size / target
 
 
 def _range(text: str | None, flag: str) -> tuple[int, int] | None:
@@ -160,3 +192,33 @@ def pseudo_label(
         fail(str(exc))
     kept, predicted = sum(r["kept"] for r in rows), sum(r["predicted"] for r in rows)
     out_console.print(f"{len(rows)} fields, {kept} of {predicted} predicted cells kept, in {out}")
+
+
+def curate(
+    out: str = typer.Argument(..., help="A run's output location"),
+    dest: str = typer.Argument(..., help="Folder to write the fields to (one folder a field)"),
+    fields: int = typer.Option(5, "--fields", min=1, help="How many fields"),
+    where: str | None = typer.Option(None, help="SQL filter on the fields, e.g. \"cell_type = 'HeLa'\""),
+    storage_options: str | None = typer.Option(None, help="fsspec storage options as JSON"),
+) -> None:
+    """Fields worth correcting (least confident first, spread over wells and time) as image.tif + labels.tif,
+    for napari; `train --data DEST` takes the corrected folder back."""
+    import duckdb
+
+    from livecell_ray.cli._app import parse_storage_options, query_error
+    from livecell_ray.training.curate import curate as curate_fields
+
+    try:
+        done = curate_fields(out, dest, fields, parse_storage_options(storage_options), where)
+    except duckdb.Error as exc:
+        fail(query_error(out, exc))
+    except (FileNotFoundError, ValueError) as exc:
+        fail(f"{out}: {exc}")
+    if done.empty:
+        fail(f"{out}: no field to curate" + (f" where {where}" if where else ""))
+    for r in done.itertuples():
+        out_console.print(f"{dest}/{r.folder}: {r.n_cells} cells, mean confidence {r.mean_confidence:.2f}",
+                          highlight=False)
+    out_console.print(f"open one in napari: napari {dest}/{done.folder[0]}/image.tif {dest}/{done.folder[0]}/"
+                      f"labels.tif (the second as labels); correct, save the labels layer over labels.tif, then: "
+                      f"livecell-ray train --data {dest} --model small ...", highlight=False, soft_wrap=True)

@@ -92,9 +92,16 @@ class Weights:
 
 
 def resolve(spec: str, trust: bool = False) -> Weights:
-    """'small' / 'big' / a path -> verified weights; raises :class:`WeightsError` with the reason."""
+    """'small' / 'big' / a user model's name (``livecell-ray models add``) / a path -> verified weights; raises
+    :class:`WeightsError` with the reason."""
+    from livecell_ray.model import registry
+
     wdir = weights_dir()
     sums = known_checksums(wdir)
+    if spec not in SHIPPED:
+        user = registry.resolve(spec)
+        if user is not None:
+            return user
     if spec in SHIPPED:
         path = wdir / f"{spec}.pt"
         if not path.exists():
@@ -102,7 +109,7 @@ def resolve(spec: str, trust: bool = False) -> Weights:
     else:
         path = Path(spec).expanduser()
         if not path.exists():
-            names = ", ".join(SHIPPED)
+            names = ", ".join([*SHIPPED, *registry.entries()])
             raise WeightsError(f"unknown model {spec!r}: not one of {names} and no such file")
         if path.is_dir():
             raise WeightsError(f"model {spec!r}: {path} is a folder, not a PyTorch .pt file")
@@ -166,8 +173,11 @@ def type_models(directory: Path | None = None) -> dict[str, str]:
 
 def resolve_map(spec: str, trust: bool = False) -> dict[str, Weights]:
     """'small', 'auto' (:data:`AUTO`) or 'A172=a.pt,BV2=b.pt,*=small' -> {cell type or '*': weights}."""
-    if spec == AUTO:
-        return {DEFAULT_KEY: resolve("small"), **{t: resolve(name) for t, name in type_models().items()}}
+    if spec == AUTO:  # the user's model for a cell type wins over a shipped one (livecell-ray models add)
+        from livecell_ray.model import registry
+
+        types = {**type_models(), **registry.type_models()}
+        return {DEFAULT_KEY: resolve("small"), **{t: resolve(name) for t, name in types.items()}}
     if "=" not in spec:
         return {DEFAULT_KEY: resolve(spec, trust)}
     out: dict[str, Weights] = {}

@@ -76,7 +76,9 @@ def read_mask_folder(root: str | Path, image_name: str = "raw.tif",
     fields = []
     for sub in sorted(p for p in root.iterdir() if (p / image_name).exists()):
         img = normalize(read_image(str(sub / image_name)))
-        lab = np.asarray(Image.open(sub / label_name)).astype(np.int32)
+        if not (sub / label_name).exists():
+            raise FileNotFoundError(f"{sub / label_name}: the field has an image but no labels")
+        lab = _read_labels(sub / label_name)
         if lab.ndim == 3:
             lab = lab[..., 0]
         if lab.shape != img.shape:
@@ -85,6 +87,72 @@ def read_mask_folder(root: str | Path, image_name: str = "raw.tif",
     if not fields:
         raise FileNotFoundError(f"{root}: no sub-folders with {image_name} and {label_name}")
     return fields
+
+
+#: What ``livecell-ray curate`` writes in each field's folder, and napari's labels layer saves back.
+CURATED_IMAGE, CURATED_LABELS = "image.tif", "labels.tif"
+
+
+def read_ctc(root: str | Path) -> list[LabelledField]:
+    """The Cell Tracking Challenge layout: ``NN/tNNN.tif`` frames, their instance labels in
+    ``NN_GT/SEG/man_segNNN.tif`` (gold truth) or ``NN_ST/SEG/man_segNNN.tif`` (silver truth; gold wins
+    where a frame has both). Only frames with labels are read; each is named ``NN_tNNN``."""
+    import tifffile
+
+    root = Path(root)
+    fields = []
+    for seq in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()):
+        for frame in sorted(seq.glob("t*.tif")):
+            n = frame.stem[1:]
+            truth = [root / f"{seq.name}_{kind}" / "SEG" / f"man_seg{n}.tif" for kind in ("GT", "ST")]
+            seg = next((t for t in truth if t.exists()), None)
+            if seg is None:
+                continue
+            img = normalize(read_image(str(frame)))
+            lab = np.asarray(tifffile.imread(seg)).astype(np.int32)
+            if lab.shape != img.shape:
+                raise ValueError(f"{seg}: labels {lab.shape} do not match {frame} {img.shape}")
+            fields.append(LabelledField(f"{seq.name}_t{n}", img, lab))
+    if not fields:
+        raise FileNotFoundError(f"{root}: no NN/tNNN.tif frame with labels in NN_GT/SEG or NN_ST/SEG")
+    return fields
+
+
+def is_ctc(root: str | Path) -> bool:
+    root = Path(root)
+    return root.is_dir() and any(p.is_dir() and p.name.isdigit() and
+                                 any((root / f"{p.name}_{k}" / "SEG").is_dir() for k in ("GT", "ST"))
+                                 for p in root.iterdir())
+
+
+def read_labelled(path: str | Path, images_dir: str | Path | None = None) -> list[LabelledField]:
+    """Labelled fields in any layout the tool takes: a COCO json (``images_dir``: its images), the Cell
+    Tracking Challenge's (:func:`read_ctc`), a folder ``curate`` wrote (one folder a field, ``image.tif``
+    and ``labels.tif``, as napari saves the corrected labels layer), or Usiigaci's (``raw.tif`` and
+    ``instances_ids.png``)."""
+    path = Path(path)
+    if str(path).endswith(".json"):
+        if not images_dir:
+            raise ValueError("COCO annotations need --images-dir")
+        return read_coco(path, images_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder or COCO json")
+    if is_ctc(path):
+        return read_ctc(path)
+    if any((p / CURATED_IMAGE).exists() for p in path.iterdir() if p.is_dir()):
+        return read_mask_folder(path, CURATED_IMAGE, CURATED_LABELS)
+    return read_mask_folder(path)
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    """An instance label image: TIFF (napari's labels layer saves uint8-uint32) or PNG."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        lab = np.asarray(tifffile.imread(path))
+    else:
+        lab = np.asarray(Image.open(path))
+    return (lab[..., 0] if lab.ndim == 3 else lab).astype(np.int32)
 
 
 def read_coco(annotations: str | Path, images_dir: str | Path) -> list[LabelledField]:

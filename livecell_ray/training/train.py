@@ -212,19 +212,13 @@ def prepare_dataset(cfg: DataConfig) -> Path:
 
     from livecell_ray.training import copypaste, dataset
 
-    if cfg.data.endswith(".json"):
-        if not cfg.images_dir:
-            raise ValueError("COCO annotations need --images-dir")
-        fields = dataset.read_coco(cfg.data, cfg.images_dir)
-    else:
-        fields = dataset.read_mask_folder(cfg.data)
+    fields = dataset.read_labelled(cfg.data, cfg.images_dir)
     extras = []
     for spec in cfg.extra:
         path, _, factor = spec.rpartition("@")
         if not path or not factor.replace(".", "", 1).isdigit():
             raise ValueError(f"extra data {spec!r}: expected PATH@SCALE, e.g. ../shared/data/usiigaci/train@0.5")
-        more = (dataset.read_coco(path, str(Path(path).parent / "images")) if path.endswith(".json")
-                else dataset.read_mask_folder(path))
+        more = dataset.read_labelled(path, str(Path(path).parent / "images"))
         extras += [dataset.resize_field(f, float(factor)) for f in more]
     names = [f.name for f in fields + extras]
     unknown = set(cfg.val) - set(names)

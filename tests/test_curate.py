@@ -1,0 +1,173 @@
+"""Your own cells (issue 35): a run's fields out for correcting as napari opens them, and corrections (or the Cell
+Tracking Challenge's layout) back in as training data at the model's scale."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import zarr
+
+from livecell_ray import open_results, pipeline
+from livecell_ray.config import InferenceConfig, SegmentConfig
+from livecell_ray.training import curate, dataset
+
+from .conftest import EXAMPLES, ROOT, SHARED, needs_shared
+
+HELA = SHARED / "ctc_hela_dic"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "livecell_ray.cli", *args], capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_picks_are_least_confident_first_spread_over_wells_and_time():
+    fields = pd.DataFrame({
+        "field_id": [f"f{i}" for i in range(7)], "plate": ["P"] * 7,
+        "well": ["A1", "A1", "A1", "B2", "B2", "C3", "C3"],
+        "timepoint_h": [0.0, 0.0, 4.0, 0.0, 4.0, 0.0, 0.0],
+        "mean_confidence": [0.30, 0.31, 0.50, 0.40, 0.45, np.nan, 0.9],
+    })
+    got = curate.pick(fields, 5)
+    # C3's empty field (nothing found: least confident), then A1's and B2's least confident; in the second
+    # round each well's least confident field at a timepoint not yet picked there (A1 at 4 h, not at 0 h).
+    assert list(got["field_id"]) == ["f5", "f0", "f3", "f6", "f2"]
+    assert len(curate.pick(fields, 50)) == 7 and curate.pick(fields, 0).empty
+
+
+@pytest.mark.slow
+def test_curated_fields_read_back_equal_and_corrections_train(tmp_path, ray_local):
+    """curate writes each field as image.tif (the instrument's plane) + labels.tif equal to the run's Zarr
+    arrays, read with the files' plain readers as napari's builtin reader does; a correction saved over
+    labels.tif is what train --data reads back."""
+    src = tmp_path / "plate"
+    src.mkdir()
+    for p in sorted(EXAMPLES.glob("*.tif"))[:4]:
+        tifffile.imwrite(src / p.name, tifffile.imread(p)[:256, :256], resolution=(1 / 1.24, 1 / 1.24),
+                         imagej=True, metadata={"unit": "um"})
+    out = tmp_path / "out"
+    pipeline.run(SegmentConfig(source=str(src), out=str(out), inference=InferenceConfig(imgsz=256)))
+    p = _cli("curate", str(out), str(tmp_path / "fix"), "--fields", "3")
+    assert p.returncode == 0, p.stderr
+    record = json.loads((tmp_path / "fix" / "curate.json").read_text())["fields"]
+    assert len(record) == 3 and len({(r["plate"], r["well"]) for r in record}) == 3
+    assert [r["mean_confidence"] for r in record] == sorted(r["mean_confidence"] for r in record)
+    assert all(r["pixel_size_um"] == pytest.approx(1.24) for r in record)
+    res = open_results(str(out))
+    for r in record:
+        f = res.df(f"SELECT zarr_path, t_index FROM fields WHERE field_id = '{r['field_id']}'").iloc[0]
+        group = zarr.open_group(str(out / f["zarr_path"]), mode="r")
+        image = tifffile.imread(tmp_path / "fix" / r["folder"] / "image.tif")
+        labels = tifffile.imread(tmp_path / "fix" / r["folder"] / "labels.tif")
+        np.testing.assert_array_equal(image, group["0"][int(f["t_index"])])
+        np.testing.assert_array_equal(image, tifffile.imread(r["source"]))
+        np.testing.assert_array_equal(labels, group["labels/cells/0"][int(f["t_index"])])
+        assert labels.max() == r["n_cells"] > 0
+    # A correction: one cell erased, one painted, saved over labels.tif as napari's labels layer saves it.
+    first = tmp_path / "fix" / record[0]["folder"] / "labels.tif"
+    fixed = tifffile.imread(first).astype(np.uint32)
+    fixed[fixed == 1] = 0
+    fixed[:12, :12] = fixed.max() + 1
+    tifffile.imwrite(first, fixed)
+    back = {f.name: f for f in dataset.read_labelled(tmp_path / "fix")}
+    assert sorted(back) == sorted(r["folder"] for r in record)
+    np.testing.assert_array_equal(back[record[0]["folder"]].labels, fixed)
+    # train --data takes the folder at the scale curate recorded (LIVECell's here: no resize), from small.pt.
+    t = _cli("train", "--data", str(tmp_path / "fix"), "--model", str(ROOT / "weights" / "small.pt"), "--epochs",
+             "1", "--imgsz", "128", "--batch", "2", "--workers", "0", "--device", "cpu", "--project",
+             str(tmp_path / "runs"), "--name", "fix", "--lr0", "0.0005")
+    assert t.returncode == 0, t.stderr[-3000:]
+    assert "resized by 1 " in t.stderr and (tmp_path / "runs" / "fix" / "weights" / "last.pt").exists()
+
+
+def _ctc(root, frames=3, shape=(96, 96)):
+    """A small Cell Tracking Challenge layout: sequence 01 with gold truth for frame 1, silver for all."""
+    rng = np.random.default_rng(0)
+    for kind in ("01", "01_GT/SEG", "01_ST/SEG"):
+        (root / kind).mkdir(parents=True)
+    truth = {}
+    for t in range(frames):
+        img = rng.integers(0, 255, shape, dtype=np.uint8)
+        lab = np.zeros(shape, np.uint16)
+        lab[10 + t:30 + t, 10:30], lab[50:70, 40 + t:70] = 1, 2
+        tifffile.imwrite(root / "01" / f"t{t:03d}.tif", img)
+        tifffile.imwrite(root / "01_ST" / "SEG" / f"man_seg{t:03d}.tif", lab)
+        truth[t] = lab
+    gold = truth[1].copy()
+    gold[gold == 2] = 0
+    tifffile.imwrite(root / "01_GT" / "SEG" / "man_seg001.tif", gold)
+    tifffile.imwrite(root / "01" / "t009.tif", np.zeros(shape, np.uint8))  # a frame nobody labelled
+    return truth, gold
+
+
+def test_the_cell_tracking_challenge_layout_reads_gold_over_silver(tmp_path):
+    truth, gold = _ctc(tmp_path)
+    fields = {f.name: f for f in dataset.read_labelled(tmp_path)}
+    assert sorted(fields) == ["01_t000", "01_t001", "01_t002"]  # t009 has no labels: left out
+    np.testing.assert_array_equal(fields["01_t000"].labels, truth[0])
+    np.testing.assert_array_equal(fields["01_t001"].labels, gold)
+    assert fields["01_t002"].image.dtype == np.uint8
+
+
+def test_train_takes_the_ctc_layout_at_its_pixel_size(tmp_path):
+    from livecell_ray.cli.training import training_scale
+    from livecell_ray.training.train import DataConfig, prepare_dataset
+
+    _ctc(tmp_path / "ctc", shape=(248, 248))
+    scale = training_scale(str(tmp_path / "ctc"), str(ROOT / "weights" / "small.pt"), 0.62)
+    assert scale == pytest.approx(0.5)  # 0.62 um/px to small.pt's 1.24
+    yaml = prepare_dataset(DataConfig(data=str(tmp_path / "ctc"), out=str(tmp_path / "d"), scale=scale))
+    assert yaml.exists()
+    images = sorted((tmp_path / "d" / "images" / "train").iterdir())
+    assert len(images) == 3
+    from PIL import Image
+
+    assert Image.open(images[0]).size == (124, 124)
+
+
+@needs_shared(HELA)
+def test_the_hela_dic_sequences_read_in_their_own_layout():
+    fields = dataset.read_labelled(HELA)
+    by_seq = pd.Series([f.name.split("_")[0] for f in fields]).value_counts()
+    assert by_seq["01"] == 21 and by_seq["02"] == 42
+    assert all(f.labels.max() > 0 and f.image.shape == (512, 512) for f in fields)
+
+
+@pytest.mark.slow
+def test_a_registered_model_serves_its_cell_type_under_model_auto(tmp_path, ray_local, monkeypatch):
+    """models add writes the user's models file (checksummed); segment --model auto then sends that cell type's
+    fields to it, --model NAME uses it for all; a file changed since it was added is refused; list shows both."""
+    monkeypatch.setenv("LIVECELL_RAY_MODELS", str(tmp_path / "cfg" / "models.json"))
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes((ROOT / "weights" / "bt474.pt").read_bytes())  # a model of one's own: not small.pt
+    p = _cli("models", "add", "a172net", str(mine), "--cell-type", "A172", "--pixel-size", "1.24", "--data",
+             "two A172 fields", "--figures", "mask AP 0.3")
+    assert p.returncode == 0, p.stderr
+    record = json.loads((tmp_path / "cfg" / "models.json").read_text())["models"]["a172net"]
+    assert record["sha256"] == __import__("hashlib").sha256(mine.read_bytes()).hexdigest()
+    listed = subprocess.run([sys.executable, "-m", "livecell_ray.cli", "models", "list"], capture_output=True,
+                            text=True, env={**__import__("os").environ, "COLUMNS": "200"}).stdout
+    assert "a172net" in listed and "user" in listed and "two A172 fields" in listed and "small" in listed
+    src = tmp_path / "plate"
+    src.mkdir()
+    for name in ("A172_Phase_A7_1_00d00h00m_1.tif", "SkBr3_Phase_E3_2_02d08h00m_1.tif"):
+        tifffile.imwrite(src / name, tifffile.imread(EXAMPLES / name)[:256, :256])
+    for spec, want in (("auto", {"*": "small.pt", "A172": "mine.pt"}), ("a172net", {"*": "mine.pt"})):
+        out = tmp_path / f"out-{spec}"
+        seg = _cli("segment", str(src), str(out), "--model", spec, "--imgsz", "256", "--num-cpus", "2")
+        assert seg.returncode == 0, seg.stderr[-2000:]
+        used = json.loads((out / "run.json").read_text())["provenance"]["models"]
+        assert {k: v["path"].rsplit("/", 1)[-1] for k, v in used.items() if k in want} == want
+        if spec == "auto":
+            assert used["A172"]["sha256"] == record["sha256"]
+    mine.write_bytes(mine.read_bytes() + b"\0")
+    changed = _cli("segment", str(src), str(tmp_path / "o3"), "--model", "a172net")
+    assert changed.returncode != 0 and "has changed since it was added" in changed.stderr
+    assert _cli("models", "remove", "a172net").returncode == 0
+    assert "a172net" not in json.loads((tmp_path / "cfg" / "models.json").read_text())["models"]
