@@ -171,3 +171,15 @@ def test_a_registered_model_serves_its_cell_type_under_model_auto(tmp_path, ray_
     assert changed.returncode != 0 and "has changed since it was added" in changed.stderr
     assert _cli("models", "remove", "a172net").returncode == 0
     assert "a172net" not in json.loads((tmp_path / "cfg" / "models.json").read_text())["models"]
+
+
+@needs_shared(HELA)
+def test_evaluate_scores_a_ctc_sequence_as_it_is_laid_out():
+    from livecell_ray.config import InferenceConfig
+    from livecell_ray.training import evaluate
+
+    res, info = evaluate.run("small", str(HELA), inference=InferenceConfig(imgsz=320), select=["02_t000"],
+                             pixel_size=0.19)
+    truth = dataset.read_label_image(HELA / "02_ST" / "SEG" / "man_seg000.tif")
+    assert info["images"] == ["02_t000"] and res["all"].n_gt == len(np.unique(truth)) - 1  # labels have gaps
+    assert res["all"].mask["AP50"] > 0.2  # the cells are found at the right scale

@@ -78,7 +78,7 @@ def read_mask_folder(root: str | Path, image_name: str = "raw.tif",
         img = normalize(read_image(str(sub / image_name)))
         if not (sub / label_name).exists():
             raise FileNotFoundError(f"{sub / label_name}: the field has an image but no labels")
-        lab = _read_labels(sub / label_name)
+        lab = read_label_image(sub / label_name)
         if lab.ndim == 3:
             lab = lab[..., 0]
         if lab.shape != img.shape:
@@ -93,28 +93,33 @@ def read_mask_folder(root: str | Path, image_name: str = "raw.tif",
 CURATED_IMAGE, CURATED_LABELS = "image.tif", "labels.tif"
 
 
-def read_ctc(root: str | Path) -> list[LabelledField]:
-    """The Cell Tracking Challenge layout: ``NN/tNNN.tif`` frames, their instance labels in
-    ``NN_GT/SEG/man_segNNN.tif`` (gold truth) or ``NN_ST/SEG/man_segNNN.tif`` (silver truth; gold wins
-    where a frame has both). Only frames with labels are read; each is named ``NN_tNNN``."""
-    import tifffile
-
+def ctc_frames(root: str | Path) -> list[tuple[str, Path, Path]]:
+    """The Cell Tracking Challenge layout's labelled frames as (name ``NN_tNNN``, frame, labels): ``NN/tNNN.tif``
+    with ``NN_GT/SEG/man_segNNN.tif`` (gold truth) or ``NN_ST/SEG/man_segNNN.tif`` (silver truth; gold wins
+    where a frame has both). Frames without labels are left out."""
     root = Path(root)
-    fields = []
+    out = []
     for seq in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()):
         for frame in sorted(seq.glob("t*.tif")):
             n = frame.stem[1:]
             truth = [root / f"{seq.name}_{kind}" / "SEG" / f"man_seg{n}.tif" for kind in ("GT", "ST")]
             seg = next((t for t in truth if t.exists()), None)
-            if seg is None:
-                continue
-            img = normalize(read_image(str(frame)))
-            lab = np.asarray(tifffile.imread(seg)).astype(np.int32)
-            if lab.shape != img.shape:
-                raise ValueError(f"{seg}: labels {lab.shape} do not match {frame} {img.shape}")
-            fields.append(LabelledField(f"{seq.name}_t{n}", img, lab))
-    if not fields:
+            if seg is not None:
+                out.append((f"{seq.name}_t{n}", frame, seg))
+    if not out:
         raise FileNotFoundError(f"{root}: no NN/tNNN.tif frame with labels in NN_GT/SEG or NN_ST/SEG")
+    return out
+
+
+def read_ctc(root: str | Path) -> list[LabelledField]:
+    """The Cell Tracking Challenge layout (:func:`ctc_frames`) as training fields."""
+    fields = []
+    for name, frame, seg in ctc_frames(root):
+        img = normalize(read_image(str(frame)))
+        lab = read_label_image(seg)
+        if lab.shape != img.shape:
+            raise ValueError(f"{seg}: labels {lab.shape} do not match {frame} {img.shape}")
+        fields.append(LabelledField(name, img, lab))
     return fields
 
 
@@ -144,7 +149,7 @@ def read_labelled(path: str | Path, images_dir: str | Path | None = None) -> lis
     return read_mask_folder(path)
 
 
-def _read_labels(path: Path) -> np.ndarray:
+def read_label_image(path: Path) -> np.ndarray:
     """An instance label image: TIFF (napari's labels layer saves uint8-uint32) or PNG."""
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile

@@ -60,15 +60,37 @@ class Metrics:
 def load_mask_folder(root: str | Path, image_name: str = "raw.tif",
                      label_name: str = "instances_ids.png") -> list[EvalImage]:
     """Usiigaci layout: sub-folders with an image and its instance label image."""
-    from PIL import Image
+
+    from livecell_ray.training.dataset import read_label_image
 
     out = []
     for sub in sorted(p for p in Path(root).iterdir() if (p / image_name).exists()):
-        gt = np.asarray(Image.open(sub / label_name)).astype(np.int32)
-        out.append(EvalImage(sub.name, str(sub / image_name), gt[..., 0] if gt.ndim == 3 else gt))
+        out.append(EvalImage(sub.name, str(sub / image_name), read_label_image(sub / label_name)))
     if not out:
         raise FileNotFoundError(f"{root}: no sub-folders holding {image_name} and {label_name}")
     return out
+
+
+def load_ctc(root: str | Path) -> list[EvalImage]:
+    """The Cell Tracking Challenge layout's labelled frames (:func:`livecell_ray.training.dataset.ctc_frames`)."""
+    from livecell_ray.training.dataset import ctc_frames, read_label_image
+
+    return [EvalImage(name, str(frame), read_label_image(seg)) for name, frame, seg in ctc_frames(root)]
+
+
+def load_labelled(source: str, images_dir: str | None = None) -> list[EvalImage]:
+    """Ground truth in any layout training takes (:func:`livecell_ray.training.dataset.read_labelled`)."""
+    from livecell_ray.training import dataset
+
+    if source.endswith(".json"):
+        if not images_dir:
+            raise ValueError("a COCO annotation file needs IMAGES_DIR")
+        return load_coco(source, images_dir)
+    if dataset.is_ctc(source):
+        return load_ctc(source)
+    if any((p / dataset.CURATED_IMAGE).exists() for p in Path(source).iterdir() if p.is_dir()):
+        return load_mask_folder(source, dataset.CURATED_IMAGE, dataset.CURATED_LABELS)
+    return load_mask_folder(source)
 
 
 def load_coco(annotations: str | Path, images_dir: str | Path) -> list[EvalImage]:
@@ -236,12 +258,7 @@ def run(weights_spec: str, source: str, images_dir: str | None = None, inference
     from livecell_ray.model import models
     from livecell_ray.model.segment import Segmenter
 
-    if source.endswith(".json"):
-        if not images_dir:
-            raise ValueError("a COCO annotation file needs IMAGES_DIR")
-        images = load_coco(source, images_dir)
-    else:
-        images = load_mask_folder(source)
+    images = load_labelled(source, images_dir)
     if select:
         images = [i for i in images if i.name in set(select)]
     weights = models.resolve_map(weights_spec, trust)
