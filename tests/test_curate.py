@@ -183,3 +183,14 @@ def test_evaluate_scores_a_ctc_sequence_as_it_is_laid_out():
     truth = dataset.read_label_image(HELA / "02_ST" / "SEG" / "man_seg000.tif")
     assert info["images"] == ["02_t000"] and res["all"].n_gt == len(np.unique(truth)) - 1  # labels have gaps
     assert res["all"].mask["AP50"] > 0.2  # the cells are found at the right scale
+
+
+def test_fields_smaller_than_the_input_are_padded_not_enlarged():
+    """ultralytics resizes each training image to its input; a field under it is padded instead (no cells in the
+    border), so that its cells are learnt at the size segment sees them (a field of known scale is never
+    enlarged there)."""
+    f = dataset.LabelledField("f", np.full((78, 60), 100, np.uint8), np.ones((78, 60), np.int32))
+    p = dataset.pad_field(f, 96)
+    assert p.image.shape == (96, 60) and p.labels.shape == (96, 60)
+    assert (p.image[78:] == 100).all() and not p.labels[78:].any() and (p.labels[:78] == 1).all()
+    assert dataset.pad_field(p, 96) is p

@@ -29,7 +29,9 @@ def train(
                                             "resampled to the scale of --model's training data (a shipped "
                                             "model's; LIVECell's 1.24 for others); a folder from `curate` "
                                             "says its own"),
-    tile: int | None = typer.Option(None, help="Cut fields into tiles of this size"),
+    tile: int | None = typer.Option(None, help="Cut fields into tiles of this size (default: the network input "
+                                    "--imgsz, so that every field is seen at its scale; 0: whole fields, resized "
+                                    "to the input)"),
     synthetic: int = typer.Option(0, min=0, help="Copy-paste synthetic fields to add"),
     backgrounds: str | None = typer.Option(None, help="Folder of unlabelled fields: their cell-free texture "
                                            "becomes extra copy-paste backgrounds"),
@@ -63,7 +65,8 @@ def train(
         try:
             data_yaml = train_mod.prepare_dataset(train_mod.DataConfig(
                 data=data, out=str(data_yaml.parent), images_dir=images_dir,
-                val=tuple(v for v in val.split(",") if v), scale=scale, tile=tile, synthetic=synthetic, seed=seed,
+                val=tuple(v for v in val.split(",") if v), scale=scale, tile=imgsz if tile is None else (tile or None),
+                pad_to=imgsz if tile is None else None, synthetic=synthetic, seed=seed,
                 backgrounds=backgrounds, cells=_range(cells, "--cells"), pseudo=pseudo,
                 extra=tuple(e for e in extra.split(",") if e)))
         except (ValueError, FileNotFoundError) as exc:

@@ -58,6 +58,17 @@ def resize_field(f: LabelledField, scale: float) -> LabelledField:
     return LabelledField(f.name, img, lab.astype(np.int32))
 
 
+def pad_field(f: LabelledField, size: int) -> LabelledField:
+    """A field whose long side is under ``size`` padded (bottom and right, with its median grey, no cells) so
+    that it is ``size`` long: seen at its own scale by a trainer that resizes every image to ``size``."""
+    h, w = f.image.shape
+    if max(h, w) >= size:
+        return f
+    ph, pw = (size - h, 0) if h >= w else (0, size - w)
+    image = np.pad(f.image, ((0, ph), (0, pw)), constant_values=int(np.median(f.image)))
+    return LabelledField(f.name, image, np.pad(f.labels, ((0, ph), (0, pw))))
+
+
 def tile_field(f: LabelledField, tile: int, overlap: int = 0) -> Iterator[LabelledField]:
     """Cut a large field into tiles (cells cut by the border stay as partial cells)."""
     h, w = f.image.shape

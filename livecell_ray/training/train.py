@@ -195,6 +195,10 @@ class DataConfig:
     val: tuple[str, ...] = ()  # field names held out for validation
     scale: float = 1.0  # resize factor (pixel scale) applied before training
     tile: int | None = None  # cut fields into tiles of this size
+    # Pad fields whose long side is under this many px (the network input) up to it: ultralytics resizes every
+    # training image to its input, and a field of known scale is never enlarged at inference, so a smaller
+    # field would teach its cells larger than they are then seen.
+    pad_to: int | None = None
     synthetic: int = 0  # copy-paste fields added to the training split
     seed: int = 0
     backgrounds: str | None = None  # folder of unlabelled fields whose cell-free texture becomes copy-paste backgrounds
@@ -240,6 +244,8 @@ def prepare_dataset(cfg: DataConfig) -> Path:
     if cfg.tile:
         train_f = [t for f in train_f for t in dataset.tile_field(f, cfg.tile)]
         synth = [t for f in synth for t in dataset.tile_field(f, cfg.tile)]
+    if cfg.pad_to:
+        train_f, synth = ([dataset.pad_field(f, cfg.pad_to) for f in fs] for fs in (train_f, synth))
     out = Path(cfg.out)
     if out.exists():
         import shutil
