@@ -233,6 +233,13 @@ def test_an_image_array_of_format_0_2_keeps_the_normalised_plane(tmp_path):
                                 [old, None], norm)
     chunk = next(v for k, v in files.items() if k.endswith("/A/1/0/0/c/1/0/0"))
     assert np.frombuffer(__import__("numcodecs").Zstd().decode(chunk), np.uint8).tolist() == [77] * 64
+    # An 8-bit camera's plane: into a 0.2 array the normalised plane still, into a 0.3 one its own values.
+    raw8 = np.full((8, 8), 30, np.uint8)
+    for doc, want in ((old, 77), (store.array_document((2, 8, 8), "|u1", None, True), 30)):
+        _, files = store.mask_files(outputs, "P", "A", 1, "0", 1, 2, raw8, np.zeros((8, 8), np.uint32), [doc, None],
+                                    norm)
+        chunk = next(v for k, v in files.items() if k.endswith("/A/1/0/0/c/1/0/0"))
+        assert set(np.frombuffer(__import__("numcodecs").Zstd().decode(chunk), np.uint8)) == {want}
     with pytest.raises(ValueError, match="one bit depth"):
         store.mask_files(outputs, "P", "A", 1, "0", 1, 2, raw.astype(np.float32), np.zeros((8, 8), np.uint32),
-                         [store.array_document((2, 8, 8), "<u2"), None])
+                         [store.array_document((2, 8, 8), "<u2", None, True), None])

@@ -18,8 +18,13 @@ from livecell_ray.store._files import Outputs, is_local, join, read_documents, s
 CHUNK_ZSTD_LEVEL = 1
 
 
+#: The image array's attribute saying that it holds the instrument's values (output format 0.3 on); an image
+#: array without it holds the normalised uint8 plane of format 0.2.
+INSTRUMENT = {"livecell_ray": {"values": "instrument"}}
+
+
 @functools.lru_cache(maxsize=32)
-def array_document(shape: tuple[int, ...], dtype: str, chunk: int | None = None) -> bytes:
+def array_document(shape: tuple[int, ...], dtype: str, chunk: int | None = None, image: bool = False) -> bytes:
     """The zarr.json of a (t, y, x) array chunked one field-timepoint per chunk (``chunk``: in chunk x chunk
     squares, for a field streamed a band of rows at a time), written by zarr itself.
 
@@ -32,7 +37,7 @@ def array_document(shape: tuple[int, ...], dtype: str, chunk: int | None = None)
     chunks = (1, *shape[1:]) if chunk is None else (1, min(chunk, shape[1]), min(chunk, shape[2]))
     arr = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, chunks=chunks, dtype=dtype,
                             fill_value=0, dimension_names=("t", "y", "x"),
-                            compressors=ZstdCodec(level=CHUNK_ZSTD_LEVEL))
+                            compressors=ZstdCodec(level=CHUNK_ZSTD_LEVEL), attributes=INSTRUMENT if image else None)
     return arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
@@ -47,7 +52,9 @@ def _require_array(outputs: Outputs, plate: str, path: str, shape: tuple[int, ..
     ``array_document`` makes it (so its chunks can be written directly); arrays from elsewhere are not.
     """
     if document is None:
-        new_files[join(outputs.plate_path(plate), path, "zarr.json")] = array_document(tuple(shape), dtype.str, chunk)
+        image = "/labels/" not in path  # a field's image array, not its labels
+        new_files[join(outputs.plate_path(plate), path, "zarr.json")] = array_document(tuple(shape), dtype.str, chunk,
+                                                                                       image)
         return True
     meta = json.loads(document)
     have = tuple(meta["shape"])
@@ -69,11 +76,12 @@ def _image_plane(plane: np.ndarray, document: bytes | None, normalised: np.ndarr
     plane = plane.astype(plane.dtype.newbyteorder("="), copy=False)
     if document is None:
         return plane
-    stored = np.dtype(json.loads(document).get("data_type", plane.dtype.name))
+    meta = json.loads(document)
+    if normalised is not None and "livecell_ray" not in (meta.get("attributes") or {}):  # made by format 0.2
+        return normalised.astype(np.uint8, copy=False)
+    stored = np.dtype(meta.get("data_type", plane.dtype.name))
     if stored == plane.dtype:
         return plane
-    if stored == np.uint8 and normalised is not None:
-        return normalised.astype(np.uint8, copy=False)
     if np.can_cast(plane.dtype, stored, "safe"):
         return plane.astype(stored)
     raise ValueError(f"the image is {plane.dtype}, but its field's image array ({path}) is {stored} from another "
