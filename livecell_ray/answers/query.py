@@ -136,8 +136,7 @@ class Results:
             per_time = per_time[np.isclose(per_time[TIME], at)]
             if per_time.empty:
                 raise ValueError(f"no well was imaged at {at:g} h (hours since the plate's first scan)")
-        last = per_time.sort_values(TIME).groupby(["plate", "well"], as_index=False).tail(1)
-        return self.with_platemap(last.reset_index(drop=True))
+        return self.with_platemap(last_timepoint(per_time))
 
     def _open(self) -> None:
         """List the committed files and (re)make the views over them."""
@@ -271,9 +270,8 @@ class Results:
         parameter, never pasted into the SQL)."""
         cond, params = _filter(where, well)
         df = self.df(wells_sql(metrics, by_timepoint, cond), params)
-        if last and by_timepoint and not df.empty:
-            df = df.sort_values(TIME).groupby(["plate", "well"], as_index=False).tail(1)
-            df = df.sort_values(["plate", "well"]).reset_index(drop=True)
+        if last and by_timepoint:
+            df = last_timepoint(df).sort_values(["plate", "well"]).reset_index(drop=True)
         return self.with_platemap(df) if with_map else df
 
     def rows(self, table: str, where: str | None = None, well: str | None = None) -> pd.DataFrame:
@@ -282,6 +280,11 @@ class Results:
         cond, params = _filter(where, well)
         sql = f"SELECT * EXCLUDE (path), path FROM {table}" + (f" WHERE {cond}" if cond else "")
         return self.df(sql + f" ORDER BY plate, well, {TIME}" + (", label" if table == "cells" else ""), params)
+
+
+def last_timepoint(per_time: pd.DataFrame) -> pd.DataFrame:
+    """Each well's row at its last timepoint, from per well and timepoint rows."""
+    return per_time.sort_values(TIME).groupby(["plate", "well"], as_index=False).tail(1).reset_index(drop=True)
 
 
 def _filter(where: str | None, well: str | None) -> tuple[str | None, list[Any] | None]:

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from livecell_ray import store  # noqa: E402
-from livecell_ray.answers.query import Results  # noqa: E402
+from livecell_ray.answers.query import Results, last_timepoint  # noqa: E402
 from livecell_ray.plate.manifest import plate_grid, row_index, row_name  # noqa: E402
 
 HEATMAP_METRICS = ("cells_per_field_mean", "confluence_pct", "area_um2_median", "eccentricity_mean")
@@ -248,7 +248,7 @@ def _heatmaps(res: Results, per_time: pd.DataFrame) -> list[str]:
     parts = []
     um2 = per_time["area_um2_median"].notna().any()
     metrics = [m if m != "area_um2_median" or um2 else "area_px_median" for m in HEATMAP_METRICS]
-    last = per_time.sort_values("timepoint_h").groupby(["plate", "well"], as_index=False).tail(1)
+    last = last_timepoint(per_time)
     for plate in sorted(per_time["plate"].unique()):
         at = last.loc[last["plate"] == plate, "timepoint_h"]
         when = (f"at {at.iloc[0]:g} h" if at.nunique() == 1 else
@@ -310,7 +310,7 @@ def build(out: str, storage_options: dict[str, Any] | None = None, max_overlays:
         parts.append(f'<figure><img class="overlay" alt="{html.escape(title)}" title="click: full size / back" '
                      f'onclick="this.classList.toggle(\'full\')" src="data:image/png;base64,{overlay(img, lab)}">'
                      f"<figcaption>{html.escape(title)}</figcaption></figure>")
-    wells = per_time.sort_values("timepoint_h").groupby(["plate", "well"], as_index=False).tail(1)
+    wells = last_timepoint(per_time)
     parts.append("</div><h2>Wells (each well's last timepoint; every timepoint: livecell-ray query OUT wells)</h2>"
                  + _table(res.with_platemap(wells.sort_values(["plate", "well"]))))
     if len(failures):
