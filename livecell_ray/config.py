@@ -135,6 +135,9 @@ class SegmentConfig:
     # the general one ('*') where the type has none; 'none' routes by the file name's type.
     classifier: str | None = "celltype"
     route: str = "none"
+    # The plate map's cell_line column as (plate or "" for every plate, well, cell line): under route='auto'
+    # it decides a well's model over any prediction.
+    cell_lines: list[tuple[str, str, str]] = field(default_factory=list)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
@@ -165,7 +168,7 @@ class SegmentConfig:
                   "gpus_per_replica", "cpus_per_replica", "batch_size", "trust_weights", "model",
                   "replica_resources", "max_pixels", "stream_mb", "object_store_budget_mb", "io_tasks",
                   "io_worker_max_fields", "stall_timeout_s", "stall_restarts", "compact", "wait_for_lease",
-                  "lease_ttl_s", "classifier"):
+                  "lease_ttl_s", "classifier", "cell_lines"):
             d.pop(k, None)
         if self.route == "none":  # as before routing existed, so earlier outputs still resume
             d.pop("route")

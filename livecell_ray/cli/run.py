@@ -61,11 +61,11 @@ def segment(
                                         "control, ...): checked first, kept beside the results"),
     wait: bool = typer.Option(False, help="When another run is writing OUT, wait for it to finish instead of "
                               "stopping"),
-    route: str = typer.Option("none", help="auto: send each field to the model of its cell type as the field "
-                              "classifier predicts it from the pixels (--model TYPE=MODEL,...,*=MODEL); none: by the "
-                              "file name's type"),
-    classifier: str = typer.Option("celltype", help="Field cell-type classifier: 'celltype' (shipped), a .pt path, "
-                                   "or 'none'; fills cell_type_predicted"),
+    route: str = typer.Option("none", help="auto: send each well to the model of its cell type as the field "
+                              "classifier predicts it from all the well's fields (a plate map's cell_line wins; "
+                              "the general model where unsure); none: by the file name's type"),
+    classifier: str = typer.Option("celltype", help="Field cell-type classifier: 'celltype' (shipped), a "
+                                   "classifier .json (train-classifier), or 'none'; fills cell_type_predicted"),
 ) -> None:
     """Segment every field of a plate: masks to OME-Zarr, cell statistics to Parquet."""
     from livecell_ray import pipeline
@@ -107,6 +107,14 @@ def segment(
             pm = platemap_mod.read(platemap, opts)
             fields = manifest_mod.build(source, pattern, manifest, opts, channel, layout).fields
             platemap_mod.check_wells(pm, fields[["plate", "well"]], platemap)
+            if "cell_line" in pm:  # the experimenter's word on each well's cells: routing takes it first
+                import dataclasses
+
+                known = pm[pm["cell_line"].notna() & (pm["cell_line"].astype(str).str.strip() != "")]
+                plates = known["plate"] if "plate" in known else [""] * len(known)
+                cfg = dataclasses.replace(cfg, cell_lines=[(str(p) if p == p else "", str(w), str(c).strip())
+                                                           for p, w, c in zip(plates, known["well"],
+                                                                              known["cell_line"])])
     except platemap_mod.PlateMapError as exc:
         fail(str(exc))
     except ManifestError as exc:

@@ -24,7 +24,8 @@ DEFAULT_KEY = "*"
 #: ``cell_type``), small.pt otherwise; segment's default. The type is the file name's, or with --route auto
 #: the one the field classifier predicts.
 AUTO = "auto"
-#: The shipped field cell-type classifier (weights/celltype.pt, YOLOv8-cls), when there is one.
+#: The shipped field cell-type classifier (weights/celltype.json: a head over the general model's cells), when
+#: there is one.
 CLASSIFIER = "celltype"
 
 
@@ -205,19 +206,27 @@ def where() -> str:
 
 
 def resolve_classifier(spec: str | None, trust: bool = False) -> Weights | None:
-    """The field classifier: 'celltype' (shipped; None when this install has none), a .pt path, or None."""
+    """The field classifier: 'celltype' (shipped; None when this install has none), a path, or None.
+
+    A classifier's ``.json`` (``train-classifier``) is plain data and needs no ``--trust-weights``; the model
+    whose cells it reads is resolved (and verified) where it is loaded. A ``.pt`` (a YOLOv8-cls network, the
+    first version) is a pickle and is verified or trusted like any weights."""
     if not spec or spec == "none":
         return None
     if spec == CLASSIFIER:
-        path = weights_dir() / f"{CLASSIFIER}.pt"
+        path = weights_dir() / f"{CLASSIFIER}.json"
         if not path.exists():
             return None
         expected = known_checksums().get(path.name)
         digest = sha256(path)
         if expected != digest:
-            raise WeightsError(f"{path}: sha256 {digest[:12]}... does not match weights/SHA256SUMS; "
-                               f"refusing to unpickle")
+            raise WeightsError(f"{path}: sha256 {digest[:12]}... does not match weights/SHA256SUMS")
         return shipped_weights(spec, path, digest, path.name)
+    path = Path(spec).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise WeightsError(f"classifier {spec!r}: no such file")
+        return Weights(path.stem, str(path.resolve()), sha256(path))
     return resolve(spec, trust)
 
 

@@ -47,16 +47,34 @@ class SegmentActor:
         if classifier is not None:
             from livecell_ray.model.classify import FieldClassifier
 
-            self.classifier = FieldClassifier(classifier)
+            self.classifier = FieldClassifier(classifier, segmenter=self.segmenter)
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
 
+    def classify(self, images: list[np.ndarray], pixel_sizes: list[float], paths: list[str]) -> dict[str, Any]:
+        """Each field's calibrated log-probabilities over the classifier's types (None where it failed, with
+        the reason in ``error``): the routing pass of ``--route auto`` (:mod:`livecell_ray.model.route`)."""
+        n = len(images)
+        errors = [""] * n
+        px = [p if p > 0 else None for p in pixel_sizes]
+        assert self.classifier is not None, "classify needs a classifier"
+        done = isolated(lambda idx: list(self.classifier.log_proba([images[i] for i in idx], [px[i] for i in idx])),
+                        list(range(n)), paths, errors, "field classifier")
+        return {"classes": list(self.classifier.names), "abstain_below": self.classifier.abstain_below,
+                "logp": [done[i].tolist() if i in done else None for i in range(n)], "error": errors}
+
     def segment(self, images: list[np.ndarray], cell_types: list[str], pixel_sizes: list[float],
-                paths: list[str], from_metadata: list[bool] | None = None) -> dict[str, Any]:
+                paths: list[str], from_metadata: list[bool] | None = None,
+                routes: list[str] | None = None) -> dict[str, Any]:
         """One model batch: a shard's readable fields. Returns, per field, its label image (uint16 when it
-        fits), class ids and confidences as bytes, its predicted cell type and probability, and an error
-        ("" when segmented); then where and how long (model_node, model_pid, model_s a field).
+        fits), class ids and confidences as bytes, its predicted cell type and probability, the model that
+        segmented it (``routed_to``), and an error ("" when segmented); then where and how long (model_node,
+        model_pid, model_s a field).
+
+        ``routes``: each field's model key as ``--route auto`` decided it for its well (the driver's routing
+        pass); without them a field goes to its name's type's model, and the classifier, when there is one,
+        says what the field's cells look like from the cells found (no second pass of the model).
 
         A field's failure is its own: one whose scale is beyond reason (``from_metadata``: its pixel size is
         the file's own claim, :meth:`Segmenter.check_scale`) is refused before the batch, and a batch that
@@ -66,23 +84,21 @@ class SegmentActor:
         t0 = time.perf_counter()
         out: dict[str, Any] = {"labels": [np.zeros((0, 0), np.uint16)] * n, "class_ids": [b""] * n,
                                "confidences": [b""] * n, "cell_type_predicted": [""] * n,
-                               "cell_type_probability": [float("nan")] * n, "error": [""] * n}
+                               "cell_type_probability": [float("nan")] * n, "routed_to": [""] * n,
+                               "error": [""] * n}
         errors = out["error"]
         px = [p if p > 0 else None for p in pixel_sizes]
         from_metadata = list(from_metadata or [False] * n)
         todo = list(range(n))
-        types = list(cell_types)
-        if self.classifier is not None:  # every field's type from its pixels, whatever the routing
+        types = list(routes) if routes is not None else list(cell_types)
+        predict = self.classifier is not None and routes is None
+        if predict and self.classifier.head is None:  # a YOLOv8-cls network: from the pixels, before
             failed: list[str] = [""] * n
             predicted = isolated(lambda idx: self.classifier([images[i] for i in idx]), todo, paths, failed,
                                  "field classifier")
             for i, (t, prob, _) in predicted.items():
                 out["cell_type_predicted"][i], out["cell_type_probability"][i] = t, prob
-            if self.route == "auto":  # no type, no route: such a field fails with the reason
-                errors[:] = failed
-                todo = [i for i in todo if i in predicted]
-                types = list(out["cell_type_predicted"])
-            elif any(failed):
+            if any(failed):
                 log.warning("field classifier failed; cell_type_predicted left empty: %s",
                             "; ".join(e for e in failed if e))
         from livecell_ray.model.segment import ScaleError
@@ -97,29 +113,38 @@ class SegmentActor:
                                                    [px[i] for i in idx]), todo, paths, errors, "model")
         for i, r in done.items():
             out["labels"][i], out["class_ids"][i], out["confidences"][i] = encode_instances(r)
+            out["routed_to"][i] = self.segmenter.name(types[i])
+        if predict and self.classifier.head is not None and done:  # from the cells just found
+            idx = sorted(done)
+            try:
+                logp = self.classifier.from_cells([images[i] for i in idx], [done[i] for i in idx],
+                                                  [px[i] for i in idx])
+                for i, (t, prob, _) in zip(idx, self.classifier.named(logp)):
+                    out["cell_type_predicted"][i], out["cell_type_probability"][i] = t, prob
+            except Exception:  # noqa: BLE001 - the segmentation stands; the prediction is left empty
+                log.exception("field classifier failed; cell_type_predicted left empty")
         out.update(model_node=self.node_id, model_pid=os.getpid(), model_s=(time.perf_counter() - t0) / max(1, n))
         return out
 
     def plan_field(self, window: np.ndarray, cell_type: str, pixel_size: float, shape: tuple[int, int],
-                   from_metadata: bool = False) -> dict[str, Any]:
+                   from_metadata: bool = False, route: str | None = None) -> dict[str, Any]:
         """How a streamed field is segmented (livecell_ray.pipeline.stream): its type predicted from ``window`` (a part
-        of it, normalised), then its model, tile plan and scale (``Segmenter.tiling``)."""
+        of it, normalised), then its model, tile plan and scale (``Segmenter.tiling``). ``route``: its model key
+        as ``--route auto`` decided it (the prediction is then the routing pass's)."""
         out: dict[str, Any] = {"cell_type_predicted": "", "cell_type_probability": float("nan"),
                                "model_node": self.node_id, "model_pid": os.getpid()}
-        if self.classifier is not None:
+        px = pixel_size if pixel_size > 0 else None
+        if route is not None:
+            cell_type = route
+        elif self.classifier is not None:
             try:
-                (t, prob, _), = self.classifier([window])
+                (t, prob, _), = self.classifier([window], [px])
                 out["cell_type_predicted"], out["cell_type_probability"] = t, prob
             except Exception:
-                if self.route == "auto":
-                    raise
                 log.exception("field classifier failed; cell_type_predicted left empty")
-            if self.route == "auto":
-                cell_type = out["cell_type_predicted"]
-        px = pixel_size if pixel_size > 0 else None
         self.segmenter.check_scale(cell_type, px, shape, from_metadata)
         key, scale, working, plan = self.segmenter.tiling(cell_type, px, shape)
-        out.update(key=key, scale=scale, working=working, plan=plan)
+        out.update(key=key, scale=scale, working=working, plan=plan, routed_to=self.segmenter.name(cell_type))
         return out
 
     def segment_tiles(self, key: str, tiles: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -64,6 +64,8 @@ class Segmenter:
         self.paint_on_device = self.cfg.backend == "torch" and (
             self.cfg.paint_on_device if self.cfg.paint_on_device is not None else self.device.startswith("cuda"))
         self.nets = {}
+        self.sha256 = {key: w.sha256 for key, w in weights.items()}
+        self.names = {key: w.name for key, w in weights.items()}
         self.pixel_sizes = {key: w.working_pixel_size for key, w in weights.items()}  # um/px each model works at
         self.trained_at = {key: w.pixel_size for key, w in weights.items()}  # um/px of each model's training data
         self.imgsz = {key: w.input_size(self.cfg.imgsz) for key, w in weights.items()}
@@ -84,6 +86,10 @@ class Segmenter:
     def model_key(self, cell_type: str) -> str:
         """Which network serves this cell type (its own, else the default)."""
         return cell_type if cell_type in self.nets else models.DEFAULT_KEY
+
+    def name(self, cell_type: str) -> str:
+        """The name of the model that serves this cell type ('small', 'mcf7', a user model's, a file's)."""
+        return self.names[self.model_key(cell_type)]
 
     def __call__(self, images: list[np.ndarray], cell_types: list[str] | None = None,
                  pixel_sizes: list[float | None] | None = None) -> list[Instances]:

@@ -41,6 +41,7 @@ from livecell_ray.pipeline.preflight import (
     same_source,
     sources,
 )
+from livecell_ray.pipeline.routing import route_rows
 from livecell_ray.pipeline.shard import process_shard
 
 if TYPE_CHECKING:  # the driver's: the shard workers never import pandas or the manifest (0.25 s of CPU each)
@@ -222,7 +223,6 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, failed: set[str], out: str,
     while True:
         replicas = (started if not restarts else []) or start_replicas(cfg, weights)
         limit = in_flight(cfg, len(replicas))
-        shards = cut_shards(remaining, cfg.batch_size, ramp=limit)
         pending: dict[Any, list[dict[str, Any]]] = {}
         finished: set[str] = set()
         next_shard, reason = 0, ""
@@ -232,6 +232,9 @@ def _results(cfg: SegmentConfig, todo: pd.DataFrame, failed: set[str], out: str,
                 # Then the folders the shards' files go to (on a fresh plate, after its groups: the groups'
                 # listing then finds no folders to walk; 0.6 instead of 0.75 s of CPU for 400 wells).
                 store.make_folders(outputs, todo)
+            if cfg.route == "auto":  # each well's model, from all its fields, before any is segmented
+                remaining = route_rows(remaining, replicas, cfg, out, weights)
+            shards = cut_shards(remaining, cfg.batch_size, ramp=limit)
             while next_shard < len(shards) or pending:
                 while next_shard < len(shards) and len(pending) < limit:
                     rows = shards[next_shard]

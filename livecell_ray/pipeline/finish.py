@@ -118,6 +118,10 @@ def field_tables(row: dict[str, Any], cells: dict[str, np.ndarray], fstats: dict
         "t_index": [int(row["t_index"])], "cell_type": [meta["cell_type"]],
         "cell_type_predicted": [str(row.get("cell_type_predicted", ""))],
         "cell_type_probability": [float(row.get("cell_type_probability", np.nan))],
+        "well_cell_type": [str(row.get("well_cell_type", ""))],
+        "well_cell_type_p": [float(row.get("well_cell_type_p", np.nan))],
+        "routed_to": [str(row.get("routed_to", ""))],
+        "route_reason": [str(row.get("route_reason") or ("file name" if meta["cell_type"] else "general model"))],
         "zarr_path": [store.field_zarr_path(plate, str(row["row"]), int(row["column"]), str(row["site"]))],
         **{k: [v] for k, v in fstats.items()}, "status": ["ok"],
     }

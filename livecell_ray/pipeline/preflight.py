@@ -93,7 +93,7 @@ def provenance(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> dict[s
     if cfg.route == "auto":  # the classifier then decides which model segments a field
         clf = models.resolve_classifier(cfg.classifier, cfg.trust_weights)
         if clf is None:
-            raise RunError("--route auto needs a field classifier: weights/celltype.pt is not installed "
+            raise RunError("--route auto needs a field classifier: weights/celltype.json is not installed "
                            "and --classifier names none (train one with `livecell-ray train-classifier`)")
         used["classifier"] = clf
     # Each network's input size as it ran (a run that sets none takes the model's own from weights/models.json).

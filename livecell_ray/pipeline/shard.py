@@ -96,9 +96,11 @@ def process_shard(rows: list[dict[str, Any]], replica: Any, cfg: SegmentConfig, 
     ok = [f for f in fields if f["status"] == "ok"]
     if ok:
         try:
+            routed = all("routed_key" in f for f in ok)  # --route auto: the driver's decision for each well
             seg = ray.get(replica.segment.remote([f["image"] for f in ok], [str(f["cell_type"]) for f in ok],
                                                  [float(f["pixel_size"]) for f in ok], [str(f["path"]) for f in ok],
-                                                 [bool(f["scale_from_metadata"]) for f in ok]))
+                                                 [bool(f["scale_from_metadata"]) for f in ok],
+                                                 [str(f["routed_key"]) for f in ok] if routed else None))
         except ray.exceptions.RayActorError:
             raise  # the replica is gone for good (its restarts spent): the run stops, see _results
         except Exception as exc:  # its answer was lost on the way, or could not be sent
@@ -109,7 +111,8 @@ def process_shard(rows: list[dict[str, Any]], replica: Any, cfg: SegmentConfig, 
             if seg["error"][i]:
                 f["status"], f["stage"], f["error"] = "failed", "segment", seg["error"][i]
                 continue
-            for k in ("labels", "class_ids", "confidences", "cell_type_predicted", "cell_type_probability"):
+            for k in ("labels", "class_ids", "confidences", "routed_to") + (
+                    () if routed else ("cell_type_predicted", "cell_type_probability")):
                 f[k] = seg[k][i]
     summaries = finish_fields(fields, out, cfg.storage_options, cfg.pixel_size, provenance_meta) if fields else []
     return summaries + [stream_field(f, replica, cfg, out, provenance_meta) for f in streamed]
@@ -117,6 +120,25 @@ def process_shard(rows: list[dict[str, Any]], replica: Any, cfg: SegmentConfig, 
 
 #: The part of a streamed field its cell type is predicted from (a full Incucyte frame, from its centre).
 TYPE_WINDOW = (1040, 1408)
+
+
+def _type_window(reader: Any, to_u8: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    h, w = reader.shape
+    y0, x0 = max(0, (h - TYPE_WINDOW[0]) // 2), max(0, (w - TYPE_WINDOW[1]) // 2)
+    return to_u8(reader.window(y0, y0 + TYPE_WINDOW[0], x0, x0 + TYPE_WINDOW[1]))
+
+
+def stream_window(row: dict[str, Any], cfg: SegmentConfig) -> tuple[np.ndarray, float]:
+    """A streamed field's :data:`TYPE_WINDOW`, normalised as the field is, and its pixel size: what its type
+    is predicted from."""
+    from livecell_ray.pipeline import stream
+
+    reader = stream.RowReader(row["path"], cfg.storage_options, field_planes(row, cfg.channel))
+    try:
+        return _type_window(reader, stream.normaliser(reader, cfg.normalize)), \
+            field_pixel_size(row, cfg.pixel_size, reader.info.pixel_size)
+    finally:
+        reader.close()
 
 
 def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str,
@@ -139,12 +161,11 @@ def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str
             summary["pixel_size"] = px
             to_u8 = stream.normaliser(reader, cfg.normalize)
             h, w = reader.shape
-            y0, x0 = max(0, (h - TYPE_WINDOW[0]) // 2), max(0, (w - TYPE_WINDOW[1]) // 2)
-            window = to_u8(reader.window(y0, y0 + TYPE_WINDOW[0], x0, x0 + TYPE_WINDOW[1]))
+            window = _type_window(reader, to_u8)
             summary["read_s"] = time.perf_counter() - t0
             stage = "segment"
             how = ray.get(replica.plan_field.remote(window, str(row["cell_type"]), float(px), (h, w),
-                                                    scale_from_metadata(row, cfg.pixel_size)))
+                                                    scale_from_metadata(row, cfg.pixel_size), row.get("routed_key")))
             summary.update(model_node=how["model_node"], model_pid=how["model_pid"])
             image_path, write = store.stream_writer(outputs, str(row["plate"]), str(row["row"]), int(row["column"]),
                                                     str(row["site"]), int(row["t_index"]), int(row["n_timepoints"]),
@@ -159,8 +180,10 @@ def stream_field(row: dict[str, Any], replica: Any, cfg: SegmentConfig, out: str
         finally:
             reader.close()
         stage = "write"
-        row = {**row, "cell_type_predicted": how["cell_type_predicted"],
-               "cell_type_probability": how["cell_type_probability"]}
+        row = {**row, "routed_to": how["routed_to"]}
+        if "routed_key" not in row:
+            row.update(cell_type_predicted=how["cell_type_predicted"],
+                       cell_type_probability=how["cell_type_probability"])
         cells, field_row = field_tables(row, res.cells, res.stats)
         store.commit_tables(outputs, str(row["plate"]), str(row["well"]), summary["field_id"], cells, field_row,
                             provenance_meta, bool(row.get("failed_before")))
