@@ -144,33 +144,40 @@ def evaluate(
 
 def train_classifier(
     folders: str = typer.Option(..., "--data", help="Comma-separated folders of fields whose names carry the cell "
-                                "type (LIVECell convention)"),
-    val: str = typer.Option("", help="Comma-separated folder(s) of fields held out for validation (never trained on)"),
-    out: str = typer.Option("runs/classify-data", help="Where the crop data set is written"),
-    epochs: int = typer.Option(30, min=1),
-    imgsz: int = typer.Option(128, min=32),
-    time_hours: float | None = typer.Option(None),
-    project: str = typer.Option("runs/classify"),
-    name: str = typer.Option("celltype"),
+                                "type and well (LIVECell convention); every type needs two wells or more"),
+    out: str = typer.Option("runs/celltype.json", "--out", help="Where the classifier goes (JSON)"),
+    model: str = typer.Option("small", help="The general model whose cells are the features (as segment runs it)"),
+    pixel_size: float = typer.Option(1.24, help="um/px of fields whose files do not say"),
+    target_accuracy: float = typer.Option(0.95, min=0.5, max=1.0, help="Routing abstains below the probability "
+                                          "at which held-out fields were right this often"),
 ) -> None:
-    """Train the field cell-type classifier (YOLOv8-cls from its YAML) on crops of type-named fields."""
+    """Train the field cell-type classifier on the cells the general model finds, cross-validated by leaving
+    one well out; prints the held-out accuracy per type and the abstention threshold it chose."""
+    from rich.progress import Progress
+
+    from livecell_ray.model import models
     from livecell_ray.training import classifier as classify
 
-    cfg = classify.ClassifierConfig(epochs=epochs, imgsz=imgsz, time_hours=time_hours)
-    train_folders = [f for f in folders.split(",") if f]
-    val_folders = [f for f in val.split(",") if f]
-    for f in train_folders + val_folders:
-        if not Path(f).is_dir():
+    for f in folders.split(","):
+        if f and not Path(f).is_dir():
             fail(f"{f}: no such folder")
-    held = {p.stem for f in val_folders for p in Path(f).iterdir() if p.suffix.lower() in classify.IMAGE_SUFFIXES}
-    summary = classify.build_dataset(train_folders + val_folders, out, held, cfg)
-    if not summary["fields"]["train"] or not summary["fields"]["val"]:
-        fail(f"need type-named fields on both sides (train: {summary['fields']['train']}, "
-             f"val: {summary['fields']['val']})")
-    best = classify.train(out, project, name, cfg)
-    last = best.parent / "last.pt"
-    report = classify.accuracy_by_type(str(last), val_folders[0], held) if len(val_folders) == 1 else {}
-    out_console.print_json(json.dumps({"weights": str(last), "held_out": report}))
+    cfg = classify.ClassifierConfig(model=model, pixel_size_um=pixel_size, target_accuracy=target_accuracy)
+    fields = classify.collect([f for f in folders.split(",") if f])
+    if not fields:
+        fail(f"{folders}: no field whose name carries its cell type")
+    try:
+        weights = models.resolve(model)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("cell features", total=len(fields))
+            x = classify.features(fields, cfg, lambda k, n: bar.update(task, completed=k))
+        spec = classify.train(fields, x, cfg, weights.sha256)
+    except (models.WeightsError, ValueError) as exc:
+        fail(str(exc))
+    classify.save(spec, out)
+    cv = spec["cross_validation"]
+    out_console.print_json(json.dumps({"classifier": out, **{k: cv[k] for k in (
+        "fields", "wells", "field_accuracy", "well_consensus_accuracy", "per_type", "confusion", "abstention")}}))
+    out_console.print(f"use it: livecell-ray segment PLATE OUT --route auto --classifier {out}", highlight=False)
 
 
 def pseudo_label(

@@ -183,12 +183,14 @@ def cell_features(image: np.ndarray, labels: np.ndarray, confidences: np.ndarray
 
     from livecell_ray.config import LIVECELL_PIXEL_SIZE_UM
 
-    px2 = (pixel_size or LIVECELL_PIXEL_SIZE_UM) ** 2
+    px = pixel_size or LIVECELL_PIXEL_SIZE_UM
+    px2 = px ** 2
     n_q = len(CELL_QUANTILES)
     n_cells = int(labels.max(initial=0))
     img = image.astype(np.float32)
     field = [np.log1p(n_cells / (labels.size * px2 / 1e6)), float((labels > 0).mean()), float(img.mean()),
-             float(img.std()), float(np.abs(np.diff(img, axis=1)).mean()),
+             # edge strength a micrometre (as a LIVECell field's pixel has it)
+             float(img.std()), float(np.abs(np.diff(img, axis=1)).mean()) * LIVECELL_PIXEL_SIZE_UM / px,
              float(np.mean(confidences)) if len(confidences) else 0.0]
     if n_cells == 0:
         return np.asarray(field + [0.0] * (6 * n_q), np.float32)
