@@ -28,7 +28,7 @@ from livecell_ray import offline as _offline
 
 _offline.configure()
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["__version__", "open_results"]
 

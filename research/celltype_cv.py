@@ -17,6 +17,8 @@ temperature that minimises held-out log-loss) and the accuracy / coverage of abs
     python research/celltype_cv.py features      # cached in runs/celltype_cv/features.npz (~10 CPU min)
     python research/celltype_cv.py cv            # weights/logs/celltype/cv.json
     python research/celltype_cv.py ship          # weights/celltype.json: the kept variant (cells) on every field
+    python research/celltype_cv.py route         # weights/logs/celltype/route_cv.json: --route auto's mask AP on
+                                                 # the annotated fields, each routed as its held-out well decides
 """
 
 from __future__ import annotations
@@ -140,14 +142,61 @@ def score(r: dict, meta: list[dict]) -> dict:
             "field_accuracy_per_well_sd": round(float(np.std(well_acc)), 3),
             "well_consensus_accuracy": round(float((wpred[lc] == types[lc]).mean()), 3),
             "wells_right": int(sum(well[g] == g.split("/")[0] for g in wells)),
-            "sartorius_shsy5y_field_accuracy": round(float((pred[~lc] == "SHSY5Y").mean()), 3),
+            "sartorius_shsy5y_field_accuracy": round(float((pred[~lc] == "SHSY5Y").mean()), 3) if (~lc).any() else None,
             "temperature": best_t, "held_out_log_loss": round(best_ll, 3),
             "per_type": per_type, "confusion": conf, "abstention": abstain}
 
 
+def route_cv(meta: list[dict], f: dict[str, np.ndarray]) -> None:
+    """--route auto against the general model on LIVECell's annotated fields, honestly: each field is routed by
+    the classifier fitted without its well (well consensus over that well's fields, abstention as shipped), and
+    its mask AP is that of research/per_type.py's fold models, which never saw it (weights/logs/per_type)."""
+    from livecell_ray.model import route
+    from livecell_ray.training import classifier as C
+
+    x = f["cells"]
+    y = np.array([m["type"] for m in meta])
+    g = np.array([m["group"] for m in meta])
+    classes = sorted(set(y))
+    lp = C.leave_one_well_out(x, y, g, classes, C.ClassifierConfig())
+    t = C.temperature(lp, y, classes)
+    lp = lp / t
+    lp = lp - np.logaddexp.reduce(lp, 1, keepdims=True)
+    pred = np.array(classes)[lp.argmax(1)]
+    thr = C.abstention_threshold(np.exp(lp.max(1)), pred == y, C.ClassifierConfig().target_accuracy, g)
+    decided = route.decide([tuple(s.split("/")) for s in g], lp, classes, ["*", "BT474", "MCF7"], thr)
+    folds = {}
+    for k in (1, 2, 4, 5):
+        p = ROOT / "weights" / "logs" / "per_type" / f"f{k}.json"
+        if p.exists():
+            d = json.loads(p.read_text())
+            folds[d["field"]] = d
+    rows = []
+    for m, d in zip(meta, decided):
+        stem = Path(m["path"]).stem
+        if "annotated" not in m["path"]:
+            continue
+        fold = folds.get(stem)
+        general = round(fold["general"]["AP"], 3) if fold else None
+        typed = round(fold["type"]["AP"], 3) if fold else None
+        routed = typed if d.routed_to != "*" and d.routed_to == m["type"] else general
+        rows.append({"field": stem, "type": m["type"], "well_cell_type": str(d.well_cell_type),
+                     "well_p": round(d.well_cell_type_probability, 3), "routed_to": d.routed_to,
+                     "reason": d.route_reason, "general_mask_ap": general, "route_auto_mask_ap": routed})
+    scored = [r for r in rows if r["general_mask_ap"] is not None]
+    res = {"abstain_below": round(thr, 4), "temperature": round(t, 3), "fields": rows,
+           "mean_general": round(float(np.mean([r["general_mask_ap"] for r in scored])), 3),
+           "mean_route_auto": round(float(np.mean([r["route_auto_mask_ap"] for r in scored])), 3),
+           "folds": len(scored)}
+    (LOGS / "route_cv.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "fields"}))
+    for r in rows:
+        print(r)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["features", "cv", "ship"])
+    ap.add_argument("step", choices=["features", "cv", "ship", "route"])
     a = ap.parse_args()
     RUN.mkdir(parents=True, exist_ok=True)
     meta = fields()
@@ -170,9 +219,12 @@ def main() -> None:
                         "groups": len({m["group"] for m in meta}),
                         "made_by": "python research/celltype_cv.py features && python research/celltype_cv.py ship"}
         classifier.save(spec, str(ROOT / "weights" / "celltype.json"))
-        cv = spec["cross_validation"]
-        print(json.dumps({k: cv[k] for k in ("field_accuracy", "well_consensus_accuracy", "wells_right", "wells",
+        held = spec["cross_validation"]
+        print(json.dumps({k: held[k] for k in ("field_accuracy", "well_consensus_accuracy", "wells_right", "wells",
                                              "abstention")}))
+        return
+    if a.step == "route":
+        route_cv(meta, f)
         return
     out = {}
     for which in ("embed", "cells", "both"):
@@ -183,8 +235,15 @@ def main() -> None:
             print(f"{name:12s} field {s['field_accuracy']:.3f} (per well {s['field_accuracy_per_well_mean']:.3f} "
                   f"± {s['field_accuracy_per_well_sd']:.3f})  well consensus {s['well_consensus_accuracy']:.3f} "
                   f"({s['wells_right']}/{s['livecell_wells']} wells)  "
-                  f"sartorius {s['sartorius_shsy5y_field_accuracy']:.2f}"
+                  f"sartorius {s['sartorius_shsy5y_field_accuracy']}"
                   f"  T {s['temperature']:.2f}", flush=True)
+    # the kept variant without Sartorius's SH-SY5Y fields: does that data pay?
+    lc = [i for i, m in enumerate(meta) if m["source"] == "livecell"]
+    sub = {k: v[lc] for k, v in f.items()}
+    out["cells, LIVECell only"] = score(cv("cells", False, [meta[i] for i in lc], sub), [meta[i] for i in lc])
+    s = out["cells, LIVECell only"]
+    print(f"cells, LIVECell only: field {s['field_accuracy']:.3f}  well consensus {s['well_consensus_accuracy']:.3f}"
+          f"  SHSY5Y {s['per_type']['SHSY5Y']['field_accuracy']:.2f}", flush=True)
     LOGS.mkdir(parents=True, exist_ok=True)
     (LOGS / "cv.json").write_text(json.dumps(out, indent=1))
 

@@ -301,7 +301,9 @@ _EMPTY = {
     "fields": "SELECT ''::VARCHAR AS plate, ''::VARCHAR AS well, ''::VARCHAR AS field_id, 0::BIGINT AS n_cells, "
               "0.0::DOUBLE AS confluence, ''::VARCHAR AS field, 0::INTEGER AS crop, 0.0::DOUBLE AS timepoint, "
               "0.0::DOUBLE AS timepoint_h, NULL::TIMESTAMP AS acquired, ''::VARCHAR AS cell_type, "
-              "''::VARCHAR AS path, ''::VARCHAR AS status",
+              "''::VARCHAR AS cell_type_predicted, 0.0::DOUBLE AS cell_type_probability, "
+              "''::VARCHAR AS well_cell_type, 0.0::DOUBLE AS well_cell_type_p, ''::VARCHAR AS routed_to, "
+              "''::VARCHAR AS route_reason, ''::VARCHAR AS path, ''::VARCHAR AS status",
     "failures": "SELECT ''::VARCHAR AS key, ''::VARCHAR AS path, ''::VARCHAR AS field_id, ''::VARCHAR AS plate, "
                 "''::VARCHAR AS well, ''::VARCHAR AS stage, ''::VARCHAR AS error, ''::VARCHAR AS time, "
                 "0.0::DOUBLE AS timepoint_h",
