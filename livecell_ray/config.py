@@ -15,6 +15,12 @@ LIVECELL_PATTERN = (
 )
 #: LIVECell's pixel size (Incucyte S3, 10x): the scale of the shipped models' training data.
 LIVECELL_PIXEL_SIZE_UM = 1.24
+#: A field of unknown pixel size whose cells the model finds few of, none confidently, is probably imaged at
+#: another magnification: its cells' mean confidence below this and their coverage of the field below
+#: SCALE_DOUBT_COVERAGE. Measured with small.pt: 22 LIVECell fields 0.44-0.67 and 9-63%; HeLa DIC at 63x
+#: (0.19 um/px, cells 40x LIVECell's area) taken at LIVECell's scale 0.30-0.38 and 1-4% (20 frames).
+SCALE_DOUBT_CONFIDENCE = 0.40
+SCALE_DOUBT_COVERAGE = 0.05
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 

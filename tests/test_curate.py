@@ -194,3 +194,26 @@ def test_fields_smaller_than_the_input_are_padded_not_enlarged():
     assert p.image.shape == (96, 60) and p.labels.shape == (96, 60)
     assert (p.image[78:] == 100).all() and not p.labels[78:].any() and (p.labels[:78] == 1).all()
     assert dataset.pad_field(p, 96) is p
+
+
+@pytest.mark.slow
+@needs_shared(HELA)
+def test_a_field_of_unknown_scale_far_from_the_models_is_warned_about(tmp_path):
+    """HeLa at 63x (cells about 40x LIVECell's area), named like LIVECell fields and given no pixel size: the
+    summary says they look imaged at another magnification; a LIVECell field beside them is not named."""
+    plate = tmp_path / "plate"
+    plate.mkdir()
+    for k, t in enumerate(("t000", "t040")):
+        tifffile.imwrite(plate / f"HeLa_Phase_A1_1_00d0{k}h00m_1.tif", tifffile.imread(HELA / "02" / f"{t}.tif"))
+    (plate / "A172_Phase_A7_1_00d00h00m_1.tif").write_bytes((EXAMPLES / "A172_Phase_A7_1_00d00h00m_1.tif").read_bytes())
+    import os
+
+    res = subprocess.run([sys.executable, "-m", "livecell_ray.cli", "segment", str(plate), str(tmp_path / "out"),
+                          "--num-cpus", "2", "--model", "small"], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "COLUMNS": "400"})
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "2 of them look imaged at another magnification" in text and "HeLa_Phase_A1_1_00d0" in text
+    assert "give --pixel-size" in text
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["last_run"]["fields_scale_assumed"] == 3 and run["last_run"]["fields_scale_doubtful"] == 2

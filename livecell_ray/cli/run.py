@@ -189,6 +189,10 @@ def _print_summary(s: Any) -> None:
     if s.scale_assumed:
         t.add_row("pixel size", f"assumed for {s.scale_assumed} fields: no --pixel-size and none in the files, so "
                   f"taken to be the model's (give --pixel-size UM if they are imaged at another scale)")
+    if s.scale_doubtful:
+        t.add_row("[yellow]scale?[/]", f"{s.scale_doubtful} of them look imaged at another magnification: the "
+                  f"model found few cells there, none confidently (e.g. {s.scale_doubtful_example}); give "
+                  f"--pixel-size UM (their micrometres per pixel) and rerun with --overwrite")
     if s.compaction:
         c = s.compaction
         t.add_row("compacted", f"failed ({c['error']}); the fields stand, rerun to retry" if "error" in c else

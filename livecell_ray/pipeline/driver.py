@@ -145,7 +145,11 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
                 committed.append({k: res.get(k) for k in ("field_id", "path", "shape", "n_cells")})
                 summary.fields_done += 1
                 summary.cells += int(res["n_cells"])
-                summary.scale_assumed += not float(res.get("pixel_size", np.nan)) > 0
+                if not float(res.get("pixel_size", np.nan)) > 0:
+                    summary.scale_assumed += 1
+                    if doubtful_scale(res):
+                        summary.scale_doubtful += 1
+                        summary.scale_doubtful_example = summary.scale_doubtful_example or str(res["path"])
             else:
                 summary.fields_failed += 1
                 summary.failures.append({k: res[k] for k in ("path", "stage", "error")})
@@ -169,6 +173,7 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
                      "cells": summary.cells, "time_to_first_field": summary.time_to_first_field,
                      "restarts": summary.restarts, "compaction": summary.compaction,
                      "fields_scale_assumed": summary.scale_assumed,
+                     "fields_scale_doubtful": summary.scale_doubtful,
                      "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()}},
         "source": cfg.source, "sources": every_source, "fields_in_manifest": summary.fields_total,
         "fields_done": fields_now,
@@ -178,6 +183,16 @@ def _run_held(cfg: SegmentConfig, progress: Callable[[dict[str, Any], int, int],
                       "address": cfg.address, "ray": ray.__version__ if ray.is_initialized() else None},
     })
     return summary
+
+
+def doubtful_scale(res: dict[str, Any]) -> bool:
+    """Whether a field taken at the model's scale looks imaged at another: the model found cells, but few and
+    none confidently (``config.SCALE_DOUBT_CONFIDENCE`` and ``SCALE_DOUBT_COVERAGE``). An empty field is not."""
+    from livecell_ray.config import SCALE_DOUBT_CONFIDENCE, SCALE_DOUBT_COVERAGE
+
+    conf = float(res.get("mean_confidence", np.nan))
+    return (int(res.get("n_cells", 0)) > 0 and conf < SCALE_DOUBT_CONFIDENCE
+            and float(res.get("coverage", 1.0)) < SCALE_DOUBT_COVERAGE)
 
 
 def _compact(cfg: SegmentConfig, outputs: store.Outputs, todo: pd.DataFrame) -> dict[str, Any]:

@@ -80,6 +80,9 @@ def finish_fields(rows: list[dict[str, Any]], out: str, storage_options: dict[st
         else:
             summaries[i]["n_cells"] = len(f.cells["label"])
             summaries[i]["shape"] = list(f.labels.shape)
+            conf = np.frombuffer(rows[i]["confidences"], np.float32)
+            summaries[i]["mean_confidence"] = float(conf.mean()) if len(conf) else float("nan")
+            summaries[i]["coverage"] = float((f.labels > 0).mean()) if f.labels.size else 0.0
     for row, s in zip(rows, summaries):
         if s["status"] != "ok":
             write_failure(outputs, s["field_id"], s["path"], s["field_id"], str(row["plate"]), str(row["well"]),

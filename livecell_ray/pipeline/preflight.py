@@ -50,6 +50,10 @@ class RunSummary:
     # Fields segmented with no pixel size known (no --pixel-size, manifest column or file metadata): taken to be
     # at the model's scale, which the CLI's summary says.
     scale_assumed: int = 0
+    # Of those, fields whose cells the model found few of, none confidently (config.SCALE_DOUBT_*): probably
+    # imaged at another magnification; the first one's path.
+    scale_doubtful: int = 0
+    scale_doubtful_example: str = ""
     compaction: dict[str, Any] | None = None  # what compacting the wells did (None: not asked for)
 
     @property
