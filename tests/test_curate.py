@@ -217,3 +217,59 @@ def test_a_field_of_unknown_scale_far_from_the_models_is_warned_about(tmp_path):
     assert "give --pixel-size" in text
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["last_run"]["fields_scale_assumed"] == 3 and run["last_run"]["fields_scale_doubtful"] == 2
+
+
+def _doc_commands(page: str) -> list[str]:
+    """The ``livecell-ray`` commands of a docs page's code blocks, continuation lines joined, comments cut."""
+    import re
+
+    text = (ROOT / "docs" / page).read_text()
+    cmds = []
+    for block in re.findall(r"```\n(.*?)```", text, re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            cmd = re.sub(r"\s+#.*$", "", cmd).strip()
+            if cmd.startswith("livecell-ray "):
+                cmds.append(" ".join(cmd.split()))
+    return cmds
+
+
+@pytest.mark.slow
+@needs_shared(HELA)
+def test_the_curate_guide_runs_as_written_from_the_users_side(tmp_path):
+    """docs/curate.md, every command in its order, on two HeLa frames named as a user's plate: run, curate,
+    correct (the frame's silver truth saved over labels.tif, as napari would), train (1 epoch: the page's
+    budget scaled down), register, list, and run the plate with the model by cell type and by name."""
+    import os
+    import shlex
+
+    plate = tmp_path / "PLATE"
+    plate.mkdir()
+    truth = {}
+    for k, t in enumerate(("000", "040")):
+        name = f"HeLa_Phase_A1_1_00d0{k * 4}h00m_1.tif"
+        tifffile.imwrite(plate / name, tifffile.imread(HELA / "01" / f"t{t}.tif"))
+        truth[f"{k * 4}h"] = tifffile.imread(HELA / "01_ST" / "SEG" / f"man_seg{t}.tif")
+    env = {**os.environ, "LIVECELL_RAY_MODELS": str(tmp_path / "models.json"), "COLUMNS": "200"}
+    scaled = {"--epochs 40": "--epochs 1", "--imgsz 512": "--imgsz 128", "--time-hours 0.3": "--time-hours 0.02",
+              "weights/small.pt": str(ROOT / "weights" / "small.pt"), "--fields 5": "--fields 1"}
+    cmds = _doc_commands("curate.md")
+    assert [c.split()[1] for c in cmds] == ["segment", "curate", "train", "models", "models", "segment", "segment"]
+    for cmd in cmds:
+        for a, b in scaled.items():
+            cmd = cmd.replace(a, b)
+        res = subprocess.run([sys.executable, "-m", "livecell_ray.cli", *shlex.split(cmd)[1:], *(
+            ["--num-cpus", "2"] if cmd.startswith("livecell-ray segment") else [])], cwd=tmp_path,
+            capture_output=True, text=True, timeout=900, env=env)
+        assert res.returncode == 0, f"{cmd}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        if " curate " in f" {cmd} ":
+            (folder,) = [p for p in (tmp_path / "fix").iterdir() if p.is_dir()]
+            hours = folder.name.rsplit("_", 1)[1]
+            assert tifffile.imread(folder / "labels.tif").shape == truth[hours].shape
+            tifffile.imwrite(folder / "labels.tif", truth[hours].astype(np.uint16))  # the user's correction
+        if cmd.endswith("models list"):
+            assert "hela" in res.stdout and "HeLa" in res.stdout
+    for out in ("out", "out-hela", "out-all"):
+        fields = open_results(str(tmp_path / out)).fields.df()
+        assert len(fields) == 2 and (fields["n_cells"] > 0).all(), out
+    run = json.loads((tmp_path / "out-hela" / "run.json").read_text())
+    assert "hela" in json.dumps(run["provenance"]["models"])

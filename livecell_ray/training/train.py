@@ -58,6 +58,9 @@ class TrainConfig:
     # Validate every epoch (ultralytics' default), or only after the last: on a GPU with a small data set
     # the per-epoch validation costs as much as the epoch, and runs that keep last.pt never read it.
     val: bool = True
+    # ultralytics arguments over the recipe's (e.g. {"mosaic": 0.0, "freeze": 10}): a fine-tune on a few
+    # fields of a new line wants gentler augmentation and a frozen backbone (research/hela_curve.py).
+    overrides: dict[str, Any] | None = None
 
 
 def _device(requested: str | None) -> str:
@@ -174,6 +177,7 @@ def train_args(cfg: TrainConfig) -> dict[str, Any]:
         # ultralytics accumulates gradients up to a nominal batch of 64: with 40 fields and batch 8 that
         # is less than one optimizer step per epoch. Microscopy sets are small: step every batch.
         args["nbs"] = cfg.batch
+    args.update(cfg.overrides or {})
     return args
 
 
