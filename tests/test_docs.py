@@ -35,11 +35,13 @@ def test_readme_is_a_product_page():
 
 
 def test_the_model_card_has_one_short_section_per_shipped_file_with_its_checksum():
-    """A card a user reads in a minute: a section per .pt in weights/, about a screen each, its sha256 true."""
+    """A card a user reads in a minute: a section per shipped file in weights/ (its .pt models and the
+    classifier's .json), about a screen each, its sha256 true."""
     card = (ROOT / "weights" / "README.md").read_text()
     sections = {s.split("`")[1]: s for s in re.split(r"\n(?=## )", card) if s.startswith("## `")}
     sums = dict(reversed(line.split()) for line in (ROOT / "weights" / "SHA256SUMS").read_text().splitlines())
-    assert sorted(sections) == sorted(p.name for p in (ROOT / "weights").glob("*.pt")) == sorted(sums)
+    shipped = [p.name for p in (ROOT / "weights").glob("*.*") if p.suffix == ".pt" or p.name == "celltype.json"]
+    assert sorted(sections) == sorted(shipped) == sorted(sums)
     for name, text in sections.items():
         assert len(text.splitlines()) <= 60, name
         assert sums[name] in text, f"{name}: the card's sha256 is not SHA256SUMS'"

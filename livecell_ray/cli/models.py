@@ -62,8 +62,8 @@ def list_models() -> None:
     for file, e in sorted(models.model_entries().items()):
         if not isinstance(e, dict) or file not in sums:
             continue
-        kind = "shipped classifier" if file == f"{models.CLASSIFIER}.pt" else "shipped"
-        t.add_row(file.removesuffix(".pt"), kind, str(e.get("cell_type") or "*"), f"{e.get('pixel_size_um', '')}",
+        kind = "shipped classifier" if file.startswith(f"{models.CLASSIFIER}.") else "shipped"
+        t.add_row(file.rsplit(".", 1)[0], kind, str(e.get("cell_type") or "*"), f"{e.get('pixel_size_um', '')}",
                   str(e.get("data", "")), "weights/README.md", sums[file][:12])
     for name, r in sorted(user.items()):
         t.add_row(name, "user", str(r.get("cell_type") or ""), "" if r.get("pixel_size_um") is None
