@@ -5,7 +5,9 @@ or  livecell-ray submit jobs/example_spec.yaml --address http://127.0.0.1:8265
 
 Inside a job Ray sets RAY_ADDRESS, so the pipeline joins the cluster the job runs on. The spec keys
 are those of ``livecell_ray.config.segment_config_from_spec`` (source, output, model, replicas,
-gpus_per_replica, batch_size, storage_options, ...). Prints one JSON summary line at the end.
+gpus_per_replica, batch_size, storage_options, ...), and ``platemap`` (a CSV/Parquet path or URL the job
+reads, as `segment --platemap`: checked against the plate first, its cell_line column taken by
+`route: auto`, copied beside the results). Prints one JSON summary line at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main(argv: list[str]) -> int:
     from livecell_ray import pipeline
     from livecell_ray.config import SpecError, segment_config_from_spec
     from livecell_ray.model.models import WeightsError
+    from livecell_ray.plate import platemap
     from livecell_ray.plate.imaging import ImageError
     from livecell_ray.plate.manifest import ManifestError
 
@@ -47,11 +50,21 @@ def main(argv: list[str]) -> int:
                 text = f.read()
         spec = yaml.safe_load(text)
         cfg = segment_config_from_spec(spec, spec_path)
+        map_path = spec.get("platemap")
+        pm = None
+        if map_path:
+            import dataclasses
+
+            pm, lines = platemap.for_run(map_path, cfg)
+            cfg = dataclasses.replace(cfg, cell_lines=lines)
+        planned = pipeline.plan(cfg)
         summary = pipeline.run(cfg, lambda res, done, total: print(
             f"[{done}/{total}] {res['status']} {res['path']}" + (f": {res['error']}" if res["error"] else ""),
-            flush=True))
+            flush=True), planned)
+        if pm is not None:
+            platemap.save(planned[1], pm, map_path)
     except (SpecError, ManifestError, WeightsError, ImageError, pipeline.RunError, yaml.YAMLError,
-            FileNotFoundError) as exc:
+            FileNotFoundError, platemap.PlateMapError) as exc:
         print(f"error: {pipeline.format_error(exc)}", file=sys.stderr)
         return 2
     print(json.dumps({"out": summary.out, "fields_total": summary.fields_total, "fields_done": summary.fields_done,

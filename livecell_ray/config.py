@@ -37,6 +37,10 @@ class NormalizeConfig:
 DEFAULT_IMGSZ = 704
 
 
+#: The confidence threshold of models that carry none of their own.
+DEFAULT_CONF = 0.25
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """How the model runs on one batch of fields."""
@@ -44,7 +48,9 @@ class InferenceConfig:
     # Network input size (long side). None: the model's own (weights/models.json: 832 for small.pt, which
     # segments LIVECell's cells best enlarged 832/704 times), DEFAULT_IMGSZ for weights without one.
     imgsz: int | None = None
-    conf: float = 0.25
+    # Confidence threshold. None: the model's own (a user model's `models add --conf`, chosen by `train` where
+    # its count of cells matched its training fields'), else DEFAULT_CONF.
+    conf: float | None = None
     iou: float = 0.6
     max_det: int = 3000
     mask_threshold: float = 0.5
@@ -181,6 +187,8 @@ class SegmentConfig:
         for k in ("channel", "stack_axis", "interval_h", "layout"):  # likewise for multi-plane files, presets
             if d[k] is None:
                 d.pop(k)
+        if self.inference.conf is None:  # a model's own threshold is recorded beside it (preflight.provenance)
+            d["inference"]["conf"] = DEFAULT_CONF
         if self.inference.tile_overlap is None:  # as before tiling existed, so earlier outputs still resume
             d["inference"].pop("tile_overlap")
         if not self.inference.tta:  # as before TTA existed, so earlier outputs still resume
@@ -211,6 +219,8 @@ _SPEC_KEYS = {"source": "source", "output": "out", "out": "out", "model": "model
               "stall_restarts": "stall_restarts", "compact": "compact", "wait": "wait_for_lease",
               "lease_ttl_s": "lease_ttl_s", "classifier": "classifier", "route": "route", "channel": "channel",
               "stack_axis": "stack_axis", "interval": "interval_h", "layout": "layout"}
+#: Spec keys the job itself reads, not the SegmentConfig (jobs/segment_plate.py): a plate map to check and keep.
+JOB_KEYS = {"platemap"}
 _INFERENCE_KEYS = {"imgsz", "conf", "iou", "max_det", "mask_threshold", "half", "tta", "backend", "tile_overlap",
                    "max_batch"}
 
@@ -229,6 +239,9 @@ def segment_config_from_spec(spec: dict[str, Any], where: str = "job spec") -> S
             kwargs[_SPEC_KEYS[key]] = value
         elif key in _INFERENCE_KEYS:
             inference[key] = value
+        elif key in JOB_KEYS:
+            if value is not None and not isinstance(value, str):
+                raise SpecError(f"{where}: key '{key}' should be a path or URL, got {type(value).__name__} {value!r}")
         else:
             raise SpecError(f"{where}: unknown key '{key}'")
     if isinstance(kwargs.get("channel"), int) and not isinstance(kwargs["channel"], bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import yaml
 
 from livecell_ray import pipeline, store
 from livecell_ray.config import SegmentConfig
+from livecell_ray.plate import manifest
 
 from .conftest import EXAMPLES, ROOT, free_port, s3_options
 
@@ -140,7 +142,10 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
     plate = _small_plate(tmp_path / "plate")
     out = tmp_path / "out"
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"source": str(plate), "output": str(out), "batch_size": 2}))
+    wells = sorted({manifest.parse_name(p.name)["well"] for p in FEW})
+    pd.DataFrame({"well": wells, "compound": "DMSO", "cell_line": "MCF-7"}).to_csv(tmp_path / "map.csv", index=False)
+    spec.write_text(yaml.safe_dump({"source": str(plate), "output": str(out), "batch_size": 2,
+                                    "platemap": str(tmp_path / "map.csv")}))
     cli = [sys.executable, "-m", "livecell_ray.cli"]
     p = subprocess.run([*cli, "submit", str(spec), "--address", ray_head, "--python", sys.executable],
                        capture_output=True, text=True, timeout=600)
@@ -152,6 +157,10 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
     lg = subprocess.run([*cli, "logs", job_id, "--address", ray_head], capture_output=True, text=True, timeout=60)
     assert '"fields_total": 4' in lg.stdout
     assert len(store.Outputs(str(out)).read_table("fields")) == 4
+    # the spec's plate map, as `segment --platemap` keeps it: beside the results, its source in run.json
+    kept = pd.read_parquet(out / "platemap.parquet")
+    assert sorted(kept["well"]) == wells and set(kept["cell_line"]) == {"MCF-7"}
+    assert json.loads((out / "run.json").read_text())["platemap"]["source"] == str(tmp_path / "map.csv")
 
 
 def test_submit_rejects_malformed_spec(tmp_path):
@@ -187,6 +196,10 @@ def test_example_spec_parses_and_io_tasks_is_checked():
         segment_config_from_spec({**spec, "stall_timeout_s": 0})
     with pytest.raises(SpecError, match="stall_restarts must be 0 or more"):
         segment_config_from_spec({**spec, "stall_restarts": -1})
+    # A plate map is the job's, not the config's: a path or URL, read when the job runs.
+    assert segment_config_from_spec({**spec, "platemap": "s3://lab/maps/p1.csv"}) == cfg
+    with pytest.raises(SpecError, match="'platemap' should be a path or URL"):
+        segment_config_from_spec({**spec, "platemap": 5})
     # Inference keys are checked the same way, and the backend can be chosen per job.
     assert not cfg.inference.tta and segment_config_from_spec({**spec, "tta": True}).inference.tta
     assert segment_config_from_spec({**spec, "backend": "onnx"}).inference.backend == "onnx"

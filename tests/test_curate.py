@@ -4,6 +4,7 @@ Tracking Challenge's layout) back in as training data at the model's scale."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -131,6 +132,65 @@ def test_train_takes_the_ctc_layout_at_its_pixel_size(tmp_path):
     assert Image.open(images[0]).size == (124, 124)
 
 
+def test_fine_tune_is_the_gentle_recipe_and_needs_trained_weights(tmp_path):
+    """`train --fine-tune`: the overrides and learning rate the HeLa curve measured reach ultralytics; from a
+    YAML (random weights) there is nothing to fine-tune, and the CLI says so before any work."""
+    from livecell_ray.training.train import FINE_TUNE, FINE_TUNE_LR0, TrainConfig, train_args
+
+    args = train_args(TrainConfig(data="d.yaml", model="weights/small.pt", lr0=FINE_TUNE_LR0,
+                                  overrides=dict(FINE_TUNE)))
+    assert args["freeze"] == 10 and args["mosaic"] == 0.0 and args["copy_paste"] == 0.0
+    assert args["lr0"] == FINE_TUNE_LR0 and args["optimizer"] == "AdamW" and args["degrees"] == 180.0
+    _ctc(tmp_path / "ctc", shape=(64, 64))
+    res = subprocess.run([sys.executable, "-m", "livecell_ray.cli", "train", "--data", str(tmp_path / "ctc"),
+                          "--model", "yolov8n-seg.yaml", "--fine-tune"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "--fine-tune continues trained weights" in res.stderr
+
+
+def _small_field() -> tuple[np.ndarray, object]:
+    from livecell_ray.model import models
+    from livecell_ray.plate.imaging import normalize
+
+    return normalize(tifffile.imread(EXAMPLES / "A172_Phase_A7_1_00d00h00m_1.tif")[:320, :320]), models.resolve("small")
+
+
+def test_a_models_own_confidence_threshold_applies_unless_the_run_sets_one():
+    """A user model's `models add --conf` is its threshold where the run gives no --conf; an explicit one wins."""
+    import dataclasses
+
+    from livecell_ray.model.segment import Segmenter
+
+    img, w = _small_field()
+    own = dataclasses.replace(w, conf=0.6)
+    by_model = Segmenter({"*": own}, InferenceConfig(imgsz=320, half=False))([img])[0]
+    by_run = Segmenter({"*": w}, InferenceConfig(imgsz=320, conf=0.6, half=False))([img])[0]
+    default = Segmenter({"*": own}, InferenceConfig(imgsz=320, conf=0.25, half=False))([img])[0]
+    assert len(by_model.confidences) > 0 and (by_model.confidences >= 0.6).all()
+    np.testing.assert_array_equal(by_model.labels, by_run.labels)
+    assert len(default.confidences) > len(by_model.confidences) and default.confidences.min() < 0.6
+
+
+def test_the_count_threshold_is_where_the_count_matches_the_truth(tmp_path):
+    """count_threshold picks the grid's lowest confidence at which the model's count equals the fields' own: here
+    the truth is the model's own cells above 0.5, so the count matches from the first grid step above the
+    strongest cell below 0.5 up to 0.5, and is off at the default 0.25."""
+    from livecell_ray.model.segment import Segmenter
+    from livecell_ray.training import evaluate
+
+    img, w = _small_field()
+    seg = Segmenter({"*": w}, InferenceConfig(imgsz=320, conf=0.1, half=False))
+    tifffile.imwrite(tmp_path / "f.tif", tifffile.imread(EXAMPLES / "A172_Phase_A7_1_00d00h00m_1.tif")[:320, :320])
+    r = seg([img])[0]
+    keep = np.flatnonzero(r.confidences >= 0.5) + 1
+    assert 0 < len(keep) < len(r.confidences)
+    truth = np.where(np.isin(r.labels, keep), r.labels, 0)
+    best, err, err0 = evaluate.count_threshold(seg, [evaluate.EvalImage("f", str(tmp_path / "f.tif"), truth)])
+    below = r.confidences[r.confidences < 0.5].max()
+    assert err == 0.0 and below < best <= 0.5 and err0 > 0
+    assert best == min(c for c in evaluate.COUNT_CONF_GRID if c > below)
+
+
 @needs_shared(HELA)
 def test_the_hela_dic_sequences_read_in_their_own_layout():
     fields = dataset.read_labelled(HELA)
@@ -237,7 +297,7 @@ def _doc_commands(page: str) -> list[str]:
 @needs_shared(HELA)
 def test_the_curate_guide_runs_as_written_from_the_users_side(tmp_path):
     """docs/curate.md, every command in its order, on two HeLa frames named as a user's plate: run, curate,
-    correct (the frame's silver truth saved over labels.tif, as napari would), train (1 epoch: the page's
+    correct (the frame's silver truth saved over labels.tif, as napari would), train (72 s: the page's
     budget scaled down), register, list, and run the plate with the model by cell type and by name."""
     import os
     import shlex
@@ -250,7 +310,7 @@ def test_the_curate_guide_runs_as_written_from_the_users_side(tmp_path):
         tifffile.imwrite(plate / name, tifffile.imread(HELA / "01" / f"t{t}.tif"))
         truth[f"{k * 4}h"] = tifffile.imread(HELA / "01_ST" / "SEG" / f"man_seg{t}.tif")
     env = {**os.environ, "LIVECELL_RAY_MODELS": str(tmp_path / "models.json"), "COLUMNS": "200"}
-    scaled = {"--epochs 40": "--epochs 1", "--imgsz 512": "--imgsz 128", "--time-hours 0.3": "--time-hours 0.02",
+    scaled = {"--time-hours 0.1": "--time-hours 0.02",
               "weights/small.pt": str(ROOT / "weights" / "small.pt"), "--fields 5": "--fields 1"}
     cmds = _doc_commands("curate.md")
     assert [c.split()[1] for c in cmds] == ["segment", "curate", "train", "models", "models", "segment", "segment"]
@@ -266,6 +326,10 @@ def test_the_curate_guide_runs_as_written_from_the_users_side(tmp_path):
             hours = folder.name.rsplit("_", 1)[1]
             assert tifffile.imread(folder / "labels.tif").shape == truth[hours].shape
             tifffile.imwrite(folder / "labels.tif", truth[hours].astype(np.uint16))  # the user's correction
+        if " train " in cmd:  # the line that registers it, at the scale it was trained at (0.19 um/px / 0.5)
+            assert "models add NAME" in res.stderr and "--pixel-size 0.38" in res.stderr, res.stderr[-2000:]
+            conf = re.search(r"--conf (0\.\d+)", res.stderr).group(1)  # where its count matched the frame's
+            scaled["--conf 0.6"] = f"--conf {conf}"
         if cmd.endswith("models list"):
             assert "hela" in res.stdout and "HeLa" in res.stdout
     for out in ("out", "out-hela", "out-all"):
@@ -273,3 +337,7 @@ def test_the_curate_guide_runs_as_written_from_the_users_side(tmp_path):
         assert len(fields) == 2 and (fields["n_cells"] > 0).all(), out
     run = json.loads((tmp_path / "out-hela" / "run.json").read_text())
     assert "hela" in json.dumps(run["provenance"]["models"])
+    (mine,) = [m for m in run["provenance"]["models"].values() if "hela" in m["path"]]
+    assert mine["conf"] == float(conf)  # the printed threshold, registered, is the one the run used
+    low = open_results(str(tmp_path / "out-all")).df("SELECT min(confidence) AS c FROM cells")["c"].iloc[0]
+    assert low >= float(conf) - 1e-6

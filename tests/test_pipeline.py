@@ -14,7 +14,7 @@ import tifffile
 from PIL import Image
 
 from livecell_ray import pipeline, store
-from livecell_ray.config import InferenceConfig, SegmentConfig
+from livecell_ray.config import DEFAULT_CONF, InferenceConfig, SegmentConfig
 
 from .conftest import EXAMPLES
 
@@ -93,7 +93,7 @@ def test_labels_and_cells_match_exactly_and_stats_recompute(result):
         ys, xs = np.indices(lab.shape)
         np.testing.assert_allclose(c["centroid_y"], np.bincount(lab.ravel(), ys.ravel())[1:] / area, rtol=1e-6)
         np.testing.assert_allclose(c["centroid_x"], np.bincount(lab.ravel(), xs.ravel())[1:] / area, rtol=1e-6)
-        assert (c["confidence"] >= cfg.inference.conf).all()
+        assert (c["confidence"] >= (cfg.inference.conf or DEFAULT_CONF)).all()
         assert np.all(np.diff(c["confidence"].to_numpy()) <= 1e-6)  # label order = confidence order
         assert (c["solidity"] <= 1 + 1e-9).all() and (c["eccentricity"].between(0, 1)).all()
 

@@ -6,6 +6,7 @@ import typer
 from rich.table import Table
 
 from livecell_ray.cli._app import fail, out_console
+from livecell_ray.config import DEFAULT_CONF
 
 app = typer.Typer(help="Your own models beside the shipped ones: add, list, remove.", no_args_is_help=True)
 
@@ -20,13 +21,15 @@ def add(
                                             "another known size are resampled to it)"),
     data: str = typer.Option("", help="What it was trained on, in words"),
     figures: str = typer.Option("", help="What it measured, e.g. 'mask AP 0.47 on sequence 02'"),
+    conf: float | None = typer.Option(None, help="Its confidence threshold where a run sets no --conf (`train` "
+                                      "prints the one at which its count matched its training fields')"),
 ) -> None:
     """Register a model file (checksummed: a changed file is refused until added again)."""
     from livecell_ray.model import registry
     from livecell_ray.model.models import WeightsError
 
     try:
-        record = registry.add(name, path, cell_type, pixel_size, data, figures)
+        record = registry.add(name, path, cell_type, pixel_size, data, figures, conf)
     except WeightsError as exc:
         fail(str(exc))
     out_console.print(f"{name}: {record['path']} (sha256 {record['sha256'][:12]}...) in {registry.models_file()}",
@@ -56,7 +59,7 @@ def list_models() -> None:
     except models.WeightsError as exc:
         fail(str(exc))
     t = Table()
-    for c in ("name", "kind", "cell type", "um/px", "data", "figures", "sha256"):
+    for c in ("name", "kind", "cell type", "um/px", "conf", "data", "figures", "sha256"):
         t.add_column(c, overflow="fold")
     sums = models.known_checksums()
     for file, e in sorted(models.model_entries().items()):
@@ -64,9 +67,10 @@ def list_models() -> None:
             continue
         kind = "shipped classifier" if file.startswith(f"{models.CLASSIFIER}.") else "shipped"
         t.add_row(file.rsplit(".", 1)[0], kind, str(e.get("cell_type") or "*"), f"{e.get('pixel_size_um', '')}",
-                  str(e.get("data", "")), "weights/README.md", sums[file][:12])
+                  f"{DEFAULT_CONF:g}", str(e.get("data", "")), "weights/README.md", sums[file][:12])
     for name, r in sorted(user.items()):
         t.add_row(name, "user", str(r.get("cell_type") or ""), "" if r.get("pixel_size_um") is None
-                  else f"{r['pixel_size_um']:g}", r.get("data", ""), r.get("figures", ""), r["sha256"][:12])
+                  else f"{r['pixel_size_um']:g}", f"{r.get('conf') or DEFAULT_CONF:g}", r.get("data", ""),
+                  r.get("figures", ""), r["sha256"][:12])
     out_console.print(t)
     out_console.print(f"user models: {registry.models_file()}", highlight=False)

@@ -37,7 +37,8 @@ def segment(
                                           "(default: the file's OME TimeIncrement)"),
     imgsz: int | None = typer.Option(None, min=32, help="Network input size (long side); larger fields are tiled "
                                      "(default: the model's own, 832 for small, 704 for big)"),
-    conf: float = typer.Option(0.25, min=0.0, max=1.0, help="Detection confidence threshold"),
+    conf: float | None = typer.Option(None, min=0.0, max=1.0, help="Detection confidence threshold (default: "
+                                      "the model's own, from `models add --conf`, else 0.25)"),
     max_det: int = typer.Option(3000, min=1, help="Most cells kept per field"),
     tta: bool = typer.Option(False, help="Test-time augmentation: masks averaged with the field's two mirror "
                              "images (3x the network's work; better mask edges)"),
@@ -102,19 +103,10 @@ def segment(
     pm = None
     try:
         if platemap:  # checked whole against the plate's wells before anything is written
-            from livecell_ray.plate import manifest as manifest_mod
+            import dataclasses
 
-            pm = platemap_mod.read(platemap, opts)
-            fields = manifest_mod.build(source, pattern, manifest, opts, channel, layout).fields
-            platemap_mod.check_wells(pm, fields[["plate", "well"]], platemap)
-            if "cell_line" in pm:  # the experimenter's word on each well's cells: routing takes it first
-                import dataclasses
-
-                known = pm[pm["cell_line"].notna() & (pm["cell_line"].astype(str).str.strip() != "")]
-                plates = known["plate"] if "plate" in known else [""] * len(known)
-                cfg = dataclasses.replace(cfg, cell_lines=[(str(p) if p == p else "", str(w), str(c).strip())
-                                                           for p, w, c in zip(plates, known["well"],
-                                                                              known["cell_line"])])
+            pm, lines = platemap_mod.for_run(platemap, cfg)
+            cfg = dataclasses.replace(cfg, cell_lines=lines)
     except platemap_mod.PlateMapError as exc:
         fail(str(exc))
     except ManifestError as exc:

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from livecell_ray.cli._app import console, fail, out_console
-from livecell_ray.config import LIVECELL_PIXEL_SIZE_UM, InferenceConfig, check_positive
+from livecell_ray.config import DEFAULT_CONF, LIVECELL_PIXEL_SIZE_UM, InferenceConfig, check_positive
 
 
 def train(
@@ -24,7 +24,9 @@ def train(
     batch: int = typer.Option(8, min=1),
     workers: int = typer.Option(2, min=0, help="Data-loading processes per run"),
     scale: float | None = typer.Option(None, min=0.05, help="Resize fields by this factor before training "
-                                       "(default: from --pixel-size, else 0.5)"),
+                                       "(default: from --pixel-size to the model's scale, else 0.5); with "
+                                       "--pixel-size, the model works at PIXEL_SIZE/SCALE um/px (e.g. 0.5 for "
+                                       "cells at 63x: finer masks than at the shipped model's scale)"),
     pixel_size: float | None = typer.Option(None, min=0.001, help="Micrometres per pixel of --data: fields are "
                                             "resampled to the scale of --model's training data (a shipped "
                                             "model's; LIVECell's 1.24 for others); a folder from `curate` "
@@ -48,17 +50,21 @@ def train(
     name: str = typer.Option("small"),
     time_hours: float | None = typer.Option(None, help="Wall-time budget; the LR schedule fits it"),
     lr0: float | None = typer.Option(None, min=0.0, help="AdamW starting learning rate (default: ultralytics' "
-                                     "choice); lower it to fine-tune trained weights"),
+                                     "choice, or 1e-4 with --fine-tune)"),
+    fine_tune: bool = typer.Option(False, "--fine-tune", help="A few corrected fields of a new line on a trained "
+                                   "--model: a tenth of the learning rate, the backbone frozen, no mosaic or "
+                                   "copy-paste (measured on HeLa DIC: docs/curate.md)"),
     resume: bool = typer.Option(True, help="Continue project/name/weights/last.pt when present"),
 ) -> None:
     """Train a YOLOv8-seg model offline (resumable), optionally with copy-paste expansion."""
     from livecell_ray.training import train as train_mod
 
+    if fine_tune and not model.endswith(".pt"):
+        fail(f"--fine-tune continues trained weights: --model must be a .pt (got {model})")
+    at = data_pixel_size(data, pixel_size)
     if scale is None:
         scale = training_scale(data, model, pixel_size)
         console.print(f"scale: fields resized by {scale:.3g} to the model's training scale", highlight=False)
-    elif pixel_size is not None:
-        fail("give --scale or --pixel-size, not both")
     run_dir = Path(project) / name
     data_yaml = run_dir.parent / f"{name}-data" / "data.yaml"
     if not (resume and (run_dir / "weights" / "last.pt").exists() and data_yaml.exists()):
@@ -73,22 +79,66 @@ def train(
             fail(str(exc))
     cfg = train_mod.TrainConfig(data=str(data_yaml), model=model, epochs=epochs, imgsz=imgsz, batch=batch,
                                 device=device, project=project, name=name, seed=seed, recipe=recipe,
-                                time_hours=time_hours, workers=workers, lr0=lr0)
+                                time_hours=time_hours, workers=workers,
+                                lr0=train_mod.FINE_TUNE_LR0 if fine_tune and lr0 is None else lr0,
+                                overrides=dict(train_mod.FINE_TUNE) if fine_tune else None)
     best = train_mod.train(cfg, resume=resume)
     out_console.print(f"best weights: {best}")
+    if at is not None:  # the scale segment must resample fields to: what `models add --pixel-size` records
+        conf = count_conf(str(best), data, images_dir, at, at / scale)
+        console.print(f"it works at {at / scale:.3g} um/px: livecell-ray models add NAME {best} --cell-type TYPE "
+                      f"--pixel-size {at / scale:.3g}" + (f" --conf {conf:g}" if conf is not None else ""),
+                      highlight=False, soft_wrap=True)
 
 
-def training_scale(data: str, model: str, pixel_size: float | None) -> float:
-    """The resize factor that takes ``data``'s fields to ``model``'s training scale: from ``pixel_size``, or
-    the pixel size a `curate` folder records (curate.json); 0.5 (Usiigaci's to LIVECell's) when neither says."""
-    import json
+#: At most this many of the training fields are segmented to choose a trained model's confidence threshold.
+COUNT_CONF_FIELDS = 20
 
+
+def count_conf(weights: str, data: str, images_dir: str | None, pixel_size: float, trained_at: float
+               ) -> float | None:
+    """The confidence threshold at which the trained model's count best matches its training fields' (at most
+    COUNT_CONF_FIELDS of them), said on stderr beside the count error at the default; None (and the reason)
+    when the fields cannot be read back as ground truth."""
     from livecell_ray.model import models
+    from livecell_ray.model.segment import Segmenter
+    from livecell_ray.training import evaluate as ev
+
+    try:
+        images = ev.load_labelled(data, images_dir)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        console.print(f"no confidence threshold chosen: {data}: {exc}", highlight=False)
+        return None
+    if not images:
+        return None
+    step = max(1, len(images) // COUNT_CONF_FIELDS)
+    images = images[::step][:COUNT_CONF_FIELDS]
+    w = models.Weights(Path(weights).stem, weights, models.sha256(weights), trained_at)
+    seg = Segmenter({models.DEFAULT_KEY: w}, InferenceConfig(conf=min(ev.COUNT_CONF_GRID), half=False))
+    conf, err, err0 = ev.count_threshold(seg, images, pixel_size)
+    console.print(f"count on {len(images)} training field(s): error {err:.2f} at confidence {conf:g}, {err0:.2f} at "
+                  f"the default {DEFAULT_CONF:g}", highlight=False, soft_wrap=True)
+    return conf
+
+
+def data_pixel_size(data: str, pixel_size: float | None) -> float | None:
+    """The micrometres per pixel of ``data``: ``pixel_size``, else what a `curate` folder records (curate.json)
+    when all its fields agree."""
+    import json
 
     if pixel_size is None and (Path(data) / "curate.json").exists():
         sizes = {f.get("pixel_size_um") for f in json.loads((Path(data) / "curate.json").read_text())["fields"]}
         if len(sizes) == 1 and None not in sizes:
             pixel_size = float(sizes.pop())
+    return pixel_size
+
+
+def training_scale(data: str, model: str, pixel_size: float | None) -> float:
+    """The resize factor that takes ``data``'s fields to ``model``'s training scale: from ``pixel_size``, or
+    the pixel size a `curate` folder records (curate.json); 0.5 (Usiigaci's to LIVECell's) when neither says."""
+    from livecell_ray.model import models
+
+    pixel_size = data_pixel_size(data, pixel_size)
     if pixel_size is None:
         return 0.5
     try:
@@ -116,7 +166,8 @@ def evaluate(
     annotations: str = typer.Argument(..., help="COCO json (LIVECell) or a mask folder (Usiigaci layout)"),
     images_dir: str | None = typer.Argument(None, help="Images folder for a COCO json"),
     imgsz: int | None = typer.Option(None, min=32, help="Network input size (default: the model's own)"),
-    conf: float = typer.Option(0.25, min=0.0, max=1.0),
+    conf: float | None = typer.Option(None, min=0.0, max=1.0, help="Confidence threshold (default: the "
+                                      "model's own, else 0.25)"),
     max_det: int = typer.Option(3000, min=1),
     tta: bool = typer.Option(False, help="Test-time augmentation, as in segment --tta"),
     select: str = typer.Option("", help="Comma-separated image names to evaluate (default: all)"),

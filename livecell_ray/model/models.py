@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from livecell_ray import offline
-from livecell_ray.config import DEFAULT_IMGSZ
+from livecell_ray.config import DEFAULT_CONF, DEFAULT_IMGSZ
 from livecell_ray.retry import one_line
 
 SHIPPED = ("small", "big", "bt474", "mcf7")
@@ -81,6 +81,12 @@ class Weights:
     input_pixel_size: float | None = None
     # Its network input size (long side) when the run does not set one (see :meth:`input_size`).
     imgsz: int | None = None
+    # Its confidence threshold when the run sets none (a user model's `models add --conf`).
+    conf: float | None = None
+
+    def confidence(self, requested: float | None = None) -> float:
+        """The threshold a run uses: the one it asks for, else the model's own, else DEFAULT_CONF."""
+        return requested if requested is not None else self.conf if self.conf is not None else DEFAULT_CONF
 
     @property
     def working_pixel_size(self) -> float | None:

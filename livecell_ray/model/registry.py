@@ -1,5 +1,5 @@
-"""The user's own models, beside the shipped ones: a name, a .pt file, its sha256, the cell type it serves and the
-pixel size of its training data, kept in one JSON file (``$LIVECELL_RAY_MODELS``, else
+"""The user's own models, beside the shipped ones: a name, a .pt file, its sha256, the cell type it serves, the
+pixel size of its training data and its own confidence threshold, kept in one JSON file (``$LIVECELL_RAY_MODELS``, else
 ``$XDG_CONFIG_HOME/livecell-ray/models.json``, else ``~/.config/livecell-ray/models.json``).
 
 Registering a file is trusting it: ``--model NAME`` then loads it without ``--trust-weights``, but only while its
@@ -51,7 +51,7 @@ def _write(models: dict[str, dict[str, Any]]) -> None:
 
 
 def add(name: str, path: str | Path, cell_type: str | None = None, pixel_size: float | None = None,
-        data: str = "", figures: str = "") -> dict[str, Any]:
+        data: str = "", figures: str = "", conf: float | None = None) -> dict[str, Any]:
     """Register (or replace) a model under ``name``; returns its record."""
     if not _NAME.match(name):
         raise WeightsError(f"model name {name!r}: use letters, digits, '.', '_' and '-'")
@@ -59,12 +59,15 @@ def add(name: str, path: str | Path, cell_type: str | None = None, pixel_size: f
         raise WeightsError(f"model name {name!r} is a shipped model's; choose another")
     if pixel_size is not None and not pixel_size > 0:
         raise WeightsError(f"--pixel-size must be a positive number of micrometres, got {pixel_size}")
+    if conf is not None and not 0 < conf < 1:
+        raise WeightsError(f"--conf must be a confidence threshold between 0 and 1, got {conf}")
     p = Path(path).expanduser().resolve()
     if not p.is_file() or p.suffix != ".pt":
         raise WeightsError(f"{path}: no such PyTorch .pt file")
     check_checkpoint(p)
     record = {"path": str(p), "sha256": sha256(p), "cell_type": cell_type or None, "pixel_size_um": pixel_size,
-              "data": data, "figures": figures, "added": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "conf": conf, "data": data, "figures": figures,
+              "added": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     models = entries()
     models[name] = record
     _write(models)
@@ -94,7 +97,8 @@ def resolve(name: str) -> Weights | None:
                            f"trust the new file")
     check_checkpoint(p)
     px = record.get("pixel_size_um")
-    return Weights(name, str(p), digest, float(px) if px else None, None, None)
+    conf = record.get("conf")
+    return Weights(name, str(p), digest, float(px) if px else None, None, None, float(conf) if conf else None)
 
 
 def type_models() -> dict[str, str]:

@@ -69,6 +69,7 @@ class Segmenter:
         self.pixel_sizes = {key: w.working_pixel_size for key, w in weights.items()}  # um/px each model works at
         self.trained_at = {key: w.pixel_size for key, w in weights.items()}  # um/px of each model's training data
         self.imgsz = {key: w.input_size(self.cfg.imgsz) for key, w in weights.items()}
+        self.conf = {key: w.confidence(self.cfg.conf) for key, w in weights.items()}
         if self.cfg.backend == "onnx":
             self.device, self.half = "cpu", False
         for key, w in weights.items():
@@ -263,7 +264,7 @@ class Segmenter:
         from ultralytics.utils.nms import non_max_suppression
 
         with torch.inference_mode():
-            return non_max_suppression(preds, self.cfg.conf, self.cfg.iou, max_det=self.cfg.max_det,
+            return non_max_suppression(preds, self.conf[key], self.cfg.iou, max_det=self.cfg.max_det,
                                        nc=self.nets[key][1], max_nms=max(30000, 10 * self.cfg.max_det),
                                        max_time_img=60.0)
 

@@ -102,15 +102,22 @@ def provenance(cfg: SegmentConfig, weights: dict[str, models.Weights]) -> dict[s
         used["classifier"] = clf
     # Each network's input size as it ran (a run that sets none takes the model's own from weights/models.json).
     sizes = {k: w.input_size(cfg.inference.imgsz) for k, w in weights.items()}
+    # A model's own confidence threshold, where it has one and the run sets none (as earlier outputs: absent).
+    confs = {k: w.conf for k, w in weights.items() if w.conf is not None and cfg.inference.conf is None}
     return {"package": "livecell-ray", "version": livecell_ray.__version__,
-            "models": {k: {"path": w.path, "sha256": w.sha256, **({"imgsz": sizes[k]} if k in sizes else {})}
+            "models": {k: {"path": w.path, "sha256": w.sha256, **({"imgsz": sizes[k]} if k in sizes else {}),
+                           **({"conf": confs[k]} if k in confs else {})}
                        for k, w in used.items()},
             "parameters": cfg.provenance()}
 
 
 def same_provenance(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    used = lambda p: {k: (v["sha256"], v.get("imgsz")) for k, v in p.get("models", {}).items()}  # noqa: E731
-    return used(a) == used(b) and a.get("parameters") == b.get("parameters")
+    return models_used(a) == models_used(b) and a.get("parameters") == b.get("parameters")
+
+
+def models_used(prov: dict[str, Any]) -> dict[str, tuple]:
+    """What of each model a resume must match: its file, input size and own confidence threshold."""
+    return {k: (v["sha256"], v.get("imgsz"), v.get("conf")) for k, v in prov.get("models", {}).items()}
 
 
 def reader_channel(cfg: SegmentConfig, man: manifest_mod.Manifest) -> str | None:
@@ -231,7 +238,6 @@ def committed_provenance(outputs: store.Outputs) -> dict[str, dict[str, Any]]:
         text = meta.get(b"livecell_ray")
         if text:
             prov = json.loads(text)
-            key = json.dumps({k: (v["sha256"], v.get("imgsz")) for k, v in prov.get("models", {}).items()},
-                             sort_keys=True) + json.dumps(prov.get("parameters"), sort_keys=True)
+            key = json.dumps(models_used(prov), sort_keys=True) + json.dumps(prov.get("parameters"), sort_keys=True)
             found.setdefault(key, prov)
     return found

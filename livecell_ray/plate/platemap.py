@@ -225,3 +225,22 @@ def mismatches(df: pd.DataFrame, imaged: pd.DataFrame) -> pd.DataFrame:
     rows += [(p, w, "in the plate map, never imaged") for p, w in sorted(mapped - seen)]
     rows += [(p, w, "imaged, not in the plate map") for p, w in sorted(seen - mapped)]
     return pd.DataFrame(rows, columns=["plate", "well", "issue"])
+
+
+def for_run(path: str, cfg: Any) -> tuple[pd.DataFrame, list[tuple[str, str, str]]]:
+    """A plate map read and checked whole against the wells ``cfg`` (a SegmentConfig) will image, before anything
+    is written, with its ``cell_line`` column as the run's ``cell_lines``: the experimenter's word on each well's
+    cells, which `--route auto` takes before the classifier. Both `segment --platemap` and a job spec's
+    ``platemap`` come through here."""
+    from livecell_ray.plate import manifest as manifest_mod
+
+    pm = read(path, cfg.storage_options)
+    fields = manifest_mod.build(cfg.source, cfg.pattern, cfg.manifest, cfg.storage_options, cfg.channel,
+                                cfg.layout).fields
+    check_wells(pm, fields[["plate", "well"]], path)
+    if "cell_line" not in pm:
+        return pm, []
+    known = pm[pm["cell_line"].notna() & (pm["cell_line"].astype(str).str.strip() != "")]
+    plates = known["plate"] if "plate" in known else [""] * len(known)
+    return pm, [(str(p) if p == p else "", str(w), str(c).strip())
+                for p, w, c in zip(plates, known["well"], known["cell_line"])]

@@ -35,6 +35,13 @@ RECIPE: dict[str, Any] = {
     "close_mosaic": 10,
 }
 
+#: Fine-tuning a trained model on a few corrected fields of a new line (`train --fine-tune`): a tenth of the
+#: learning rate, the backbone frozen, no mosaic or copy-paste, little rescaling. On HeLa DIC (5 frames, 6 CPU
+#: minutes, `--scale 0.5`) mask AP 0.49 over 3 draws, where the full recipe gave 0.24 in 20 minutes
+#: (research/hela_curve.py, docs/curate.md "How many fields to correct").
+FINE_TUNE_LR0 = 1e-4
+FINE_TUNE: dict[str, Any] = {"mosaic": 0.0, "copy_paste": 0.0, "scale": 0.2, "freeze": 10}
+
 
 @dataclass
 class TrainConfig:
