@@ -53,10 +53,7 @@ def main(argv: list[str]) -> int:
         map_path = spec.get("platemap")
         pm = None
         if map_path:
-            import dataclasses
-
-            pm, lines = platemap.for_run(map_path, cfg)
-            cfg = dataclasses.replace(cfg, cell_lines=lines)
+            pm, cfg = platemap.for_run(map_path, cfg)
         planned = pipeline.plan(cfg)
         summary = pipeline.run(cfg, lambda res, done, total: print(
             f"[{done}/{total}] {res['status']} {res['path']}" + (f": {res['error']}" if res["error"] else ""),

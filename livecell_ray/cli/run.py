@@ -103,10 +103,7 @@ def segment(
     pm = None
     try:
         if platemap:  # checked whole against the plate's wells before anything is written
-            import dataclasses
-
-            pm, lines = platemap_mod.for_run(platemap, cfg)
-            cfg = dataclasses.replace(cfg, cell_lines=lines)
+            pm, cfg = platemap_mod.for_run(platemap, cfg)
     except platemap_mod.PlateMapError as exc:
         fail(str(exc))
     except ManifestError as exc:

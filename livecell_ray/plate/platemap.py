@@ -227,11 +227,13 @@ def mismatches(df: pd.DataFrame, imaged: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["plate", "well", "issue"])
 
 
-def for_run(path: str, cfg: Any) -> tuple[pd.DataFrame, list[tuple[str, str, str]]]:
+def for_run(path: str, cfg: Any) -> tuple[pd.DataFrame, Any]:
     """A plate map read and checked whole against the wells ``cfg`` (a SegmentConfig) will image, before anything
-    is written, with its ``cell_line`` column as the run's ``cell_lines``: the experimenter's word on each well's
-    cells, which `--route auto` takes before the classifier. Both `segment --platemap` and a job spec's
-    ``platemap`` come through here."""
+    is written, and ``cfg`` with the map's ``cell_line`` column as its ``cell_lines``: the experimenter's word on
+    each well's cells, which `--route auto` takes before the classifier. Both `segment --platemap` and a job
+    spec's ``platemap`` come through here."""
+    import dataclasses
+
     from livecell_ray.plate import manifest as manifest_mod
 
     pm = read(path, cfg.storage_options)
@@ -239,8 +241,8 @@ def for_run(path: str, cfg: Any) -> tuple[pd.DataFrame, list[tuple[str, str, str
                                 cfg.layout).fields
     check_wells(pm, fields[["plate", "well"]], path)
     if "cell_line" not in pm:
-        return pm, []
+        return pm, cfg
     known = pm[pm["cell_line"].notna() & (pm["cell_line"].astype(str).str.strip() != "")]
     plates = known["plate"] if "plate" in known else [""] * len(known)
-    return pm, [(str(p) if p == p else "", str(w), str(c).strip())
-                for p, w, c in zip(plates, known["well"], known["cell_line"])]
+    return pm, dataclasses.replace(cfg, cell_lines=[(str(p) if p == p else "", str(w), str(c).strip())
+                                                    for p, w, c in zip(plates, known["well"], known["cell_line"])])

@@ -224,23 +224,33 @@ def count_threshold(segmenter, images: list[EvalImage], pixel_size: float | None
     edge and beside true cells, while its matched cells barely changed up to 0.5 (docs/curate.md). Chosen on
     the fields it trained on, the threshold errs low (they are its easiest), which costs little."""
     preds = predict(images, segmenter, pixel_size)
-    n_gt = [max(len(np.unique(i.gt)) - (1 if (i.gt == 0).any() else 0), 1) for i in images]
+    n_gt = [n_cells(i.gt) for i in images]
 
     def error(c: float) -> float:
-        return float(np.mean([abs(int((p.scores >= c).sum()) - g) / g for p, g in zip(preds, n_gt)]))
+        return count_error([int((p.scores >= c).sum()) for p in preds], n_gt)
 
     errors = {c: error(c) for c in COUNT_CONF_GRID}
     best = min(errors, key=lambda c: (round(errors[c], 6), c))
     return best, errors[best], error(DEFAULT_CONF)
 
 
+def n_cells(gt: np.ndarray) -> int:
+    """Cells in a ground-truth label image (its labels may have gaps)."""
+    return len(np.unique(gt)) - (1 if (gt == 0).any() else 0)
+
+
+def count_error(found: list[int], truth: list[int]) -> float:
+    """The mean of |found - true| / true over images (LIVECell's count error; 0 for no images)."""
+    return float(np.mean([abs(a - b) / max(b, 1) for a, b in zip(found, truth)])) if truth else 0.0
+
+
 def evaluate(images: list[EvalImage], preds: list[Prediction]) -> Metrics:
     """All metrics for one set of images."""
     gt, dets = to_coco(images, preds)
     f1, prec, rec = match_f1(images, preds)
-    n_gt = [len(np.unique(i.gt)) - (1 if (i.gt == 0).any() else 0) for i in images]
+    n_gt = [n_cells(i.gt) for i in images]
     n_pr = [int(p.labels.max()) for p in preds]
-    count_err = float(np.mean([abs(a - b) / max(b, 1) for a, b in zip(n_pr, n_gt)])) if images else 0.0
+    count_err = count_error(n_pr, n_gt)
     return Metrics(len(images), sum(n_gt), sum(n_pr), coco_ap(gt, dets, "segm"), coco_ap(gt, dets, "bbox"),
                    f1, prec, rec, count_err)
 
