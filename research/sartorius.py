@@ -166,6 +166,7 @@ def snapshot() -> None:
     from ultralytics.utils.torch_utils import strip_optimizer
 
     LOGS.mkdir(parents=True, exist_ok=True)
+    PROJECT.mkdir(parents=True, exist_ok=True)  # a fresh checkout whose pre-training is all committed
     for run in sorted(p for p in PROJECT.iterdir() if (p / "weights" / "last.pt").exists()
                       and not p.name.startswith("pre-c")):  # chunks: pretrain_chunked keeps their logs
         dst = LOGS / run.name

@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1
 S=research/sartorius.py
 [ -d .gpu/lc ] || python research/pack_livecell_gpu.py .gpu
 [ -d .sart/train ] || python $S pack
-mkdir -p runs/sartorius
+mkdir -p runs/sartorius${SARTORIUS_ARCH:+_$SARTORIUS_ARCH}
 # SARTORIUS_ARCH=big PRE_CHUNK=2: big's chain, its pre-training committed every 2 epochs (weights/logs/sartorius_big)
 L=weights/logs/sartorius${SARTORIUS_ARCH:+_$SARTORIUS_ARCH}
 L=${L%_small}
