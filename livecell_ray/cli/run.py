@@ -36,7 +36,7 @@ def segment(
     interval: float | None = typer.Option(None, help="Hours between the planes of a --stack-axis t stack "
                                           "(default: the file's OME TimeIncrement)"),
     imgsz: int | None = typer.Option(None, min=32, help="Network input size (long side); larger fields are tiled "
-                                     "(default: the model's own, 832 for small, 704 for big)"),
+                                     "(default: the model's own, 832 for the shipped ones)"),
     conf: float | None = typer.Option(None, min=0.0, max=1.0, help="Detection confidence threshold (default: "
                                       "the model's own, from `models add --conf`, else 0.25)"),
     max_det: int = typer.Option(3000, min=1, help="Most cells kept per field"),
