@@ -45,7 +45,10 @@ ARCH = os.environ.get("SARTORIUS_ARCH", "small")
 _SUFFIX = "" if ARCH == "small" else f"_{ARCH}"
 PROJECT = Path(f"runs/sartorius{_SUFFIX}")
 LOGS = Path(f"weights/logs/sartorius{_SUFFIX}")
-BASE = {"small": ".gpu/base.pt", "big": "weights/big.pt"}[ARCH]
+#: The Usiigaci-only starting weights: small's packed by research/pack_livecell_gpu.py, big's (shipped as
+#: weights/big.pt until the chain's f0 replaced it) read from the commit before that.
+BASE = {"small": ".gpu/base.pt", "big": ".gpu/base_big.pt"}[ARCH]
+BIG_BASE_COMMIT = "17c491d"
 TILE = ls.TILE
 SHSY5Y_REPEAT = 2  # LIVECell's hardest type: its Sartorius fields twice
 ALL_FOLDS = {"f0": "all", **FOLDS}
@@ -242,6 +245,12 @@ def main() -> None:
     sub.add_parser("snapshot")
     sub.add_parser("table")
     a = p.parse_args()
+    if a.cmd == "pretrain" and a.base == BASE and ARCH == "big" and not Path(BASE).exists():
+        import subprocess
+
+        Path(BASE).parent.mkdir(exist_ok=True)
+        Path(BASE).write_bytes(subprocess.run(["git", "show", f"{BIG_BASE_COMMIT}:weights/big.pt"],
+                                              capture_output=True, check=True).stdout)
     if a.cmd == "pack":
         pack()
     elif a.cmd == "pretrain" and a.chunk:
