@@ -73,39 +73,19 @@ def stage1(fold: str) -> Path:
             pseudo(fold)
         data = ls.build_data(fold, sa.ALL_FOLDS[fold], str(pseudo_dir))
     n = json.loads((data.parent / "prepared.json").read_text())["n_train"]
-    n_base = json.loads((Path("runs/sartorius") / f"{fold}-data" / "prepared.json").read_text())["n_train"] \
-        if (Path("runs/sartorius") / f"{fold}-data" / "prepared.json").exists() else _base_tiles(fold)
+    n_base = len(ls.train_tiles(sa.ALL_FOLDS[fold]))  # the chain's fold data: the same tiles, no teacher's fields
     epochs = max(1, math.floor(EPOCHS * n_base / n + 0.5))
     (PROJECT / f"{fold}-schedule.json").write_text(json.dumps({"tiles": n, "base_tiles": n_base, "epochs": epochs}))
     sa.PROJECT = PROJECT
     return sa.run_train(fold, data, str(sa.pretrained()), epochs, 1e-3)
 
 
-def _base_tiles(fold: str) -> int:
-    """Tiles of the chain's fold data without the teacher's fields (the count build_data writes)."""
-    from livecell_ray.training import dataset
-
-    lc = [f for f in dataset.read_mask_folder(ls.PACK / "lc") if f.name != sa.ALL_FOLDS[fold]]
-    n_lc = sum(1 for f in lc for _ in dataset.tile_field(f, ls.TILE, overlap=ls.TILE // 2)) * ls.LC_REPEAT
-    return n_lc + sum(1 for f in dataset.read_mask_folder(ls.PACK / "usi") for _ in dataset.tile_field(f, ls.TILE))
-
-
 def snapshot() -> None:
-    """Scores, schedules, args and per-epoch results into weights/logs/distill (committed); f0's weights too."""
+    """Scores, schedules, args and per-epoch results into weights/logs/distill (committed), as sartorius.py's
+    snapshot does; f0's weights too, and each fold's pseudo-label summary."""
     import shutil
 
-    from ultralytics.utils.torch_utils import strip_optimizer
-
-    LOGS.mkdir(parents=True, exist_ok=True)
-    for p in sorted(PROJECT.glob("*.json")):
-        shutil.copy(p, LOGS / p.name)
-    for run in sorted(p for p in PROJECT.iterdir() if (p / "results.csv").exists()):
-        dst = LOGS / run.name
-        dst.mkdir(exist_ok=True)
-        for f in ("results.csv", "args.yaml"):
-            shutil.copy(run / f, dst / f)
-        if run.name == "f0" and (run / "weights" / "last.pt").exists():
-            strip_optimizer(str(run / "weights" / "last.pt"), str(dst / "last.pt"))
+    sa.snapshot(PROJECT, LOGS, keep=("f0",))
     for p in sorted(PROJECT.glob("*-pseudo/summary.json")):
         shutil.copy(p, LOGS / f"{p.parent.name}.json")
 

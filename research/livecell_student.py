@@ -34,17 +34,29 @@ TILE = 352
 LC_REPEAT = 4  # annotated LIVECell tiles weigh as much as the Usiigaci tiles they train beside
 
 
-def build_data(run: str, fold: str, pseudo: str | None = None) -> Path:
-    """The YOLO-seg data set of one run; returns its data.yaml."""
+def _annotated(fold: str) -> list[dataset.LabelledField]:
+    """The packed annotated LIVECell fields, after checking that `fold` names one of them (or is 'all')."""
     lc = dataset.read_mask_folder(PACK / "lc")
     if fold != "all" and fold not in {f.name for f in lc}:
         raise SystemExit(f"fold {fold!r}: not an annotated field ({', '.join(f.name for f in lc)})")
+    return lc
+
+
+def train_tiles(fold: str, pseudo: str | None = None) -> list[dataset.LabelledField]:
+    """The training tiles of one fold (its held-out field left out), with the pseudo-labelled fields if given."""
     train = [dataset.LabelledField(f"{t.name}_r{r}", t.image, t.labels)
-             for f in lc if f.name != fold
+             for f in _annotated(fold) if f.name != fold
              for t in dataset.tile_field(f, TILE, overlap=TILE // 2) for r in range(LC_REPEAT)]
     train += [t for f in dataset.read_mask_folder(PACK / "usi") for t in dataset.tile_field(f, TILE)]
     if pseudo:
         train += [t for f in dataset.read_mask_folder(pseudo) for t in dataset.tile_field(f, TILE)]
+    return train
+
+
+def build_data(run: str, fold: str, pseudo: str | None = None) -> Path:
+    """The YOLO-seg data set of one run; returns its data.yaml."""
+    lc = _annotated(fold)
+    train = train_tiles(fold, pseudo)
     val = [f for f in lc if f.name == fold] or lc[:1]  # only ultralytics' own final check reads it
     out = PROJECT / f"{run}-data"
     dataset.write_yolo(train, out, "train")

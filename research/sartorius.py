@@ -166,23 +166,25 @@ def _metrics(m) -> dict:
             "cells": m.n_gt, "count_error": m.count_error}
 
 
-def snapshot() -> None:
-    """Each run's stripped last.pt, args and per-epoch results into weights/logs/sartorius (committed)."""
+def snapshot(project: Path | None = None, logs: Path | None = None, keep: tuple[str, ...] = KEEP_WEIGHTS) -> None:
+    """Each run's args and per-epoch results, the stripped last.pt of the runs in `keep`, and the run folder's
+    JSON files (scores, schedules) into `logs` (committed; default weights/logs/sartorius*)."""
     from ultralytics.utils.torch_utils import strip_optimizer
 
-    LOGS.mkdir(parents=True, exist_ok=True)
-    PROJECT.mkdir(parents=True, exist_ok=True)  # a fresh checkout whose pre-training is all committed
-    for run in sorted(p for p in PROJECT.iterdir() if (p / "weights" / "last.pt").exists()
+    project, logs = project or PROJECT, logs or LOGS
+    logs.mkdir(parents=True, exist_ok=True)
+    project.mkdir(parents=True, exist_ok=True)  # a fresh checkout whose pre-training is all committed
+    for run in sorted(p for p in project.iterdir() if (p / "weights" / "last.pt").exists()
                       and not p.name.startswith("pre-c")):  # chunks: pretrain_chunked keeps their logs
-        dst = LOGS / run.name
+        dst = logs / run.name
         dst.mkdir(exist_ok=True)
         for name in ("args.yaml", "results.csv"):
             if (run / name).exists():
                 shutil.copy(run / name, dst / name)
-        if run.name in KEEP_WEIGHTS:  # the fold models' figures are in their eval_*.json
+        if run.name in keep:  # the fold models' figures are in their eval_*.json
             strip_optimizer(str(run / "weights" / "last.pt"), str(dst / "last.pt"))
-    for p in PROJECT.glob("eval_*.json"):
-        shutil.copy(p, LOGS / p.name)
+    for p in sorted(project.glob("*.json")):
+        shutil.copy(p, logs / p.name)
 
 
 def _baseline(fold: str) -> tuple[float, float]:
